@@ -1,0 +1,288 @@
+"""The few functions that change job state. Each takes a Session and leaves commit to the caller,
+except where noted; the worker writes one batch's outcomes in one transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from db.schema import Batch, Job, JobStatus, Result, utcnow
+from pixelmill.errors import UnknownBatch
+
+INSERT_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    batch_id: str
+    job_ids: list[str]
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """What a worker needs to run one job."""
+
+    job_id: str
+    input: str
+    task: str
+    model: str
+    options: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One job's end: a result, or an error. Exactly one of the two is set."""
+
+    job_id: str
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    model: str = ""
+    model_revision: str | None = None
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    seq: int
+    input: str
+    task: str
+    status: JobStatus
+    result: dict[str, Any] | None
+    error: str | None
+    model: str
+    device: str | None
+    attempts: int
+
+
+@dataclass
+class BatchCounts:
+    batch_id: str
+    task: str
+    model: str
+    name: str | None
+    total: int
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> int:
+        return self.by_status.get("done", 0) + self.by_status.get("failed", 0)
+
+    @property
+    def complete(self) -> bool:
+        return self.finished >= self.total
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def create_batch(
+    session: Session,
+    *,
+    task: str,
+    model: str,
+    inputs: Sequence[str],
+    options: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> NewBatch:
+    """Register a batch and one queued job per input. The caller commits, then enqueues."""
+    batch_id = new_id()
+    session.add(
+        Batch(
+            id=batch_id,
+            name=name,
+            task=task,
+            model=model,
+            options=options or {},
+            total=len(inputs),
+            created_at=utcnow(),
+        )
+    )
+    session.flush()
+    job_ids = [new_id() for _ in inputs]
+    now = utcnow()
+    for start in range(0, len(inputs), INSERT_CHUNK):
+        rows = [
+            {
+                "id": job_ids[i],
+                "batch_id": batch_id,
+                "seq": i,
+                "input": inputs[i],
+                "status": JobStatus.queued,
+                "attempts": 0,
+                "created_at": now,
+            }
+            for i in range(start, min(start + INSERT_CHUNK, len(inputs)))
+        ]
+        session.execute(insert(Job), rows)
+    return NewBatch(batch_id=batch_id, job_ids=job_ids)
+
+
+def claim_jobs(
+    session: Session, job_ids: Sequence[str], *, worker: str, device: str
+) -> list[ClaimedJob]:
+    """Mark the still-unfinished jobs among ``job_ids`` running and return them, in order.
+
+    Jobs already done or failed are left alone and not returned: a redelivered message
+    changes nothing.
+    """
+    if not job_ids:
+        return []
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status.in_([JobStatus.queued, JobStatus.running]))
+        .values(
+            status=JobStatus.running,
+            attempts=Job.attempts + 1,
+            worker=worker,
+            device=device,
+            started_at=utcnow(),
+        )
+    )
+    rows = session.execute(
+        select(Job.id, Job.input, Job.attempts, Batch.task, Batch.model, Batch.options)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Job.id.in_(job_ids), Job.status == JobStatus.running)
+    ).all()
+    by_id = {
+        r.id: ClaimedJob(
+            job_id=r.id,
+            input=r.input,
+            task=r.task,
+            model=r.model,
+            options=dict(r.options or {}),
+            attempts=r.attempts,
+        )
+        for r in rows
+    }
+    return [by_id[j] for j in job_ids if j in by_id]
+
+
+def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
+    """Record a batch of outcomes: results by upsert, then job states (forward only)."""
+    now = utcnow()
+    results = [o for o in outcomes if o.result is not None and o.error is None]
+    if results:
+        _upsert_results(
+            session,
+            [
+                {
+                    "job_id": o.job_id,
+                    "data": o.result,
+                    "model": o.model,
+                    "model_revision": o.model_revision,
+                    "device": o.device,
+                    "created_at": now,
+                }
+                for o in results
+            ],
+        )
+    for o in outcomes:
+        done = o.result is not None and o.error is None
+        session.execute(
+            update(Job)
+            .where(Job.id == o.job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .values(
+                status=JobStatus.done if done else JobStatus.failed,
+                error=None if done else (o.error or "unknown error"),
+                device=o.device,
+                finished_at=now,
+            )
+        )
+
+
+def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        stmt = postgresql.insert(Result).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Result.job_id],
+            set_={
+                "data": stmt.excluded.data,
+                "model": stmt.excluded.model,
+                "model_revision": stmt.excluded.model_revision,
+                "device": stmt.excluded.device,
+            },
+        )
+    elif dialect == "sqlite":
+        lite = sqlite.insert(Result).values(rows)
+        stmt = lite.on_conflict_do_update(
+            index_elements=[Result.job_id],
+            set_={
+                "data": lite.excluded.data,
+                "model": lite.excluded.model,
+                "model_revision": lite.excluded.model_revision,
+                "device": lite.excluded.device,
+            },
+        )
+    else:  # pragma: no cover - only the two supported databases reach here
+        raise NotImplementedError(dialect)
+    session.execute(stmt)
+
+
+def get_batch(session: Session, batch_id: str) -> Batch:
+    batch = session.get(Batch, batch_id)
+    if batch is None:
+        raise UnknownBatch(f"no batch with id {batch_id!r} in this database")
+    return batch
+
+
+def batch_counts(session: Session, batch_id: str) -> BatchCounts:
+    batch = get_batch(session, batch_id)
+    counts = BatchCounts(
+        batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name, total=batch.total
+    )
+    for status, n in session.execute(
+        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+    ):
+        counts.by_status[JobStatus(status).value] = n
+    return counts
+
+
+def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tuple[str, int]]:
+    rows = session.execute(
+        select(Job.error, func.count())
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.failed)
+        .group_by(Job.error)
+        .order_by(func.count().desc())
+        .limit(limit)
+    ).all()
+    return [(r[0] or "", r[1]) for r in rows]
+
+
+def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterator[JobRow]:
+    """Every job of a batch in submission order, with its result, a page at a time."""
+    batch = get_batch(session, batch_id)
+    last = -1
+    while True:
+        rows = session.execute(
+            select(Job, Result)
+            .outerjoin(Result, Result.job_id == Job.id)
+            .where(Job.batch_id == batch_id, Job.seq > last)
+            .order_by(Job.seq)
+            .limit(page)
+        ).all()
+        if not rows:
+            return
+        for job, result in rows:
+            yield JobRow(
+                job_id=job.id,
+                seq=job.seq,
+                input=job.input,
+                task=batch.task,
+                status=JobStatus(job.status),
+                result=result.data if result is not None else None,
+                error=job.error,
+                model=result.model if result is not None else batch.model,
+                device=job.device,
+                attempts=job.attempts,
+            )
+            last = job.seq

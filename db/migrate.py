@@ -1,0 +1,75 @@
+"""Bring a database to the newest schema with Alembic, safely from several processes at once."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, text
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+PG_LOCK_KEY = 0x706978656C  # "pixel"
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine) -> None:
+    """``alembic upgrade head``, serialised across processes; a no-op when already there."""
+    head = head_revision()
+    if current_revision(engine) == head:
+        return
+    with _migration_lock(engine) as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+        conn.commit()
+
+
+@contextlib.contextmanager
+def _migration_lock(engine: Engine) -> Iterator[Connection]:
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
+            conn.commit()
+            try:
+                yield conn
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
+                conn.commit()
+        return
+    database = engine.url.database
+    if not database or database == ":memory:":
+        with engine.connect() as conn:
+            yield conn
+        return
+    lock_path = Path(database).expanduser().with_suffix(".migrate.lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with engine.connect() as conn:
+                yield conn
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,44 @@
+"""Resolve a model name to a runner: a built-in name, a local folder, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from models.base import Runner
+from models.classify import BUILTIN_EFFICIENTNET, EfficientNetLite0, HFClassifier
+from pixelmill.catalog import DEFAULT_MODELS, TASKS
+from pixelmill.errors import ModelUnavailable
+
+BUILTIN: dict[tuple[str, str], type[Runner]] = {
+    ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def default_model(task: str) -> str:
+    check_task(task)
+    return DEFAULT_MODELS[task]
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ModelUnavailable(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    return task
+
+
+def create_runner(task: str, name: str, **options: Any) -> Runner:
+    """A runner for ``name`` (not loaded yet); raises ModelUnavailable for an unusable name."""
+    check_task(task)
+    builtin = BUILTIN.get((task, name))
+    if builtin is not None:
+        return builtin(name, **options)
+    if Path(name).expanduser().exists():
+        return HFClassifier(str(Path(name).expanduser().resolve()), **options)
+    if HUB_ID.match(name):
+        return HFClassifier(name, **options)
+    raise ModelUnavailable(
+        f"model {name!r} is neither a built-in model ({', '.join(n for _, n in BUILTIN)}), "
+        "an existing local folder, nor a Hugging Face hub id (owner/name)"
+    )

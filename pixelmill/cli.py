@@ -1,0 +1,53 @@
+"""The ``pixelmill`` command line. Commands live with the package that owns them:
+``producer.cli`` (run, submit, status, results) and ``worker.cli`` (worker, flower).
+
+Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or configuration error;
+3 a service (broker, database) unreachable; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from pixelmill import __version__
+from pixelmill.clitools import EXIT_INTERRUPTED
+
+EPILOG = """\b
+Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or
+configuration error; 3 a service (broker, database) unreachable; 130 interrupted.
+
+\b
+Configuration (environment, prefix PIXELMILL_; nothing set = embedded default):
+  PIXELMILL_BROKER_URL    redis://, rediss:// or redis+socket:///path
+  PIXELMILL_DATABASE_URL  sqlite:///file.db or postgresql+psycopg://...
+  PIXELMILL_STORE_URL     artifact store: a local folder (path or file://)
+  PIXELMILL_DATA_DIR      embedded database, store and broker socket
+                          (default: ~/.local/share/pixelmill)
+  PIXELMILL_BATCH_SIZE    images per model batch (default 32)
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pixelmill")
+def cli() -> None:
+    """pixelmill: batch image processing on GPU workers through Redis and Celery."""
+
+
+def _register() -> None:
+    from producer.cli import register as register_producer
+    from worker.cli import register as register_worker
+
+    register_producer(cli)
+    register_worker(cli)
+
+
+_register()
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="pixelmill", standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - click handles most of these
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,27 @@
+"""The error tree. A user-facing error names the input and says what to do."""
+
+from __future__ import annotations
+
+
+class PixelmillError(Exception):
+    """Base of every error pixelmill raises on purpose."""
+
+
+class ConfigError(PixelmillError):
+    """A setting is invalid; the message names the environment variable."""
+
+
+class BadInput(PixelmillError):
+    """One input cannot be processed (corrupt, truncated, not an image...). Fails one job."""
+
+
+class ModelUnavailable(PixelmillError):
+    """A model cannot be resolved or loaded. Fails the jobs that name it."""
+
+
+class ServiceUnavailable(PixelmillError):
+    """A service (broker, database, store) cannot be reached."""
+
+
+class UnknownBatch(PixelmillError):
+    """A batch id that the database does not know."""

@@ -1,0 +1,165 @@
+"""The one settings object. Read once per process (``load_settings``) and passed down.
+
+Every variable has the prefix ``PIXELMILL_``. Nothing else in pixelmill reads the environment
+for its configuration. Unset service URLs mean "embedded": an embedded Redis on a private unix
+socket, SQLite and a local-folder object store, all inside ``PIXELMILL_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pixelmill.errors import ConfigError
+
+ENV_PREFIX = "PIXELMILL_"
+
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "unix", "socket")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+STORE_SCHEMES = ("file",)
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/pixelmill``, else ``~/.local/share/pixelmill``."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "pixelmill"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    broker_url: str | None = Field(
+        default=None, description="Redis broker: redis://, rediss:// or a unix socket URL."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL: sqlite:///... or postgresql+psycopg://..."
+    )
+    store_url: str | None = Field(
+        default=None, description="Object store for artifacts: a local folder (path or file://)."
+    )
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Where the embedded default keeps its database, store and broker socket.",
+    )
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per model batch.")
+    pipeline_depth: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Batches a device worker holds at once: one on the model, the rest decoding.",
+    )
+    decode_threads: int = Field(default=2, ge=1, le=64, description="Image decoding threads.")
+    top_k: int = Field(default=5, ge=1, le=1000, description="Labels kept per classify result.")
+    queue: str = Field(default="pixelmill", min_length=1, description="Celery queue name.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        return _check_scheme(value, BROKER_SCHEMES)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: str | None) -> str | None:
+        return _check_scheme(value, DATABASE_SCHEMES)
+
+    @field_validator("store_url")
+    @classmethod
+    def _check_store(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if "://" not in value:
+            return Path(value).expanduser().resolve().as_uri()
+        return _check_scheme(value, STORE_SCHEMES)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as PIXELMILL_* variables, for the worker processes pixelmill starts."""
+        env = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is not None:
+                env[ENV_PREFIX + name.upper()] = str(value)
+        return env
+
+    # ---- resolved values -------------------------------------------------------------
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.broker_url is None
+
+    @property
+    def embedded_socket(self) -> Path:
+        """The embedded Redis's unix socket: in the data dir, or (when that path is too long
+        for a unix socket) in a private folder under /tmp named after the data dir."""
+        sock = self.data_dir.expanduser().resolve() / "redis.sock"
+        if len(str(sock)) < 100:
+            return sock
+        digest = hashlib.sha256(str(sock).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"pixelmill-{digest}" / "redis.sock"
+
+    def resolved_broker_url(self) -> str:
+        if self.broker_url is not None:
+            return self.broker_url
+        return f"redis+socket://{self.embedded_socket}"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'pixelmill.db'}"
+
+    def resolved_store_url(self) -> str:
+        if self.store_url is not None:
+            return self.store_url
+        return (self.data_dir / "store").resolve().as_uri()
+
+
+def _check_scheme(value: str | None, schemes: tuple[str, ...]) -> str | None:
+    if value is None or value == "":
+        return None
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in schemes:
+        raise ValueError(
+            f"unsupported URL {mask_url(value)!r}; expected one of: "
+            + ", ".join(f"{s}://" for s in schemes)
+        )
+    return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; an invalid value raises ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "?"
+            variable = ENV_PREFIX + field.upper()
+            problems.append(f"{variable}: {err['msg']}")
+        raise ConfigError("invalid setting — " + "; ".join(problems)) from None
+
+
+def mask_url(url: str) -> str:
+    """Hide a password in a URL, for logs and output."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -1,0 +1,17 @@
+"""The client side: submit work, wait for it, read status and results.
+
+    from producer import Client
+
+    with Client() as pm:
+        batch = pm.submit("classify", ["photos/"])
+        pm.wait(batch.batch_id)
+        for job in pm.results(batch.batch_id):
+            print(job.input, job.status, job.result)
+
+Knows nothing of torch or models.
+"""
+
+from producer.client import Client, JobResult, Submission
+from producer.inputs import expand_inputs
+
+__all__ = ["Client", "JobResult", "Submission", "expand_inputs"]

@@ -1,0 +1,105 @@
+"""How results and progress look on the terminal, and the ``--json`` line contract."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from db.jobs import BatchCounts
+from producer.client import JobResult
+
+
+def write_json_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> tuple[int, int]:
+    """One JSON object per job per line; returns (done, failed)."""
+    done = failed = 0
+    for r in results:
+        out.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        done += r.status == "done"
+        failed += r.status == "failed"
+    out.flush()
+    return done, failed
+
+
+def write_text_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> tuple[int, int]:
+    """One readable line per job: status, input, and the top label or the error."""
+    done = failed = 0
+    for r in results:
+        if r.status == "done":
+            done += 1
+            out.write(f"done    {r.input}  {summarize(r.result)}\n")
+        elif r.status == "failed":
+            failed += 1
+            out.write(f"FAILED  {r.input}  {r.error}\n")
+        else:
+            out.write(f"{r.status:<7} {r.input}\n")
+    out.flush()
+    return done, failed
+
+
+def summarize(result: dict[str, Any] | None) -> str:
+    if not result:
+        return ""
+    labels = result.get("labels")
+    if labels:
+        top = labels[:3]
+        return " | ".join(f"{x['label']} ({x['score']:.2f})" for x in top)
+    return json.dumps(result, ensure_ascii=False)
+
+
+def counts_json(counts: BatchCounts) -> dict[str, Any]:
+    return {
+        "batch": counts.batch_id,
+        "name": counts.name,
+        "task": counts.task,
+        "model": counts.model,
+        "total": counts.total,
+        **{s: counts.by_status.get(s, 0) for s in ("queued", "running", "done", "failed")},
+    }
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal; silence otherwise (scripts, --json)."""
+
+    def __init__(self, total: int, *, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._progress: Any = None
+        self._task: Any = None
+        self.total = total
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            self._progress = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[failed]} failed"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("processing", total=self.total, failed=0)
+        return self
+
+    def update(self, counts: BatchCounts) -> None:
+        if self._progress is not None:
+            self._progress.update(
+                self._task, completed=counts.finished, failed=counts.by_status.get("failed", 0)
+            )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()

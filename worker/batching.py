@@ -1,0 +1,164 @@
+"""One batch of jobs, from ids to committed outcomes. Plain functions, tested without Celery.
+
+Stages: claim (db) -> decode + preprocess (thread pool, overlaps the other batch's forward)
+-> forward on the device (one batch, under the device lock) -> write outcomes (one transaction).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.jobs import ClaimedJob, Outcome, claim_jobs, write_outcomes
+from models.base import Runner
+from models.cache import ModelCache
+from pixelmill.errors import BadInput, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What one device process shares between its batches: created once, after start."""
+
+    sessions: sessionmaker[Session]
+    cache: ModelCache
+    device_label: str
+    worker_name: str
+    decode_threads: int = 2
+    device_lock: threading.Lock = field(default_factory=threading.Lock)
+    _pool: ThreadPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    claimed: int
+    done: int
+    failed: int
+    seconds: float
+
+
+def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
+    started = time.perf_counter()
+    with ctx.sessions.begin() as session:
+        claimed = claim_jobs(
+            session, list(job_ids), worker=ctx.worker_name, device=ctx.device_label
+        )
+    if not claimed:
+        return BatchReport(0, 0, 0, time.perf_counter() - started)
+    outcomes: list[Outcome] = []
+    for (task, model), jobs in _group(claimed).items():
+        outcomes.extend(_run_group(ctx, task=task, model=model, jobs=jobs))
+    with ctx.sessions.begin() as session:
+        write_outcomes(session, outcomes)
+    failed = sum(1 for o in outcomes if o.error is not None)
+    return BatchReport(len(claimed), len(outcomes) - failed, failed, time.perf_counter() - started)
+
+
+def _group(jobs: list[ClaimedJob]) -> dict[tuple[str, str], list[ClaimedJob]]:
+    groups: dict[tuple[str, str], list[ClaimedJob]] = {}
+    for job in jobs:
+        groups.setdefault((job.task, job.model), []).append(job)
+    return groups
+
+
+def _run_group(
+    ctx: WorkerContext, *, task: str, model: str, jobs: list[ClaimedJob]
+) -> list[Outcome]:
+    def failed(job: ClaimedJob, reason: str, runner: Runner | None = None) -> Outcome:
+        return Outcome(
+            job_id=job.job_id,
+            error=reason,
+            model=model,
+            model_revision=runner.revision if runner else None,
+            device=ctx.device_label,
+        )
+
+    try:
+        runner = ctx.cache.get(task, model)
+    except ModelUnavailable as exc:
+        log.warning("%s", exc)
+        return [failed(job, str(exc)) for job in jobs]
+
+    prepared = list(ctx.pool.map(lambda job: _prepare(runner, job), jobs))
+    ready = []
+    outcomes: dict[str, Outcome] = {}
+    for job, item in zip(jobs, prepared, strict=True):
+        if isinstance(item, _Unusable):
+            outcomes[job.job_id] = failed(job, item.reason)
+        else:
+            ready.append((job, item))
+    if ready:
+        results = _forward_isolating_failures(ctx, runner, [item for _, item in ready])
+        for (job, _), res in zip(ready, results, strict=True):
+            if isinstance(res, BaseException):
+                outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
+            else:
+                outcomes[job.job_id] = Outcome(
+                    job_id=job.job_id,
+                    result=res,
+                    model=model,
+                    model_revision=runner.revision,
+                    device=ctx.device_label,
+                )
+    return [outcomes[job.job_id] for job in jobs]
+
+
+@dataclass(frozen=True)
+class _Unusable:
+    reason: str
+
+
+def _prepare(runner: Runner, job: ClaimedJob) -> Any:
+    """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
+    try:
+        return runner.preprocess(runner.decode(job.input))
+    except BadInput as exc:
+        return _Unusable(str(exc))
+    except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
+        log.exception("unexpected error preparing %s", job.input)
+        return _Unusable(f"{job.input}: cannot prepare image ({type(exc).__name__}: {exc})")
+
+
+def _forward_isolating_failures(
+    ctx: WorkerContext, runner: Runner, items: list[Any]
+) -> list[dict[str, Any] | BaseException]:
+    """Run the batch; if it raises, split it in halves down to single items, so that only an
+    item that fails alone fails (out-of-memory on a large batch, one poisonous input)."""
+
+    def forward(chunk: list[Any]) -> list[dict[str, Any]]:
+        with ctx.device_lock:
+            return runner.run(chunk)
+
+    return _split_on_error(forward, items)
+
+
+def _split_on_error(
+    fn: Callable[[list[Any]], list[dict[str, Any]]], items: list[Any]
+) -> list[dict[str, Any] | BaseException]:
+    try:
+        return list(fn(items))
+    except Exception as exc:  # noqa: BLE001
+        if len(items) == 1:
+            log.warning("model failed on one item: %s", exc)
+            return [exc]
+        log.warning("batch of %d failed (%s); splitting", len(items), exc)
+        mid = len(items) // 2
+        return _split_on_error(fn, items[:mid]) + _split_on_error(fn, items[mid:])

@@ -1,0 +1,81 @@
+"""The commands that serve: worker, flower."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import click
+
+from pixelmill.clitools import settings_or_exit, user_errors
+from pixelmill.logs import configure_logging
+from pixelmill.settings import mask_url
+
+
+@click.command()
+@click.option(
+    "--devices",
+    default="auto",
+    show_default=True,
+    help="auto (one worker per visible GPU, else one CPU worker), cpu, or GPU indices: 0,2",
+)
+def worker(devices: str) -> None:
+    """Run device workers until stopped (SIGTERM or Ctrl-C drains them cleanly).
+
+    One process per device, pinned with CUDA_VISIBLE_DEVICES, restarted if it crashes. With no
+    broker configured it serves the embedded Redis in PIXELMILL_DATA_DIR (starting it if needed),
+    so `pixelmill submit` from another shell reaches it.
+    """
+    from worker.local import embedded_broker
+    from worker.supervisor import Supervisor, parse_devices
+
+    settings = settings_or_exit()
+    configure_logging(settings.log_level)
+    with user_errors():
+        specs = parse_devices(devices)
+        click.echo(
+            f"pixelmill worker: {', '.join(d.label for d in specs)} on "
+            f"{mask_url(settings.resolved_broker_url())}",
+            err=True,
+        )
+        with embedded_broker(settings):
+            Supervisor(specs, settings=settings).run_forever()
+
+
+@click.command()
+@click.option("--port", default=5555, show_default=True, help="HTTP port.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--basic-auth",
+    default=None,
+    envvar="PIXELMILL_FLOWER_BASIC_AUTH",
+    help="user:password (or PIXELMILL_FLOWER_BASIC_AUTH). Required unless --address is loopback.",
+)
+def flower(port: int, address: str, basic_auth: str | None) -> None:
+    """Flower on pixelmill's broker: workers, task rates, queue lengths.
+
+    Equivalent to `celery --broker $PIXELMILL_BROKER_URL flower`.
+    """
+    settings = settings_or_exit()
+    if address not in ("127.0.0.1", "::1", "localhost") and not basic_auth:
+        click.echo(
+            "pixelmill flower: refusing to listen on a non-loopback address without "
+            "--basic-auth user:password",
+            err=True,
+        )
+        sys.exit(2)
+    env = dict(os.environ, CELERY_BROKER_URL=settings.resolved_broker_url())
+    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    if basic_auth:
+        argv.append(f"--basic-auth={basic_auth}")
+    argv.append("--broker-api=")  # the Redis broker needs no management API
+    with user_errors():
+        if shutil.which(sys.executable) is None:  # pragma: no cover
+            raise RuntimeError("python executable not found")
+        os.execve(sys.executable, argv, env)
+
+
+def register(group: click.Group) -> None:
+    group.add_command(worker)
+    group.add_command(flower)

@@ -1,0 +1,80 @@
+"""One device worker process: ``python -m worker.device_main --device cpu|cuda:N``.
+
+Started by the supervisor (never forked from a process that touched CUDA). The supervisor pins
+``CUDA_VISIBLE_DEVICES`` to the one GPU, so inside this process the device is ``cuda:0`` while
+results and Flower show the physical ``cuda:N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+
+from pixelmill.errors import PixelmillError
+from pixelmill.logs import configure_logging
+from pixelmill.settings import load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixelmill device worker")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N (the physical index)")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except PixelmillError as exc:
+        print(f"pixelmill worker: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    log = logging.getLogger("pixelmill.worker")
+
+    import torch
+
+    from db.engine import make_engine, make_sessionmaker
+    from db.migrate import upgrade
+    from models.cache import ModelCache
+    from worker.app import create_app
+    from worker.batching import WorkerContext
+    from worker.tasks import register_tasks
+
+    label = args.device
+    device = "cpu" if label == "cpu" else "cuda:0"
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    engine = make_engine(settings.resolved_database_url())
+    upgrade(engine)
+    node = f"pixelmill-{label.replace(':', '')}@{socket.gethostname()}"
+    ctx = WorkerContext(
+        sessions=make_sessionmaker(engine),
+        cache=ModelCache(device, size=2, top_k=settings.top_k),
+        device_label=label,
+        worker_name=node,
+        decode_threads=settings.decode_threads,
+    )
+    app = create_app(settings)
+    register_tasks(app, ctx)
+    log.info("device worker %s starting on %s (pid %d)", node, label, os.getpid())
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={settings.pipeline_depth}",
+                f"--queues={settings.queue}",
+                f"--hostname={node}",
+                f"--loglevel={settings.log_level}",
+                "--without-mingle",
+                "--without-gossip",
+                "--task-events",
+            ]
+        )
+    finally:
+        ctx.close()
+        engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

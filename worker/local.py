@@ -1,0 +1,62 @@
+"""Local services for ``pixelmill run`` and scripts: the embedded broker (when no broker is
+configured) and device workers on this host, stopped again on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from pixelmill.settings import Settings
+from worker.embedded import EmbeddedRedis
+from worker.supervisor import DeviceSpec, Supervisor, parse_devices
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def embedded_broker(settings: Settings) -> Iterator[EmbeddedRedis | None]:
+    """Start the embedded Redis when no broker is configured (reusing one already running on
+    the data dir's socket); stop it on exit if this call started it."""
+    if not settings.embedded_broker:
+        yield None
+        return
+    redis = EmbeddedRedis(settings.embedded_socket, settings.data_dir).start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+@contextlib.contextmanager
+def local_workers(
+    settings: Settings,
+    devices: str | list[DeviceSpec] = "auto",
+    *,
+    drain_timeout: float = 120,
+    log_dir: Path | None = None,
+) -> Iterator[Supervisor]:
+    specs = parse_devices(devices) if isinstance(devices, str) else devices
+    supervisor = Supervisor(specs, settings=settings, log_dir=log_dir).start()
+    try:
+        yield supervisor
+    finally:
+        supervisor.stop(timeout=drain_timeout)
+
+
+@contextlib.contextmanager
+def local_cluster(
+    settings: Settings,
+    devices: str | list[DeviceSpec] = "auto",
+    *,
+    workers: bool = True,
+    log_dir: Path | None = None,
+) -> Iterator[Supervisor | None]:
+    """Embedded broker if needed, plus one worker per device unless ``workers`` is False."""
+    with embedded_broker(settings):
+        if not workers:
+            yield None
+            return
+        with local_workers(settings, devices, log_dir=log_dir) as supervisor:
+            yield supervisor
