@@ -167,7 +167,25 @@ def claim_jobs(
 
 
 def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
-    """Record a batch of outcomes: results by upsert, then job states (forward only)."""
+    """Record a batch of outcomes: results by upsert, then job states, forward only.
+
+    Jobs already done or failed (a redelivered message, a slower duplicate) are left exactly
+    as they are: their outcome here is dropped. Rows are locked first on PostgreSQL so that
+    two workers racing on the same jobs serialise.
+    """
+    if not outcomes:
+        return
+    open_ids = set(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.id.in_([o.job_id for o in outcomes]),
+                Job.status.in_([JobStatus.queued, JobStatus.running]),
+            )
+            .with_for_update()
+        )
+    )
+    outcomes = [o for o in outcomes if o.job_id in open_ids]
     now = utcnow()
     results = [o for o in outcomes if o.result is not None and o.error is None]
     if results:
@@ -189,7 +207,7 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
         done = o.result is not None and o.error is None
         session.execute(
             update(Job)
-            .where(Job.id == o.job_id, Job.status.in_([JobStatus.queued, JobStatus.running]))
+            .where(Job.id == o.job_id)
             .values(
                 status=JobStatus.done if done else JobStatus.failed,
                 error=None if done else (o.error or "unknown error"),

@@ -1,0 +1,148 @@
+"""Fixtures: real Redis, real PostgreSQL, real photographs, and a real worker process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.services import PostgresServer, RedisServer, postgres_bin, start_postgres, start_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Photographs whose subject is unambiguous, with the ImageNet classes that name it.
+PHOTOS = {
+    "chelsea.png": {"tabby, tabby cat", "tiger cat", "Egyptian cat"},
+    "coffee.png": {"espresso", "cup", "coffee mug"},
+    "rocket.jpg": {"missile", "projectile, missile", "space shuttle"},
+    "motorcycle_left.png": {"moped", "motor scooter, scooter"},
+}
+
+
+def skimage_data() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    if postgres_bin("initdb") is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are required in CI")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> str:
+    """The same test on SQLite and on PostgreSQL (a fresh database each)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'pixelmill.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database("t_" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A folder of real photographs (from scikit-image's package data)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in PHOTOS:
+        shutil.copy(skimage_data() / name, folder / name)
+    return folder
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    """Inputs that must each fail their own job with a reason naming the file."""
+    from PIL import Image
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    files = {
+        "empty": folder / "empty.jpg",
+        "text": folder / "notes.jpg",
+        "truncated": folder / "truncated.jpg",
+        "corrupt": folder / "corrupt.png",
+    }
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("this is not an image\n")
+    src = folder / "whole.jpg"
+    Image.new("RGB", (320, 240), (200, 30, 30)).save(src, quality=90)
+    data = src.read_bytes()
+    src.unlink()
+    files["truncated"].write_bytes(data[: len(data) // 3])
+    png = folder / "whole.png"
+    Image.new("RGB", (64, 64), (0, 128, 0)).save(png)
+    raw = bytearray(png.read_bytes())
+    png.unlink()
+    raw[60:120] = b"\x00" * 60  # smash the IDAT data and its CRC
+    files["corrupt"].write_bytes(bytes(raw))
+    return files
+
+
+def pixelmill_env(**settings: str) -> dict[str, str]:
+    """A clean environment for a pixelmill subprocess: no inherited PIXELMILL_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    for key, value in settings.items():
+        env["PIXELMILL_" + key.upper()] = value
+    return env
+
+
+def pixelmill(
+    *args: str, env: dict[str, str], input: str | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pixelmill", *args],
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `pixelmill worker` processes; each is stopped with SIGTERM at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str], devices: str = "cpu") -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pixelmill", "worker", "--devices", devices],
+            env=env,
+            cwd=ROOT,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

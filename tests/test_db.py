@@ -1,0 +1,102 @@
+"""The schema and the state functions, on SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from db.engine import make_engine, make_sessionmaker
+from db.jobs import (
+    Outcome,
+    batch_counts,
+    claim_jobs,
+    create_batch,
+    failure_reasons,
+    iter_batch_jobs,
+    write_outcomes,
+)
+from db.migrate import current_revision, head_revision, upgrade
+from db.schema import Job, JobStatus, Result
+from pixelmill.errors import UnknownBatch
+
+
+@pytest.fixture
+def sessions(database_url):
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def test_migrations_create_the_schema_and_are_idempotent(database_url):
+    engine = make_engine(database_url)
+    upgrade(engine)
+    upgrade(engine)
+    assert current_revision(engine) == head_revision()
+    assert {"batches", "jobs", "results"} <= set(inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def _batch(sessions, n=3):
+    with sessions.begin() as s:
+        return create_batch(
+            s, task="classify", model="m", inputs=[f"/in/{i}.jpg" for i in range(n)]
+        )
+
+
+def test_claim_moves_queued_jobs_to_running_and_counts_attempts(sessions):
+    new = _batch(sessions)
+    with sessions.begin() as s:
+        claimed = claim_jobs(s, new.job_ids, worker="w1", device="cpu")
+    assert [c.job_id for c in claimed] == new.job_ids
+    assert all(c.attempts == 1 and c.task == "classify" for c in claimed)
+    with sessions() as s:
+        assert batch_counts(s, new.batch_id).by_status == {"running": 3}
+
+
+def test_redelivered_batch_changes_nothing_once_done(sessions):
+    new = _batch(sessions, 2)
+    ok = Outcome(job_id=new.job_ids[0], result={"labels": []}, model="m", device="cpu")
+    bad = Outcome(job_id=new.job_ids[1], error="/in/1.jpg: broken", model="m", device="cpu")
+    with sessions.begin() as s:
+        claim_jobs(s, new.job_ids, worker="w", device="cpu")
+        write_outcomes(s, [ok, bad])
+    # The same message again: nothing is claimed, and a second write neither duplicates the
+    # result nor moves a finished job.
+    with sessions.begin() as s:
+        assert claim_jobs(s, new.job_ids, worker="w2", device="cpu") == []
+        write_outcomes(s, [Outcome(job_id=new.job_ids[1], result={"x": 1}, model="m")])
+        write_outcomes(s, [ok])
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Result)) == 1
+        rows = list(iter_batch_jobs(s, new.batch_id))
+        assert [r.status for r in rows] == [JobStatus.done, JobStatus.failed]
+        assert rows[1].error == "/in/1.jpg: broken" and rows[1].result is None
+        assert failure_reasons(s, new.batch_id) == [("/in/1.jpg: broken", 1)]
+
+
+def test_results_upsert_keeps_one_row_per_job(sessions):
+    new = _batch(sessions, 1)
+    job = new.job_ids[0]
+    with sessions.begin() as s:
+        claim_jobs(s, [job], worker="w", device="cpu")
+        # Two workers racing on a redelivered message both write: one row survives.
+        write_outcomes(s, [Outcome(job_id=job, result={"v": 1}, model="m")])
+    with sessions.begin() as s:
+        s.execute(Job.__table__.update().values(status=JobStatus.running))
+        write_outcomes(s, [Outcome(job_id=job, result={"v": 2}, model="m")])
+    with sessions() as s:
+        assert s.scalars(select(Result.data)).all() == [{"v": 2}]
+
+
+def test_batch_listing_pages_in_submission_order(sessions):
+    new = _batch(sessions, 7)
+    with sessions() as s:
+        rows = list(iter_batch_jobs(s, new.batch_id, page=3))
+    assert [r.job_id for r in rows] == new.job_ids
+    assert [r.input for r in rows] == [f"/in/{i}.jpg" for i in range(7)]
+
+
+def test_unknown_batch_is_a_clear_error(sessions):
+    with sessions() as s, pytest.raises(UnknownBatch, match="nope"):
+        batch_counts(s, "nope")
