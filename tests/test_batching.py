@@ -1,0 +1,83 @@
+"""One batch from ids to committed outcomes, without Celery: a real database, a real model."""
+
+from __future__ import annotations
+
+import pytest
+
+from db.engine import make_engine, make_sessionmaker
+from db.jobs import create_batch, iter_batch_jobs
+from db.migrate import upgrade
+from db.schema import JobStatus
+from models.cache import ModelCache
+from worker.batching import WorkerContext, _split_on_error, process_batch
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    context = WorkerContext(
+        sessions=make_sessionmaker(engine),
+        cache=ModelCache("cpu", top_k=5),
+        device_label="cpu",
+        worker_name="test@host",
+    )
+    yield context
+    context.close()
+    engine.dispose()
+
+
+def _submit(ctx, inputs, model="efficientnet_lite0"):
+    with ctx.sessions.begin() as s:
+        return create_batch(s, task="classify", model=model, inputs=[str(p) for p in inputs])
+
+
+def test_bad_files_fail_one_job_each_and_the_rest_complete(ctx, photos, bad_files):
+    good = sorted(photos.iterdir())
+    inputs = [good[0], bad_files["empty"], good[1], bad_files["truncated"],
+              bad_files["text"], good[2], bad_files["corrupt"], good[3]]  # fmt: skip
+    new = _submit(ctx, inputs)
+    report = process_batch(ctx, new.job_ids)
+    assert (report.claimed, report.done, report.failed) == (8, 4, 4)
+    with ctx.sessions() as s:
+        rows = list(iter_batch_jobs(s, new.batch_id))
+    for row, path in zip(rows, inputs, strict=True):
+        if path in good:
+            assert row.status == JobStatus.done and len(row.result["labels"]) == 5
+        else:
+            assert row.status == JobStatus.failed
+            assert str(path) in row.error
+            assert row.result is None
+
+
+def test_a_redelivered_message_does_no_work_twice(ctx, photos):
+    new = _submit(ctx, sorted(photos.iterdir())[:2])
+    assert process_batch(ctx, new.job_ids).done == 2
+    again = process_batch(ctx, new.job_ids)
+    assert again.claimed == 0
+
+
+def test_unavailable_model_fails_its_jobs_with_the_model_name(ctx, photos, tmp_path):
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    new = _submit(ctx, sorted(photos.iterdir())[:2], model=str(missing))
+    report = process_batch(ctx, new.job_ids)
+    assert report.failed == 2
+    with ctx.sessions() as s:
+        assert all(str(missing) in r.error for r in iter_batch_jobs(s, new.batch_id))
+
+
+def test_a_failing_forward_is_split_until_only_the_poisonous_item_fails():
+    calls = []
+
+    def forward(items):
+        calls.append(list(items))
+        if "poison" in items:
+            raise RuntimeError("boom")
+        return [{"ok": x} for x in items]
+
+    out = _split_on_error(forward, ["a", "b", "poison", "c", "d"])
+    assert [o if isinstance(o, dict) else "error" for o in out] == [
+        {"ok": "a"}, {"ok": "b"}, "error", {"ok": "c"}, {"ok": "d"}
+    ]  # fmt: skip
+    assert isinstance(out[2], RuntimeError)

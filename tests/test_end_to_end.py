@@ -1,0 +1,139 @@
+"""End to end through the real parts: the CLI, Redis, a worker process, SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from producer import Client
+from pixelmill.settings import load_settings
+from tests.conftest import PHOTOS, pixelmill, pixelmill_env
+from tests.tiny_models import TINY_LABELS, build_tiny_vit_classifier
+from worker.local import local_cluster
+
+pytestmark = pytest.mark.slow
+
+CONTRACT_KEYS = {"job", "input", "task", "status", "result", "error", "model", "device"}
+
+
+def _lines(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.strip()]
+
+
+def _assert_photo_labels(line: dict) -> None:
+    name = line["input"].rsplit("/", 1)[-1]
+    labels = [x["label"] for x in line["result"]["labels"]]
+    assert len(labels) == 5
+    assert all(0.0 <= x["score"] <= 1.0 for x in line["result"]["labels"])
+    assert PHOTOS[name] & set(labels), f"{name}: {labels}"
+
+
+def test_run_on_the_embedded_default_classifies_photos_and_fails_only_bad_files(
+    tmp_path, photos, bad_files
+):
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    proc = pixelmill("run", "classify", str(photos), *map(str, bad_files.values()), "--json",
+                     env=env)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # documented: 1 when any job failed
+    lines = _lines(proc.stdout)
+    assert len(lines) == len(PHOTOS) + len(bad_files)
+    assert len({line["job"] for line in lines}) == len(lines)
+    for line in lines:
+        assert set(line) >= CONTRACT_KEYS
+        assert line["task"] == "classify"
+        assert line["model"] == "efficientnet_lite0"
+        assert line["device"] == "cpu"
+    done = [x for x in lines if x["status"] == "done"]
+    failed = [x for x in lines if x["status"] == "failed"]
+    assert {x["input"].rsplit("/", 1)[-1] for x in done} == set(PHOTOS)
+    for line in done:
+        assert line["error"] is None
+        _assert_photo_labels(line)
+    assert {x["input"] for x in failed} == {str(p) for p in bad_files.values()}
+    for line in failed:
+        assert line["result"] is None and line["input"] in line["error"]
+    # Everything it started is stopped again: the embedded broker's socket is gone.
+    assert not (tmp_path / "data" / "redis.sock").exists()
+
+
+def test_run_reads_paths_from_stdin_and_exits_0_when_all_done(tmp_path, photos):
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    paths = "\n".join(str(p) for p in sorted(photos.iterdir())[:2]) + "\n"
+    proc = pixelmill("run", "classify", "-", env=env, input=paths)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.splitlines()
+    assert len(out) == 2 and all(line.startswith("done") for line in out)
+    assert "2 done, 0 failed" in proc.stderr
+
+
+def test_submit_then_worker_on_postgres_and_redis(
+    tmp_path, photos, bad_files, redis_server, postgres_server, start_worker
+):
+    db_url = postgres_server.create_database("e2e_cli")
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"), broker_url=redis_server.url, database_url=db_url
+    )
+    sub = pixelmill("submit", "classify", str(photos), str(bad_files["text"]), "--json",
+                    "--name", "nightly", env=env)  # fmt: skip
+    assert sub.returncode == 0, sub.stderr
+    submitted = json.loads(sub.stdout)
+    assert set(submitted) == {"batch", "jobs"} and submitted["jobs"] == len(PHOTOS) + 1
+    batch = submitted["batch"]
+
+    queued = json.loads(pixelmill("status", batch, "--json", env=env).stdout)
+    assert queued["queued"] == submitted["jobs"] and queued["name"] == "nightly"
+
+    start_worker(env)
+    status = pixelmill("status", batch, "--wait", "--json", env=env, timeout=300)
+    counts = json.loads(status.stdout)
+    assert (counts["done"], counts["failed"]) == (len(PHOTOS), 1)
+    assert counts["failures"][0]["jobs"] == 1
+    assert str(bad_files["text"]) in counts["failures"][0]["reason"]
+
+    res = pixelmill("results", batch, "--json", env=env)
+    assert res.returncode == 1
+    lines = _lines(res.stdout)
+    assert [x["status"] for x in lines].count("done") == len(PHOTOS)
+    for line in lines:
+        if line["status"] == "done":
+            _assert_photo_labels(line)
+    human = pixelmill("status", batch, env=env).stdout
+    assert "failed x1" in human and "done 4" in human
+
+
+def test_python_api_with_a_local_hugging_face_model(tmp_path, photos, redis_server):
+    model_dir = build_tiny_vit_classifier(tmp_path / "tiny-vit")
+    settings = load_settings(
+        data_dir=tmp_path / "data",
+        broker_url=redis_server.url,
+        database_url=f"sqlite:///{tmp_path / 'api.db'}",
+        batch_size=3,
+    )
+    with local_cluster(settings, "cpu", log_dir=tmp_path / "logs"), Client(settings) as pm:
+        batch = pm.submit("classify", [str(photos)], model=str(model_dir))
+        assert batch.jobs == len(PHOTOS)
+        counts = pm.wait(batch.batch_id, timeout=300)
+        results = list(pm.results(batch.batch_id))
+    assert counts.by_status == {"done": len(PHOTOS)}
+    assert [r.input for r in results] == sorted(str(p) for p in photos.iterdir())
+    for r in results:
+        assert r.model == str(model_dir)
+        assert {x["label"] for x in r.result["labels"]} <= set(TINY_LABELS)
+        assert len(r.result["labels"]) == 5
+
+
+def test_usage_errors_exit_2_and_unreachable_broker_exits_3(tmp_path, photos):
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    missing = pixelmill("submit", "classify", str(tmp_path / "nope.jpg"), env=env)
+    assert missing.returncode == 2 and "nope.jpg" in missing.stderr
+    assert pixelmill("run", "paint", str(photos), env=env).returncode == 2
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    assert pixelmill("submit", "classify", str(empty), env=env).returncode == 2
+    # Nothing configured and no embedded broker running: submit says how to get one.
+    down = pixelmill("submit", "classify", str(photos), env=env)
+    assert down.returncode == 3
+    assert "pixelmill worker" in down.stderr and "Traceback" not in down.stderr
+    unknown = pixelmill("status", "no-such-batch", env=env)
+    assert unknown.returncode == 2 and "no-such-batch" in unknown.stderr

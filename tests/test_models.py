@@ -1,0 +1,81 @@
+"""Classifiers through the real loading paths: the packaged ImageNet model on real photographs,
+and a Hugging Face model from a local folder, checked against transformers' own pipeline."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from models.cache import ModelCache
+from models.classify import EfficientNetLite0, HFClassifier
+from models.registry import create_runner
+from pixelmill.errors import ModelUnavailable
+from tests.conftest import PHOTOS, skimage_data
+from tests.tiny_models import TINY_LABELS, build_tiny_vit_classifier
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    runner = EfficientNetLite0(top_k=5)
+    runner.load("cpu")
+    return runner
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory):
+    return build_tiny_vit_classifier(tmp_path_factory.mktemp("tiny-vit"))
+
+
+def test_default_classifier_names_the_subject_of_real_photographs(lite0):
+    names = list(PHOTOS)
+    items = [lite0.preprocess(lite0.decode(str(skimage_data() / n))) for n in names]
+    outputs = lite0.run(items)
+    assert len(outputs) == len(names)
+    for name, out in zip(names, outputs, strict=True):
+        labels = [x["label"] for x in out["labels"]]
+        scores = [x["score"] for x in out["labels"]]
+        assert len(labels) == 5
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+        assert PHOTOS[name] & set(labels), f"{name}: expected one of {PHOTOS[name]} in {labels}"
+
+
+def test_batch_results_equal_one_at_a_time_results(lite0):
+    images = [lite0.decode(str(skimage_data() / n)) for n in PHOTOS]
+    together = lite0.run([lite0.preprocess(im) for im in images])
+    alone = [lite0.run([lite0.preprocess(im)])[0] for im in images]
+    for a, b in zip(together, alone, strict=True):
+        assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
+        assert a["labels"][0]["score"] == pytest.approx(b["labels"][0]["score"], abs=1e-4)
+
+
+def test_hf_classifier_from_a_local_folder_matches_transformers_pipeline(tiny_classifier):
+    from transformers import pipeline
+
+    runner = create_runner("classify", str(tiny_classifier), top_k=3)
+    assert isinstance(runner, HFClassifier)
+    runner.load("cpu")
+    image = Image.open(skimage_data() / "coffee.png").convert("RGB")
+    ours = runner.run([runner.preprocess(image)])[0]["labels"]
+    reference = pipeline("image-classification", model=str(tiny_classifier), device="cpu")
+    theirs = reference(image, top_k=3)
+    assert [x["label"] for x in ours] == [x["label"] for x in theirs]
+    assert [x["score"] for x in ours] == pytest.approx([x["score"] for x in theirs], abs=1e-4)
+    assert {x["label"] for x in ours} <= set(TINY_LABELS)
+
+
+def test_unloadable_model_is_model_unavailable_naming_it(tmp_path):
+    not_a_model = tmp_path / "empty-folder"
+    not_a_model.mkdir()
+    runner = create_runner("classify", str(not_a_model))
+    with pytest.raises(ModelUnavailable) as err:
+        runner.load("cpu")
+    assert str(not_a_model) in str(err.value)
+    with pytest.raises(ModelUnavailable, match="neither"):
+        create_runner("classify", "not a model name!")
+
+
+def test_cache_loads_each_model_once(tiny_classifier):
+    cache = ModelCache("cpu", size=2)
+    first = cache.get("classify", str(tiny_classifier))
+    assert cache.get("classify", str(tiny_classifier)) is first
+    assert cache.loads == 1
