@@ -218,31 +218,16 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
 
 
 def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
+    """INSERT .. ON CONFLICT (job_id) DO UPDATE, on PostgreSQL and SQLite alike."""
     dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        stmt = postgresql.insert(Result).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[Result.job_id],
-            set_={
-                "data": stmt.excluded.data,
-                "model": stmt.excluded.model,
-                "model_revision": stmt.excluded.model_revision,
-                "device": stmt.excluded.device,
-            },
-        )
-    elif dialect == "sqlite":
-        lite = sqlite.insert(Result).values(rows)
-        stmt = lite.on_conflict_do_update(
-            index_elements=[Result.job_id],
-            set_={
-                "data": lite.excluded.data,
-                "model": lite.excluded.model,
-                "model_revision": lite.excluded.model_revision,
-                "device": lite.excluded.device,
-            },
-        )
-    else:  # pragma: no cover - only the two supported databases reach here
+    if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - settings refuse others
         raise NotImplementedError(dialect)
+    insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt: Any = insert_for(Result).values(rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Result.job_id],
+        set_={c: stmt.excluded[c] for c in ("data", "model", "model_revision", "device")},
+    )
     session.execute(stmt)
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
-class JobStatus(str, enum.Enum):
+class JobStatus(enum.StrEnum):
     """A job's state. It only moves forward: queued -> running -> done | failed."""
 
     queued = "queued"
@@ -90,13 +90,11 @@ class Job(Base):
 
 
 class Result(Base):
-    """The result of one job. Keyed by job id and written by upsert: a redelivery changes nothing."""
+    """One job's result, keyed by job id and written by upsert: a redelivery changes nothing."""
 
     __tablename__ = "results"
 
-    job_id: Mapped[str] = mapped_column(
-        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     model: Mapped[str] = mapped_column(String(500))
     model_revision: Mapped[str | None] = mapped_column(String(100))

@@ -39,7 +39,7 @@ class Classifier(Runner):
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.model is not None
-        return self.model(batch)  # type: ignore[no-any-return]
+        return self.model(batch)
 
     def run(self, items: list[Any]) -> list[dict[str, Any]]:
         if self.model is None or self.device is None:
@@ -127,7 +127,7 @@ class EfficientNetLite0(Classifier):
         return self.RESIZE
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)  # type: ignore[no-any-return]
+        return self.transform(image)
 
 
 class HFClassifier(Classifier):
@@ -149,7 +149,9 @@ class HFClassifier(Classifier):
                 self.name, trust_remote_code=self.trust_remote_code
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
-            raise ModelUnavailable(model_load_hint(self.name, "image-classification", exc)) from None
+            raise ModelUnavailable(
+                model_load_hint(self.name, "image-classification", exc)
+            ) from None
         id2label = model.config.id2label or {}
         self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
         self.revision = getattr(model.config, "_commit_hash", None) or (
@@ -160,11 +162,11 @@ class HFClassifier(Classifier):
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.model is not None
-        return self.model(pixel_values=batch).logits  # type: ignore[no-any-return]
+        return self.model(pixel_values=batch).logits
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         out = self.processor(images=image, return_tensors="pt")
-        return out["pixel_values"][0]  # type: ignore[no-any-return]
+        return out["pixel_values"][0]
 
 
 def model_load_hint(name: str, kind: str, exc: BaseException) -> str:

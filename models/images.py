@@ -11,7 +11,6 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pixelmill.errors import BadInput
 
-
 # Transparent pixels are composited onto this colour before the model sees them.
 BACKGROUND = (255, 255, 255)
 
@@ -75,9 +74,11 @@ def to_rgb(im: Image.Image) -> Image.Image:
         hi = float(arr.max(initial=1.0)) or 1.0
         arr8 = np.clip(np.rint(arr / (hi if hi > 1.0 else 1.0) * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        mode == "P" and "transparency" in im.info
-    ) or (mode in ("L", "RGB") and "transparency" in im.info)
+    has_alpha = (
+        mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (mode == "P" and "transparency" in im.info)
+        or (mode in ("L", "RGB") and "transparency" in im.info)
+    )
     if has_alpha:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))

@@ -92,33 +92,31 @@ def run(
     with user_errors():
         paths = _paths(inputs)
         log_dir = settings.data_dir / "logs"
-        with local_cluster(
-            settings, devices, workers=local_workers, log_dir=log_dir
-        ) as supervisor:
-            with Client(settings) as client:
-                sub = client.submit(
-                    task, paths, model=model, name=name, batch_size=batch_size
-                )
-                if not as_json:
-                    click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs", err=True)
+        with (
+            local_cluster(settings, devices, workers=local_workers, log_dir=log_dir) as supervisor,
+            Client(settings) as client,
+        ):
+            sub = client.submit(task, paths, model=model, name=name, batch_size=batch_size)
+            if not as_json:
+                click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs", err=True)
 
-                def check() -> None:
-                    if supervisor is None:
-                        return
-                    supervisor.poll()
-                    if supervisor.crashes >= 3:
-                        fail(
-                            f"local workers crashed {supervisor.crashes} times; giving up "
-                            f"(batch {sub.batch_id} stays in the database; worker logs in "
-                            f"{log_dir})",
-                            EXIT_SERVICE,
-                        )
+            def check() -> None:
+                if supervisor is None:
+                    return
+                supervisor.poll()
+                if supervisor.crashes >= 3:
+                    fail(
+                        f"local workers crashed {supervisor.crashes} times; giving up "
+                        f"(batch {sub.batch_id} stays in the database; worker logs in "
+                        f"{log_dir})",
+                        EXIT_SERVICE,
+                    )
 
-                with Progress(sub.jobs) as progress:
-                    client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
-                                check=check)  # fmt: skip
-                writer = write_json_lines if as_json else write_text_lines
-                done, failed = writer(client.results(sub.batch_id))
+            with Progress(sub.jobs) as progress:
+                client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
+                            check=check)  # fmt: skip
+            writer = write_json_lines if as_json else write_text_lines
+            done, failed = writer(client.results(sub.batch_id))
         if not as_json:
             click.echo(f"{done} done, {failed} failed", err=True)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)

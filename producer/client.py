@@ -19,7 +19,6 @@ from producer.inputs import InputError, expand_inputs
 from worker.app import PROCESS_BATCH, create_app
 
 
-
 @dataclass(frozen=True)
 class Submission:
     batch_id: str

@@ -12,12 +12,13 @@ from pixelmill.catalog import IMAGE_EXTENSIONS
 from pixelmill.errors import PixelmillError
 
 
-
 class InputError(PixelmillError):
     """An input argument that names nothing usable (a usage error, not a failed job)."""
 
 
-def expand_inputs(inputs: Iterable[str | os.PathLike[str]], stdin: TextIO | None = None) -> list[str]:
+def expand_inputs(
+    inputs: Iterable[str | os.PathLike[str]], stdin: TextIO | None = None
+) -> list[str]:
     """Files as given (any extension: a non-image fails its own job with a clear reason),
     folders recursively (image extensions only, sorted), ``-`` reads one path per line.
     Returns absolute paths, without duplicates, in order."""

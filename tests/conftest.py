@@ -51,9 +51,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> str:
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The same test on SQLite and on PostgreSQL (a fresh database each)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'pixelmill.db'}"

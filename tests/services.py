@@ -47,11 +47,16 @@ def start_redis(workdir: Path) -> RedisServer:
     proc = subprocess.Popen(
         [
             redis_server_binary(),
-            "--port", str(port),
-            "--bind", "127.0.0.1",
-            "--save", "",
-            "--appendonly", "no",
-            "--dir", str(workdir),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -113,8 +118,15 @@ class PostgresServer:
         log = self.datadir.parent / "postgres.log"
         subprocess.run(
             [
-                *self.as_user, pg_ctl or "pg_ctl", "-D", str(self.datadir), "-l", str(log), "-w",
-                "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir.parent}"
+                *self.as_user,
+                pg_ctl or "pg_ctl",
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(log),
+                "-w",
+                "-o",
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.datadir.parent}"
                 " -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
                 "start",
             ],  # fmt: skip

