@@ -1,0 +1,63 @@
+"""`pixelmill flower`: Flower on pixelmill's broker shows the device workers, behind auth."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, pixelmill, pixelmill_env
+from tests.services import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _get(url: str, auth: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+
+
+def test_flower_shows_the_worker_and_requires_its_password(tmp_path, redis_server, start_worker):
+    env = pixelmill_env(data_dir=str(tmp_path), broker_url=redis_server.url)
+    start_worker(env)
+    port = free_port()
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "pixelmill", "flower", f"--port={port}",
+         "--basic-auth=ops:s3cret"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/workers"
+        deadline = time.monotonic() + 90
+        body = ""
+        while time.monotonic() < deadline:
+            try:
+                status, body = _get(url, "ops:s3cret")
+                if status == 200 and "pixelmill-cpu@" in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert "pixelmill-cpu@" in body
+        assert _get(url)[0] == 401
+        assert _get(url, "ops:wrong")[0] == 401
+    finally:
+        flower.terminate()
+        flower.wait(30)
+
+
+def test_flower_refuses_a_public_address_without_auth(tmp_path):
+    env = pixelmill_env(data_dir=str(tmp_path))
+    proc = pixelmill("flower", "--address=0.0.0.0", env=env)
+    assert proc.returncode == 2 and "--basic-auth" in proc.stderr
