@@ -203,17 +203,26 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
                 for o in results
             ],
         )
+    done_by_device: dict[str, list[str]] = {}
     for o in outcomes:
-        done = o.result is not None and o.error is None
+        if o.result is not None and o.error is None:
+            done_by_device.setdefault(o.device, []).append(o.job_id)
+            continue
         session.execute(
             update(Job)
             .where(Job.id == o.job_id)
             .values(
-                status=JobStatus.done if done else JobStatus.failed,
-                error=None if done else (o.error or "unknown error"),
+                status=JobStatus.failed,
+                error=o.error or "unknown error",
                 device=o.device,
                 finished_at=now,
             )
+        )
+    for device, ids in done_by_device.items():
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids))
+            .values(status=JobStatus.done, error=None, device=device, finished_at=now)
         )
 
 

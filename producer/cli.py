@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -35,6 +36,13 @@ BATCH_SIZE = click.option(
 NAME = click.option("--name", default=None, help="A name for the batch, shown by status.")
 
 
+def submit_options(command: Callable[..., None]) -> Callable[..., None]:
+    """The arguments and options that `run` and `submit` share."""
+    for decorate in reversed((TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE)):
+        command = decorate(command)
+    return command
+
+
 def _paths(inputs: tuple[str, ...]) -> list[str]:
     paths = expand_inputs(inputs)
     if not paths:
@@ -43,12 +51,7 @@ def _paths(inputs: tuple[str, ...]) -> list[str]:
 
 
 @click.command()
-@TASK
-@INPUTS
-@MODEL
-@JSON
-@NAME
-@BATCH_SIZE
+@submit_options
 @click.option(
     "--devices",
     default="auto",
@@ -123,12 +126,7 @@ def run(
 
 
 @click.command()
-@TASK
-@INPUTS
-@MODEL
-@JSON
-@NAME
-@BATCH_SIZE
+@submit_options
 def submit(
     task: str,
     inputs: tuple[str, ...],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -84,7 +85,7 @@ def test_submit_then_worker_on_postgres_and_redis(
     queued = json.loads(pixelmill("status", batch, "--json", env=env).stdout)
     assert queued["queued"] == submitted["jobs"] and queued["name"] == "nightly"
 
-    start_worker(env)
+    worker = start_worker(env)
     status = pixelmill("status", batch, "--wait", "--json", env=env, timeout=300)
     counts = json.loads(status.stdout)
     assert (counts["done"], counts["failed"]) == (len(PHOTOS), 1)
@@ -100,6 +101,9 @@ def test_submit_then_worker_on_postgres_and_redis(
             _assert_photo_labels(line)
     human = pixelmill("status", batch, env=env).stdout
     assert "failed x1" in human and "done 4" in human
+    # SIGTERM drains and stops the worker cleanly.
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(120) == 0
 
 
 def test_python_api_with_a_local_hugging_face_model(tmp_path, photos, redis_server):

@@ -1,0 +1,29 @@
+"""Device selection for `pixelmill worker --devices`."""
+
+from __future__ import annotations
+
+import pytest
+
+from pixelmill.errors import ConfigError
+from worker.supervisor import DeviceSpec, parse_devices
+
+
+def test_explicit_gpu_indices_are_pinned_one_per_worker():
+    assert parse_devices("0,2") == [DeviceSpec("cuda:0", "0"), DeviceSpec("cuda:2", "2")]
+    assert parse_devices("cuda:1") == [DeviceSpec("cuda:1", "1")]
+
+
+def test_cpu_and_auto_without_a_gpu_give_one_cpu_worker():
+    assert parse_devices("cpu") == [DeviceSpec("cpu", None)]
+    # This machine (and CI) has no GPU: auto falls back to the CPU.
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    assert parse_devices("auto") == [DeviceSpec("cpu", None)]
+
+
+@pytest.mark.parametrize("spec", ["gpu", "0,0", "1,x"])
+def test_bad_device_specs_are_config_errors(spec):
+    with pytest.raises(ConfigError, match="--devices"):
+        parse_devices(spec)
