@@ -20,11 +20,10 @@ from models.images import decode_image
 class Runner(ABC):
     task: ClassVar[str]
 
-    def __init__(self, name: str, **options: Any) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.revision: str | None = None
         self.device: str | None = None
-        self.options = options
         self._load_lock = threading.Lock()
 
     @property

@@ -10,7 +10,14 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
-from db.jobs import BatchCounts, JobRow, batch_counts, create_batch, iter_batch_jobs
+from db.jobs import (
+    BatchCounts,
+    JobRow,
+    batch_counts,
+    create_batch,
+    failure_reasons,
+    iter_batch_jobs,
+)
 from db.migrate import upgrade
 from pixelmill.catalog import DEFAULT_MODELS, TASKS
 from pixelmill.errors import ServiceUnavailable
@@ -141,7 +148,6 @@ class Client:
                 self.app.send_task(
                     PROCESS_BATCH,
                     args=[job_ids[start : start + size]],
-                    queue=self.settings.queue,
                     producer=producer,
                 )
 
@@ -152,8 +158,6 @@ class Client:
             return batch_counts(session, batch_id)
 
     def failures(self, batch_id: str) -> list[tuple[str, int]]:
-        from db.jobs import failure_reasons
-
         with self.sessions() as session:
             return failure_reasons(session, batch_id)
 

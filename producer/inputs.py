@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TextIO
 
@@ -43,8 +43,7 @@ def expand_inputs(
     return out
 
 
-def _expand_one(path: Path, add: object) -> None:
-    assert callable(add)
+def _expand_one(path: Path, add: Callable[[Path], None]) -> None:
     if path.is_dir():
         for root, dirs, files in os.walk(path):
             dirs.sort()

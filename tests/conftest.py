@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pixelmill.settings import Settings
 from tests.services import PostgresServer, RedisServer, postgres_bin, start_postgres, start_redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,11 @@ def pixelmill_env(**settings: str) -> dict[str, str]:
     for key, value in settings.items():
         env["PIXELMILL_" + key.upper()] = value
     return env
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a pixelmill subprocess exactly these settings."""
+    return {**pixelmill_env(), **settings.to_env()}
 
 
 def pixelmill(

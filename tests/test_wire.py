@@ -9,6 +9,7 @@ import pytest
 
 from pixelmill.settings import load_settings
 from producer import Client
+from tests.conftest import settings_env
 from worker.app import PROCESS_BATCH, create_app
 
 pytestmark = pytest.mark.slow
@@ -25,8 +26,6 @@ class _Exploit:
 def test_a_pickled_message_is_rejected_and_the_queue_goes_on(
     tmp_path, photos, redis_server, start_worker
 ):
-    from tests.conftest import pixelmill_env
-
     marker = tmp_path / "pwned"
     settings = load_settings(
         data_dir=tmp_path / "data",
@@ -47,7 +46,7 @@ def test_a_pickled_message_is_rejected_and_the_queue_goes_on(
         )
     with Client(settings) as pm:
         batch = pm.submit("classify", [str(sorted(photos.iterdir())[0])])
-        start_worker(pixelmill_env(**{k[10:].lower(): v for k, v in settings.to_env().items()}))
+        start_worker(settings_env(settings))
         counts = pm.wait(batch.batch_id, timeout=120)
     assert not marker.exists(), "the pickled payload was executed"
     assert counts.by_status == {"done": 1}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import click
@@ -70,10 +69,7 @@ def flower(port: int, address: str, basic_auth: str | None) -> None:
     if basic_auth:
         argv.append(f"--basic-auth={basic_auth}")
     argv.append("--broker-api=")  # the Redis broker needs no management API
-    with user_errors():
-        if shutil.which(sys.executable) is None:  # pragma: no cover
-            raise RuntimeError("python executable not found")
-        os.execve(sys.executable, argv, env)
+    os.execve(sys.executable, argv, env)
 
 
 def register(group: click.Group) -> None:
