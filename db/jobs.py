@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.schema import Batch, Job, JobStatus, Result, utcnow
+from db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
 from pixelmill.errors import UnknownBatch
 
 INSERT_CHUNK = 2000
@@ -29,11 +29,30 @@ class ClaimedJob:
     """What a worker needs to run one job."""
 
     job_id: str
+    batch_id: str
     input: str
+    params: dict[str, Any]
     task: str
     model: str
     options: dict[str, Any]
     attempts: int
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A stored object a job produced, with its provenance. Stored before it is recorded."""
+
+    key: str
+    uri: str
+    content_type: str
+    size: int
+    sha256: str
+    index: int = 0
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    steps: int | None = None
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +65,7 @@ class Outcome:
     model: str = ""
     model_revision: str | None = None
     device: str = "cpu"
+    artifacts: tuple[ArtifactRecord, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,7 @@ class JobRow:
     model: str
     device: str | None
     attempts: int
+    artifact: ArtifactRecord | None = None
 
 
 @dataclass
@@ -92,8 +113,12 @@ def create_batch(
     inputs: Sequence[str],
     options: dict[str, Any] | None = None,
     name: str | None = None,
+    params: Sequence[dict[str, Any] | None] | None = None,
 ) -> NewBatch:
-    """Register a batch and one queued job per input. The caller commits, then enqueues."""
+    """Register a batch and one queued job per input (with its ``params``, if given).
+    The caller commits, then enqueues."""
+    if params is not None and len(params) != len(inputs):
+        raise ValueError(f"{len(params)} params for {len(inputs)} inputs")
     batch_id = new_id()
     session.add(
         Batch(
@@ -116,6 +141,7 @@ def create_batch(
                 "batch_id": batch_id,
                 "seq": i,
                 "input": inputs[i],
+                "params": params[i] if params is not None else None,
                 "status": JobStatus.queued,
                 "attempts": 0,
                 "created_at": now,
@@ -148,14 +174,25 @@ def claim_jobs(
         )
     )
     rows = session.execute(
-        select(Job.id, Job.input, Job.attempts, Batch.task, Batch.model, Batch.options)
+        select(
+            Job.id,
+            Job.batch_id,
+            Job.input,
+            Job.params,
+            Job.attempts,
+            Batch.task,
+            Batch.model,
+            Batch.options,
+        )
         .join(Batch, Batch.id == Job.batch_id)
         .where(Job.id.in_(job_ids), Job.status == JobStatus.running)
     ).all()
     by_id = {
         r.id: ClaimedJob(
             job_id=r.id,
+            batch_id=r.batch_id,
             input=r.input,
+            params=dict(r.params or {}),
             task=r.task,
             model=r.model,
             options=dict(r.options or {}),
@@ -189,8 +226,9 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     now = utcnow()
     results = [o for o in outcomes if o.result is not None and o.error is None]
     if results:
-        _upsert_results(
+        _upsert(
             session,
+            Result,
             [
                 {
                     "job_id": o.job_id,
@@ -202,7 +240,22 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
                 }
                 for o in results
             ],
+            key=Result.job_id,
         )
+    artifacts = [
+        {
+            "job_id": o.job_id,
+            "model": o.model,
+            "model_revision": o.model_revision,
+            "device": o.device,
+            "created_at": now,
+            **asdict(a),
+        }
+        for o in results
+        for a in o.artifacts
+    ]
+    if artifacts:
+        _upsert(session, Artifact, artifacts, key=Artifact.key)
     done_by_device: dict[str, list[str]] = {}
     for o in outcomes:
         if o.result is not None and o.error is None:
@@ -226,16 +279,17 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
         )
 
 
-def _upsert_results(session: Session, rows: list[dict[str, Any]]) -> None:
-    """INSERT .. ON CONFLICT (job_id) DO UPDATE, on PostgreSQL and SQLite alike."""
+def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: Any) -> None:
+    """INSERT .. ON CONFLICT (key) DO UPDATE, on PostgreSQL and SQLite alike: a redelivered
+    batch rewrites the same rows instead of adding new ones."""
     dialect = session.get_bind().dialect.name
     if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - settings refuse others
         raise NotImplementedError(dialect)
     insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt: Any = insert_for(Result).values(rows)
+    stmt: Any = insert_for(table).values(rows)
     stmt = stmt.on_conflict_do_update(
-        index_elements=[Result.job_id],
-        set_={c: stmt.excluded[c] for c in ("data", "model", "model_revision", "device")},
+        index_elements=[key],
+        set_={c: stmt.excluded[c] for c in rows[0] if c not in (key.key, "created_at")},
     )
     session.execute(stmt)
 
@@ -276,15 +330,16 @@ def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterat
     last = -1
     while True:
         rows = session.execute(
-            select(Job, Result)
+            select(Job, Result, Artifact)
             .outerjoin(Result, Result.job_id == Job.id)
+            .outerjoin(Artifact, (Artifact.job_id == Job.id) & (Artifact.index == 0))
             .where(Job.batch_id == batch_id, Job.seq > last)
             .order_by(Job.seq)
             .limit(page)
         ).all()
         if not rows:
             return
-        for job, result in rows:
+        for job, result, artifact in rows:
             yield JobRow(
                 job_id=job.id,
                 seq=job.seq,
@@ -296,5 +351,22 @@ def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterat
                 model=result.model if result is not None else batch.model,
                 device=job.device,
                 attempts=job.attempts,
+                artifact=_artifact_record(artifact) if artifact is not None else None,
             )
             last = job.seq
+
+
+def _artifact_record(a: Artifact) -> ArtifactRecord:
+    return ArtifactRecord(
+        key=a.key,
+        uri=a.uri,
+        content_type=a.content_type,
+        size=a.size,
+        sha256=a.sha256,
+        index=a.index,
+        width=a.width,
+        height=a.height,
+        seed=a.seed,
+        steps=a.steps,
+        precision=a.precision,
+    )

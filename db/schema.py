@@ -1,4 +1,4 @@
-"""The SQLAlchemy 2.0 schema: batches, jobs, results. Runs on SQLite and PostgreSQL alike."""
+"""The SQLAlchemy 2.0 schema: batches, jobs, results, artifacts. SQLite and PostgreSQL alike."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Enum,
     ForeignKey,
@@ -76,6 +77,8 @@ class Job(Base):
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     input: Mapped[str] = mapped_column(Text)
+    # Per-job parameters beyond the input (generate: the prompt and this image's seed).
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, name="job_status", native_enum=False, create_constraint=True, length=16),
         default=JobStatus.queued,
@@ -98,5 +101,31 @@ class Result(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     model: Mapped[str] = mapped_column(String(500))
     model_revision: Mapped[str | None] = mapped_column(String(100))
+    device: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Artifact(Base):
+    """A file a job produced, in the object store under a server-generated key, with what is
+    needed to trust and reproduce it. Written (upsert by key) after the object is stored."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("job_id", "index", name="uq_artifacts_job_index"),)
+
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer, default=0)
+    uri: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    # Provenance.
+    model: Mapped[str] = mapped_column(String(500))
+    model_revision: Mapped[str | None] = mapped_column(String(100))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    steps: Mapped[int | None] = mapped_column(Integer)
+    precision: Mapped[str | None] = mapped_column(String(16))
     device: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

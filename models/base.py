@@ -1,9 +1,12 @@
 """The model runner contract.
 
 - ``load(device)`` once per worker process, after it started; idempotent.
-- ``decode(path)`` and ``preprocess(image)`` per item, thread-safe, so the worker can run them
-  in a pool while the previous batch is on the device.
-- ``run(items)``: a batch in, exactly one result per item out, in order.
+- ``prepare(input, params, options)`` per item (by default ``preprocess(decode(input))``),
+  thread-safe, so the worker can run it in a pool while the previous batch is on the device.
+- ``run(items, options)``: a batch in, exactly one result per item out, in order. ``options``
+  are the batch's task options (the same for every item of one call).
+- A result is a JSON-able dict; a runner that produces an image puts it under ``IMAGE`` and the
+  worker stores it in the object store (never in the database).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from PIL import Image
 
 from models.images import decode_image
 
+IMAGE = "image"
+
 
 class Runner(ABC):
     task: ClassVar[str]
@@ -24,6 +29,7 @@ class Runner(ABC):
         self.name = name
         self.revision: str | None = None
         self.device: str | None = None
+        self.precision = "fp32"
         self._load_lock = threading.Lock()
 
     @property
@@ -53,9 +59,13 @@ class Runner(ABC):
     def preprocess(self, image: Image.Image) -> Any:
         """One decoded image to the model's input for one item (a CPU tensor)."""
 
+    def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
+        """One job's input (and parameters) to one item of a batch; raises BadInput."""
+        return self.preprocess(self.decode(input))
+
     @abstractmethod
-    def run(self, items: list[Any]) -> list[dict[str, Any]]:
-        """A batch of preprocessed items to one JSON-able result per item, in order."""
+    def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """A batch of prepared items to one result per item, in order."""
 
     def check_outputs(self, items: list[Any], outputs: list[dict[str, Any]]) -> None:
         if len(outputs) != len(items):

@@ -1,13 +1,25 @@
-"""The per-process model cache: each model is loaded once per worker process, on first use."""
+"""The per-process model cache: each model is loaded once per worker process, on first use, and
+kept while it is among the ``size`` most recently used. When the device runs out of memory the
+other models are dropped first, so the one in use can go on."""
 
 from __future__ import annotations
 
+import gc
+import logging
 import threading
 from collections import OrderedDict
 from typing import Any
 
+import torch
+
 from models.base import Runner
 from models.registry import create_runner
+
+log = logging.getLogger(__name__)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 class ModelCache:
@@ -18,8 +30,12 @@ class ModelCache:
         self.size = size
         self.runner_options = runner_options
         self._runners: OrderedDict[tuple[str, str], Runner] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.loads = 0
+        self.evictions = 0
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._runners
 
     def get(self, task: str, name: str) -> Runner:
         key = (task, name)
@@ -29,9 +45,33 @@ class ModelCache:
                 self._runners.move_to_end(key)
                 return runner
             runner = create_runner(task, name, **self.runner_options)
-            runner.load(self.device)
+            try:
+                runner.load(self.device)
+            except Exception as exc:
+                # Out of memory while loading: drop every other model, then try once more.
+                if not self.relieve(exc):
+                    raise
+                runner.load(self.device)
             self.loads += 1
             self._runners[key] = runner
             while len(self._runners) > self.size:
-                self._runners.popitem(last=False)
+                self._drop(next(iter(self._runners)), "least recently used")
             return runner
+
+    def relieve(self, exc: BaseException, *, keep: Runner | None = None) -> bool:
+        """After an out-of-memory error, free every loaded model but ``keep``; True if the
+        error was one and memory was given back (so a retry may succeed)."""
+        if not is_out_of_memory(exc):
+            return False
+        with self._lock:
+            for key in [k for k, r in self._runners.items() if r is not keep]:
+                self._drop(key, "out of memory")
+        gc.collect()
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return True
+
+    def _drop(self, key: tuple[str, str], why: str) -> None:
+        self._runners.pop(key)
+        self.evictions += 1
+        log.info("model cache: dropped %s/%s (%s)", key[0], key[1], why)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from models.base import Runner
 from models.device import autocast, resolve_precision
+from models.loading import load_failure, revision_of
 from pixelmill.errors import ModelUnavailable
 
 BUILTIN_EFFICIENTNET = "efficientnet_lite0"
@@ -25,7 +26,6 @@ class Classifier(Runner):
         super().__init__(name)
         self.top_k = top_k
         self.precision_option = precision
-        self.precision = "fp32"
         self.labels: list[str] = []
         self.model: torch.nn.Module | None = None
         self.channels_last = False
@@ -41,7 +41,7 @@ class Classifier(Runner):
         assert self.model is not None
         return self.model(batch)
 
-    def run(self, items: list[Any]) -> list[dict[str, Any]]:
+    def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         if self.model is None or self.device is None:
             raise RuntimeError(f"model {self.name} used before load()")
         batch = torch.stack(items).to(self.device, non_blocking=True)
@@ -149,14 +149,10 @@ class HFClassifier(Classifier):
                 self.name, trust_remote_code=self.trust_remote_code
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
-            raise ModelUnavailable(
-                model_load_hint(self.name, "image-classification", exc)
-            ) from None
+            raise load_failure(self.name, "image-classification", exc) from None
         id2label = model.config.id2label or {}
         self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
-        self.revision = getattr(model.config, "_commit_hash", None) or (
-            "local" if Path(self.name).exists() else None
-        )
+        self.revision = revision_of(model.config, self.name)
         self.processor = processor
         self.model = self._place(model, device)
 
@@ -167,18 +163,3 @@ class HFClassifier(Classifier):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         out = self.processor(images=image, return_tensors="pt")
         return out["pixel_values"][0]
-
-
-def model_load_hint(name: str, kind: str, exc: BaseException) -> str:
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if Path(name).exists():
-        return (
-            f"cannot load model {name!r} as a {kind} model: {reason[:300]}. "
-            "Check that the folder holds a transformers model of that kind "
-            "(config.json, weights and preprocessor config)."
-        )
-    return (
-        f"cannot load model {name!r} as a {kind} model: {reason[:300]}. "
-        "If this host is offline, pre-download the model where the hub is reachable "
-        f"(`hf download {name}`) and copy the cache, or pass a local folder path with --model."
-    )

@@ -25,3 +25,8 @@ def autocast(device: str, precision: str) -> contextlib.AbstractContextManager[A
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
     return contextlib.nullcontext()
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The dtype weights are held in: half precision on GPU when chosen, else fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)

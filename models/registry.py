@@ -7,12 +7,20 @@ from pathlib import Path
 from typing import Any
 
 from models.base import Runner
+from models.caption import Captioner
 from models.classify import BUILTIN_EFFICIENTNET, EfficientNetLite0, HFClassifier
+from models.generate import ImageGenerator
 from pixelmill.catalog import DEFAULT_MODELS, TASKS
 from pixelmill.errors import ModelUnavailable
 
 BUILTIN: dict[tuple[str, str], type[Runner]] = {
     ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
+}
+# What a hub id or a local folder is loaded as, per task.
+PRETRAINED: dict[str, type[Runner]] = {
+    "classify": HFClassifier,
+    "caption": Captioner,
+    "generate": ImageGenerator,
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -34,10 +42,11 @@ def create_runner(task: str, name: str, **options: Any) -> Runner:
     builtin = BUILTIN.get((task, name))
     if builtin is not None:
         return builtin(name, **options)
+    pretrained = PRETRAINED[task]
     if Path(name).expanduser().exists():
-        return HFClassifier(str(Path(name).expanduser().resolve()), **options)
+        return pretrained(str(Path(name).expanduser().resolve()), **options)
     if HUB_ID.match(name):
-        return HFClassifier(name, **options)
+        return pretrained(name, **options)
     raise ModelUnavailable(
         f"model {name!r} is neither a built-in model ({', '.join(n for _, n in BUILTIN)}), "
         "an existing local folder, nor a Hugging Face hub id (owner/name)"

@@ -50,7 +50,13 @@ class Settings(BaseSettings):
         default_factory=default_data_dir,
         description="Where the embedded default keeps its database, store and broker socket.",
     )
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Images per model batch.")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Images per model batch (default per task: classify 32, caption 16, "
+        "generate 4).",
+    )
     pipeline_depth: int = Field(
         default=2,
         ge=1,
@@ -59,6 +65,9 @@ class Settings(BaseSettings):
     )
     decode_threads: int = Field(default=2, ge=1, le=64, description="Image decoding threads.")
     top_k: int = Field(default=5, ge=1, le=1000, description="Labels kept per classify result.")
+    model_cache_size: int = Field(
+        default=2, ge=1, le=64, description="Models a worker keeps loaded (least recently used go)."
+    )
     queue: str = Field(default="pixelmill", min_length=1, description="Celery queue name.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

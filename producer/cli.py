@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import click
 
-from pixelmill.catalog import TASKS
+from pixelmill.catalog import TASKS, parse_size
 from pixelmill.clitools import (
     EXIT_JOBS_FAILED,
     EXIT_OK,
@@ -18,11 +19,11 @@ from pixelmill.clitools import (
     user_errors,
 )
 from producer.client import Client
-from producer.inputs import InputError, expand_inputs
+from producer.inputs import InputError, read_prompts_file
 from producer.output import Progress, counts_json, write_json_lines, write_text_lines
 
 TASK = click.argument("task", type=click.Choice(TASKS))
-INPUTS = click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
+INPUTS = click.argument("inputs", nargs=-1, metavar="[INPUT]...")
 MODEL = click.option(
     "--model",
     "-m",
@@ -36,18 +37,73 @@ BATCH_SIZE = click.option(
 NAME = click.option("--name", default=None, help="A name for the batch, shown by status.")
 
 
+TASK_OPTIONS = (
+    click.option("--max-new-tokens", type=int, default=None, help="caption: longest caption "
+                 "in tokens (default 30)."),
+    click.option("--num-beams", type=int, default=None, help="caption: beam search width "
+                 "(default 1, greedy)."),
+    click.option("--prefix", default=None, help="caption: text every caption starts with "
+                 "(conditional captioning)."),
+    click.option("--prompt", "prompts", multiple=True, help="generate: a prompt; repeat for "
+                 "more."),
+    click.option("--prompts-file", type=click.Path(dir_okay=False), default=None,
+                 help="generate: a file with one prompt per line."),
+    click.option("--init", "init", multiple=True, metavar="INPUT", help="generate: init "
+                 "image(s) for image-to-image (file, folder or -); each prompt runs on each."),
+    click.option("--count", type=int, default=1, show_default=True, help="generate: images "
+                 "per prompt (per init image)."),
+    click.option("--seed", type=int, default=None, help="generate: seed of the first image; "
+                 "the next ones take seed+1, seed+2, ... (default: random, recorded)."),
+    click.option("--steps", type=int, default=None, help="generate: denoising steps (default: "
+                 "1 for turbo models, 2 with --init; else 30)."),
+    click.option("--size", default=None, metavar="WxH", help="generate: output size, e.g. "
+                 "512x512 (default: the model's own)."),
+    click.option("--guidance", type=float, default=None, help="generate: guidance scale "
+                 "(default 0 for turbo models, else 7.5)."),
+    click.option("--strength", type=float, default=None, help="generate --init: how far from "
+                 "the init image, 0..1 (default 0.6)."),
+    click.option("--negative-prompt", default=None, help="generate: what to steer away from."),
+)  # fmt: skip
+
+
 def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
-    for decorate in reversed((TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE)):
+    for decorate in reversed((TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, *TASK_OPTIONS)):
         command = decorate(command)
     return command
 
 
-def _paths(inputs: tuple[str, ...]) -> list[str]:
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise InputError("no image files found in " + ", ".join(inputs))
-    return paths
+def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``Client.submit`` for what was typed; InputError on misuse."""
+    prompts = list(given.pop("prompts"))
+    prompts_file = given.pop("prompts_file")
+    if prompts_file:
+        prompts += read_prompts_file(prompts_file)
+    init = given.pop("init")
+    count = given.pop("count")
+    seed = given.pop("seed")
+    size = given.pop("size")
+    if size:
+        given["width"], given["height"] = parse_size(size)
+    options = {k: v for k, v in given.items() if v is not None}
+    if task == "generate":
+        if inputs:
+            raise InputError(
+                "generate takes prompts, not INPUT: pass --prompt TEXT, and --init INPUT for "
+                "image-to-image"
+            )
+        inputs = init
+    elif init:
+        raise InputError(f"--init is for generate, not {task}")
+    elif not inputs:
+        raise InputError(f"{task} needs at least one INPUT (a file, a folder or -)")
+    return {
+        "inputs": list(inputs),
+        "options": options,
+        "prompts": prompts or None,
+        "count": count,
+        "seed": seed,
+    }
 
 
 @click.command()
@@ -76,6 +132,7 @@ def run(
     devices: str,
     local_workers: bool,
     timeout: float | None,
+    **task_options: Any,
 ) -> None:
     """Submit, process and print, all in one.
 
@@ -84,22 +141,26 @@ def run(
     device, waits with a progress display, prints one line per job and stops what it started.
 
     INPUT is an image file, a folder (searched recursively for images) or - (paths on stdin).
+    generate takes --prompt instead, and --init INPUT for image-to-image.
 
     \b
-    Example:
+    Examples:
       pixelmill run classify photos/ --json > labels.jsonl
+      pixelmill run caption photos/ --num-beams 3
+      pixelmill run generate --prompt "a lighthouse at dusk" --count 4 --seed 7
+      pixelmill run generate --prompt "as a watercolor" --init photos/ --strength 0.6
     """
     from worker.local import local_cluster
 
     settings = settings_or_exit()
     with user_errors():
-        paths = _paths(inputs)
+        args = submission(task, inputs, task_options)
         log_dir = settings.data_dir / "logs"
         with (
             local_cluster(settings, devices, workers=local_workers, log_dir=log_dir) as supervisor,
             Client(settings) as client,
         ):
-            sub = client.submit(task, paths, model=model, name=name, batch_size=batch_size)
+            sub = client.submit(task, model=model, name=name, batch_size=batch_size, **args)
             if not as_json:
                 click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs", err=True)
 
@@ -134,6 +195,7 @@ def submit(
     as_json: bool,
     name: str | None,
     batch_size: int | None,
+    **task_options: Any,
 ) -> None:
     """Enqueue only: register the jobs, enqueue them and print the batch id.
 
@@ -143,7 +205,8 @@ def submit(
     """
     settings = settings_or_exit()
     with user_errors(), Client(settings) as client:
-        sub = client.submit(task, _paths(inputs), model=model, name=name, batch_size=batch_size)
+        args = submission(task, inputs, task_options)
+        sub = client.submit(task, model=model, name=name, batch_size=batch_size, **args)
     if as_json:
         click.echo(json.dumps({"batch": sub.batch_id, "jobs": sub.jobs}))
     else:
@@ -178,7 +241,14 @@ def status(batch: str, as_json: bool, wait_: bool) -> None:
 @click.command()
 @click.argument("batch")
 @JSON
-def results(batch: str, as_json: bool) -> None:
+@click.option(
+    "--download",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also copy the batch's artifacts (generated images) into DIR, as <job id>-0.png.",
+)
+def results(batch: str, as_json: bool, download: str | None) -> None:
     """One line per job of BATCH, in submission order (--json: one JSON object per line).
 
     Exits 1 if any job failed.
@@ -187,6 +257,9 @@ def results(batch: str, as_json: bool) -> None:
     with user_errors(), Client(settings) as client:
         writer = write_json_lines if as_json else write_text_lines
         _done, failed = writer(client.results(batch))
+        if download:
+            saved = client.download(batch, download)
+            click.echo(f"{len(saved)} artifacts copied to {download}", err=True)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
 from db.jobs import (
+    ArtifactRecord,
     BatchCounts,
     JobRow,
     batch_counts,
@@ -19,10 +24,11 @@ from db.jobs import (
     iter_batch_jobs,
 )
 from db.migrate import upgrade
-from pixelmill.catalog import DEFAULT_MODELS, TASKS
-from pixelmill.errors import ServiceUnavailable
+from db.store import open_store
+from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, task_options
+from pixelmill.errors import PixelmillError, ServiceUnavailable
 from pixelmill.settings import Settings, load_settings, mask_url
-from producer.inputs import InputError, expand_inputs
+from producer.inputs import InputError, expand_inputs, plan_jobs
 from worker.app import PROCESS_BATCH, create_app
 
 
@@ -42,6 +48,7 @@ class JobResult:
     error: str | None
     model: str
     device: str | None
+    artifact: ArtifactRecord | None = None
 
     @classmethod
     def from_row(cls, row: JobRow) -> JobResult:
@@ -54,6 +61,7 @@ class JobResult:
             error=row.error,
             model=row.model,
             device=row.device,
+            artifact=row.artifact,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -66,6 +74,7 @@ class JobResult:
             "error": self.error,
             "model": self.model,
             "device": self.device,
+            "artifact": self.artifact.uri if self.artifact else None,
         }
 
 
@@ -101,29 +110,47 @@ class Client:
     def submit(
         self,
         task: str,
-        inputs: Iterable[str],
+        inputs: Iterable[str] = (),
         *,
         model: str | None = None,
         name: str | None = None,
         batch_size: int | None = None,
+        options: dict[str, Any] | None = None,
+        prompts: Sequence[str] | None = None,
+        count: int = 1,
+        seed: int | None = None,
     ) -> Submission:
-        """Register one job per input, commit, then enqueue the job ids in chunks of
-        ``batch_size`` (one message per model batch)."""
+        """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
+        (one message per model batch).
+
+        classify and caption: one job per input image. generate: ``prompts`` x ``count``
+        images, or with ``inputs`` (init images) image-to-image over each of them; ``seed``
+        is the first of consecutive per-image seeds. ``options`` are the task's options
+        (``pixelmill.catalog``: e.g. ``max_new_tokens`` for caption, ``steps``/``width``/
+        ``height``/``strength`` for generate); a bad one raises BadInput naming it.
+        """
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+        model = model or DEFAULT_MODELS[task]
         paths = expand_inputs(inputs)
-        if not paths:
+        if inputs and not paths:
             raise InputError("no input images found")
+        plan = plan_jobs(task, paths, prompts=prompts, count=count, seed=seed)
+        size = batch_size or self.settings.batch_size or DEFAULT_BATCH_SIZES[task]
+        given = {**(options or {}), "batch_size": size}
+        if task == "generate":
+            given["init"] = bool(paths)
+        opts = task_options(task, given, model)
         self.check_broker()
-        size = batch_size or self.settings.batch_size
         with self.sessions.begin() as session:
             new = create_batch(
                 session,
                 task=task,
-                model=model or DEFAULT_MODELS[task],
-                inputs=paths,
+                model=model,
+                inputs=plan.inputs,
+                params=plan.params,
                 name=name,
-                options={"batch_size": size},
+                options=opts.model_dump(mode="json", exclude_none=True),
             )
         self._enqueue(new.job_ids, size)
         return Submission(batch_id=new.batch_id, jobs=len(new.job_ids))
@@ -193,3 +220,27 @@ class Client:
         with self.sessions() as session:
             for row in iter_batch_jobs(session, batch_id):
                 yield JobResult.from_row(row)
+
+    def download(self, batch_id: str, folder: str | os.PathLike[str]) -> list[Path]:
+        """Copy the batch's artifacts from the object store into ``folder`` (named by their
+        keys' file names, ``<job id>-0.png``), checking each one's sha256. Returns the paths."""
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        store = open_store(self.settings.resolved_store_url())
+        saved: list[Path] = []
+        for row in self.results(batch_id):
+            if row.artifact is None:
+                continue
+            data = store.get(row.artifact.key)
+            if hashlib.sha256(data).hexdigest() != row.artifact.sha256:
+                raise PixelmillError(
+                    f"artifact {row.artifact.key} of job {row.job} does not match its recorded "
+                    "sha256: the stored object was changed or damaged"
+                )
+            path = target / PurePosixPath(row.artifact.key).name
+            fd, tmp = tempfile.mkstemp(dir=target, prefix=".part-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+            saved.append(path)
+        return saved

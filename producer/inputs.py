@@ -1,12 +1,14 @@
-"""Turning what a user typed (files, folders, ``-`` for stdin) into a list of input paths."""
+"""Turning what a user typed (files, folders, ``-`` for stdin, prompts) into jobs."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from pixelmill.catalog import IMAGE_EXTENSIONS
 from pixelmill.errors import PixelmillError
@@ -56,3 +58,59 @@ def _expand_one(path: Path, add: Callable[[Path], None]) -> None:
         add(path)
         return
     raise InputError(f"{path}: no such file or directory")
+
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The jobs of one submission: an input per job and, for generate, its parameters."""
+
+    inputs: list[str]
+    params: list[dict[str, Any]] | None = None
+
+
+def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read prompts ({exc})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def plan_jobs(
+    task: str,
+    paths: Sequence[str],
+    *,
+    prompts: Sequence[str] | None = None,
+    count: int = 1,
+    seed: int | None = None,
+) -> JobPlan:
+    """One job per input for classify and caption. For generate, one job per image to make:
+    each prompt ``count`` times (text-to-image), or each init image x prompt x ``count``
+    (image-to-image). Generated images get consecutive seeds from ``seed`` (random if unset),
+    recorded per job, so any one image can be made again."""
+    if task != "generate":
+        if prompts or count != 1 or seed is not None:
+            raise InputError(f"--prompt, --count and --seed are for generate, not {task}")
+        if not paths:
+            raise InputError(f"{task} needs input images")
+        return JobPlan(inputs=list(paths))
+    prompts = [p.strip() for p in prompts or [] if p.strip()]
+    if not prompts:
+        raise InputError("generate needs at least one --prompt (or --prompts-file)")
+    if count < 1:
+        raise InputError(f"--count must be at least 1, got {count}")
+    base = seed if seed is not None else secrets.randbelow(2**31)
+    if not 0 <= base <= MAX_SEED:
+        raise InputError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    pairs = [(path, p) for path in paths for p in prompts] if paths else [(p, p) for p in prompts]
+    inputs: list[str] = []
+    params: list[dict[str, Any]] = []
+    for source, prompt in pairs:
+        for _ in range(count):
+            params.append({"prompt": prompt, "seed": (base + len(inputs)) % (MAX_SEED + 1)})
+            inputs.append(source)
+    return JobPlan(inputs=inputs, params=params)

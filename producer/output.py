@@ -28,7 +28,8 @@ def write_text_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> 
     for r in results:
         if r.status == "done":
             done += 1
-            out.write(f"done    {r.input}  {summarize(r.result)}\n")
+            shown = r.artifact.uri if r.artifact else summarize(r.result)
+            out.write(f"done    {r.input}  {shown}\n")
         elif r.status == "failed":
             failed += 1
             out.write(f"FAILED  {r.input}  {r.error}\n")
@@ -45,6 +46,8 @@ def summarize(result: dict[str, Any] | None) -> str:
     if labels:
         top = labels[:3]
         return " | ".join(f"{x['label']} ({x['score']:.2f})" for x in top)
+    if "caption" in result:
+        return str(result["caption"])
     return json.dumps(result, ensure_ascii=False)
 
 

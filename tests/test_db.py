@@ -33,8 +33,23 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url):
     upgrade(engine)
     upgrade(engine)
     assert current_revision(engine) == head_revision()
-    assert {"batches", "jobs", "results"} <= set(inspect(engine).get_table_names())
+    assert {"batches", "jobs", "results", "artifacts"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_migrations_match_the_models(database_url):
+    """What Alembic builds is exactly what the SQLAlchemy models declare (no drift)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.schema import Base
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []
 
 
 def _batch(sessions, n=3):

@@ -1,11 +1,15 @@
 """One batch of jobs, from ids to committed outcomes. Plain functions, tested without Celery.
 
 Stages: claim (db) -> decode + preprocess (thread pool, overlaps the other batch's forward)
--> forward on the device (one batch, under the device lock) -> write outcomes (one transaction).
+-> forward on the device (one batch, under the device lock) -> images encoded and stored in the
+object store (thread pool), each under its job's deterministic key -> write outcomes and the
+artifact rows that name the stored objects (one transaction).
 """
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import threading
 import time
@@ -14,12 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image, PngImagePlugin
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.jobs import ClaimedJob, Outcome, claim_jobs, write_outcomes
-from models.base import Runner
+from db.jobs import ArtifactRecord, ClaimedJob, Outcome, claim_jobs, write_outcomes
+from db.store import ObjectStore, artifact_key
+from models.base import IMAGE, Runner
 from models.cache import ModelCache
-from pixelmill.errors import BadInput, ModelUnavailable
+from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +38,7 @@ class WorkerContext:
     cache: ModelCache
     device_label: str
     worker_name: str
+    store: ObjectStore | None = None
     decode_threads: int = 2
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
@@ -64,7 +71,7 @@ def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
     outcomes: list[Outcome] = []
-    for (task, model), jobs in _group(claimed).items():
+    for (task, model, _), jobs in _group(claimed).items():
         outcomes.extend(_run_group(ctx, task=task, model=model, jobs=jobs))
     with ctx.sessions.begin() as session:
         write_outcomes(session, outcomes)
@@ -72,10 +79,12 @@ def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
     return BatchReport(len(claimed), len(outcomes) - failed, failed, time.perf_counter() - started)
 
 
-def _group(jobs: list[ClaimedJob]) -> dict[tuple[str, str], list[ClaimedJob]]:
-    groups: dict[tuple[str, str], list[ClaimedJob]] = {}
+def _group(jobs: list[ClaimedJob]) -> dict[tuple[str, str, str], list[ClaimedJob]]:
+    """Jobs that can share one forward pass: same task, model and options."""
+    groups: dict[tuple[str, str, str], list[ClaimedJob]] = {}
     for job in jobs:
-        groups.setdefault((job.task, job.model), []).append(job)
+        key = (job.task, job.model, json.dumps(job.options, sort_keys=True))
+        groups.setdefault(key, []).append(job)
     return groups
 
 
@@ -97,6 +106,7 @@ def _run_group(
         log.warning("%s", exc)
         return [failed(job, str(exc)) for job in jobs]
 
+    options = jobs[0].options
     prepared = list(ctx.pool.map(lambda job: _prepare(runner, job), jobs))
     ready = []
     outcomes: dict[str, Outcome] = {}
@@ -106,8 +116,10 @@ def _run_group(
         else:
             ready.append((job, item))
     if ready:
-        results = _forward_isolating_failures(ctx, runner, [item for _, item in ready])
-        for (job, _), res in zip(ready, results, strict=True):
+        results = _forward_isolating_failures(ctx, runner, [item for _, item in ready], options)
+        finished = [(job, res) for (job, _), res in zip(ready, results, strict=True)]
+        stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))
+        for (job, res), artifacts in zip(finished, stored, strict=True):
             if isinstance(res, BaseException):
                 outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
             else:
@@ -117,8 +129,57 @@ def _run_group(
                     model=model,
                     model_revision=runner.revision,
                     device=ctx.device_label,
+                    artifacts=artifacts,
                 )
     return [outcomes[job.job_id] for job in jobs]
+
+
+class StoreFailed(PixelmillError):
+    """The object store refused or failed a write: transient, the batch is retried."""
+
+
+def _store_images(
+    ctx: WorkerContext, runner: Runner, job: ClaimedJob, res: dict[str, Any] | BaseException
+) -> tuple[ArtifactRecord, ...]:
+    """Move a result's image to the object store under the job's deterministic key (a retry
+    overwrites the same object) and return the record that names it."""
+    if isinstance(res, BaseException) or not isinstance(res.get(IMAGE), Image.Image):
+        return ()
+    image: Image.Image = res.pop(IMAGE)
+    if ctx.store is None:
+        raise StoreFailed("this worker has no object store configured for artifacts")
+    provenance = {
+        "model": runner.name,
+        "model_revision": runner.revision,
+        "device": ctx.device_label,
+        "precision": runner.precision,
+        **{k: v for k, v in res.items() if isinstance(v, str | int | float)},
+    }
+    info = PngImagePlugin.PngInfo()
+    info.add_text("pixelmill", json.dumps(provenance, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    key = artifact_key(batch_id=job.batch_id, job_id=job.job_id)
+    try:
+        obj = ctx.store.put(key, buf.getvalue(), content_type="image/png")
+    except PixelmillError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - OSError, botocore errors, ...
+        raise StoreFailed(f"cannot store {key}: {exc}") from exc
+    return (
+        ArtifactRecord(
+            key=obj.key,
+            uri=obj.uri,
+            content_type=obj.content_type,
+            size=obj.size,
+            sha256=obj.sha256,
+            width=image.width,
+            height=image.height,
+            seed=res.get("seed"),
+            steps=res.get("steps"),
+            precision=runner.precision,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -129,7 +190,7 @@ class _Unusable:
 def _prepare(runner: Runner, job: ClaimedJob) -> Any:
     """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
     try:
-        return runner.preprocess(runner.decode(job.input))
+        return runner.prepare(job.input, job.params, job.options)
     except BadInput as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
@@ -138,14 +199,18 @@ def _prepare(runner: Runner, job: ClaimedJob) -> Any:
 
 
 def _forward_isolating_failures(
-    ctx: WorkerContext, runner: Runner, items: list[Any]
+    ctx: WorkerContext, runner: Runner, items: list[Any], options: dict[str, Any]
 ) -> list[dict[str, Any] | BaseException]:
     """Run the batch; if it raises, split it in halves down to single items, so that only an
     item that fails alone fails (out-of-memory on a large batch, one poisonous input)."""
 
     def forward(chunk: list[Any]) -> list[dict[str, Any]]:
         with ctx.device_lock:
-            return runner.run(chunk)
+            try:
+                return runner.run(chunk, options)
+            except Exception as exc:
+                ctx.cache.relieve(exc, keep=runner)
+                raise
 
     return _split_on_error(forward, items)
 

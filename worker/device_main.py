@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from db.engine import make_engine, make_sessionmaker
     from db.migrate import upgrade
+    from db.store import open_store
     from models.cache import ModelCache
     from worker.app import create_app
     from worker.batching import WorkerContext
@@ -48,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     node = f"pixelmill-{label.replace(':', '')}@{socket.gethostname()}"
     ctx = WorkerContext(
         sessions=make_sessionmaker(engine),
-        cache=ModelCache(device, size=2, top_k=settings.top_k),
+        cache=ModelCache(device, size=settings.model_cache_size, top_k=settings.top_k),
         device_label=label,
         worker_name=node,
+        store=open_store(settings.resolved_store_url()),
         decode_threads=settings.decode_threads,
     )
     app = create_app(settings)

@@ -11,7 +11,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from worker.app import PROCESS_BATCH
-from worker.batching import WorkerContext, process_batch
+from worker.batching import StoreFailed, WorkerContext, process_batch
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         name=PROCESS_BATCH,
         bind=True,
         acks_late=True,
-        # The database being briefly away is transient: retry with capped backoff.
-        autoretry_for=(OperationalError,),
+        # The database or the object store being briefly away is transient: retry with
+        # capped backoff. Bad inputs and unusable models fail their jobs instead (no retry).
+        autoretry_for=(OperationalError, StoreFailed),
         retry_backoff=True,
         retry_backoff_max=60,
         max_retries=20,

@@ -1,0 +1,95 @@
+"""Image captioning: any transformers image-to-text model that the auto classes load (BLIP,
+VisionEncoderDecoder such as ViT-GPT2, GIT), from a hub id or a local folder.
+
+Batched: one ``generate`` call per batch, greedy or beam search, with an optional text prefix
+(conditional captioning) shared by the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from models.base import Runner
+from models.device import resolve_precision, torch_dtype
+from models.loading import load_failure, revision_of
+from pixelmill.catalog import CaptionOptions
+
+
+class Captioner(Runner):
+    task = "caption"
+
+    def __init__(
+        self, name: str, *, precision: str = "auto", trust_remote_code: bool = False, **_: Any
+    ) -> None:
+        super().__init__(name)
+        self.precision_option = precision
+        self.trust_remote_code = trust_remote_code
+        self.model: Any = None
+        self.image_processor: Any = None
+        self.tokenizer: Any = None
+        self.processor: Any = None
+        self.dtype = torch.float32
+
+    def _load(self, device: str) -> None:
+        from transformers import (
+            AutoImageProcessor,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            AutoTokenizer,
+        )
+
+        remote = {"trust_remote_code": self.trust_remote_code}
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(self.name, **remote)
+            processor = AutoProcessor.from_pretrained(self.name, **remote)
+            if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
+                self.processor = processor
+                self.image_processor = processor.image_processor
+                self.tokenizer = processor.tokenizer
+            else:  # VisionEncoderDecoder folders carry the two parts without a processor class
+                self.image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)
+                self.tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
+        except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+            raise load_failure(self.name, "image-to-text (caption)", exc) from None
+        self.precision = resolve_precision(device, self.precision_option)
+        self.dtype = torch_dtype(self.precision)
+        self.model = model.eval().to(device=device, dtype=self.dtype)
+        self.revision = revision_of(model.config, self.name)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+    def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if self.model is None or self.device is None:
+            raise RuntimeError(f"model {self.name} used before load()")
+        opts = CaptionOptions.model_validate(options or {})
+        pixel_values = torch.stack(items).to(self.device, dtype=self.dtype, non_blocking=True)
+        kwargs: dict[str, Any] = {
+            "pixel_values": pixel_values,
+            "max_new_tokens": opts.max_new_tokens,
+            "num_beams": opts.num_beams,
+            "do_sample": False,
+        }
+        if opts.prefix:
+            kwargs.update(self._prefix(opts.prefix, len(items)))
+        with torch.inference_mode():
+            tokens = self.model.generate(**kwargs)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        outputs = [{"caption": " ".join(text.split())} for text in texts]
+        self.check_outputs(items, outputs)
+        return outputs
+
+    def _prefix(self, prompt: str, n: int) -> dict[str, torch.Tensor]:
+        """The text the caption must start with, as the model family expects it."""
+        if self.model.config.is_encoder_decoder:
+            start = self.model.config.decoder_start_token_id
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            row = torch.tensor([[start, *ids]], device=self.device)
+            return {"decoder_input_ids": row.expand(n, -1)}
+        encoded = self.tokenizer([prompt] * n, return_tensors="pt")
+        return {k: v.to(self.device) for k, v in encoded.items() if k in ("input_ids",)} | {
+            "attention_mask": encoded["attention_mask"].to(self.device)
+        }

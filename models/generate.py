@@ -1,0 +1,142 @@
+"""Image generation through diffusers' auto pipelines: text-to-image, and image+text-to-image
+(img2img) over init images, from a hub id or a local folder.
+
+Batched: one pipeline call per batch of prompts, with one seeded generator per item, so an
+image depends on its own prompt, seed and settings only. Generators live on the CPU: the same
+seed gives the same starting noise on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps
+
+from models.base import IMAGE, Runner
+from models.device import resolve_precision, torch_dtype
+from models.loading import load_failure, revision_of
+from pixelmill.catalog import GenerateOptions
+from pixelmill.errors import BadInput
+
+
+@dataclass(frozen=True)
+class GenerateItem:
+    prompt: str
+    seed: int
+    init: Image.Image | None = None
+
+
+class ImageGenerator(Runner):
+    task = "generate"
+
+    def __init__(
+        self, name: str, *, precision: str = "auto", trust_remote_code: bool = False, **_: Any
+    ) -> None:
+        super().__init__(name)
+        self.precision_option = precision
+        self.trust_remote_code = trust_remote_code
+        self.text2image: Any = None
+        self._image2image: Any = None
+        self.default_size = (512, 512)
+
+    def _load(self, device: str) -> None:
+        from diffusers import AutoPipelineForText2Image
+
+        self.precision = resolve_precision(device, self.precision_option)
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                self.name,
+                torch_dtype=torch_dtype(self.precision),
+                trust_remote_code=self.trust_remote_code,
+            )
+        except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...
+            raise load_failure(self.name, "text-to-image (diffusers)", exc) from None
+        pipe.set_progress_bar_config(disable=True)
+        self.text2image = pipe.to(device)
+        side = getattr(pipe, "default_sample_size", None) or _unet_sample_size(pipe)
+        scale = getattr(pipe, "vae_scale_factor", 8)
+        if side:
+            self.default_size = (int(side * scale), int(side * scale))
+        component = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        self.revision = revision_of(getattr(component, "config", None), self.name)
+
+    @property
+    def image2image(self) -> Any:
+        """The img2img pipeline, sharing the text-to-image pipeline's weights (no reload)."""
+        if self._image2image is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            try:
+                self._image2image = AutoPipelineForImage2Image.from_pipe(self.text2image)
+            except Exception as exc:  # noqa: BLE001
+                raise load_failure(self.name, "image-to-image (diffusers)", exc) from None
+            self._image2image.set_progress_bar_config(disable=True)
+        return self._image2image
+
+    def size(self, opts: GenerateOptions) -> tuple[int, int]:
+        if opts.width is not None and opts.height is not None:
+            return opts.width, opts.height
+        return self.default_size
+
+    def preprocess(self, image: Image.Image) -> Image.Image:
+        return image
+
+    def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
+        opts = GenerateOptions.model_validate(options)
+        prompt = params.get("prompt")
+        seed = params.get("seed")
+        if not isinstance(prompt, str) or not isinstance(seed, int):
+            raise BadInput(f"{input}: generate job without a prompt and a seed")
+        init = None
+        if opts.init:
+            # Centre-crop to the output's aspect ratio, then scale to the output size.
+            init = ImageOps.fit(
+                self.decode(input), self.size(opts), Image.Resampling.LANCZOS, centering=(0.5, 0.5)
+            )
+        return GenerateItem(prompt=prompt, seed=seed, init=init)
+
+    def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if self.text2image is None or self.device is None:
+            raise RuntimeError(f"model {self.name} used before load()")
+        opts = GenerateOptions.model_validate(options or {})
+        width, height = self.size(opts)
+        kwargs: dict[str, Any] = {
+            "prompt": [item.prompt for item in items],
+            "num_inference_steps": opts.steps,
+            "guidance_scale": opts.guidance,
+            "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in items],
+            "output_type": "pil",
+        }
+        if opts.negative_prompt:
+            kwargs["negative_prompt"] = [opts.negative_prompt] * len(items)
+        with torch.inference_mode():
+            if opts.init:
+                out = self.image2image(
+                    image=[item.init for item in items], strength=opts.strength, **kwargs
+                )
+            else:
+                out = self.text2image(height=height, width=width, **kwargs)
+        outputs = []
+        for item, image in zip(items, out.images, strict=True):
+            result: dict[str, Any] = {
+                "prompt": item.prompt,
+                "seed": item.seed,
+                "steps": opts.steps,
+                "guidance": opts.guidance,
+                "width": image.width,
+                "height": image.height,
+                IMAGE: image,
+            }
+            if opts.init:
+                result["strength"] = opts.strength
+            outputs.append(result)
+        self.check_outputs(items, outputs)
+        return outputs
+
+
+def _unet_sample_size(pipe: Any) -> int | None:
+    unet = getattr(pipe, "unet", None)
+    size = getattr(getattr(unet, "config", None), "sample_size", None)
+    return size if isinstance(size, int) else None
