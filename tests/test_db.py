@@ -115,3 +115,47 @@ def test_batch_listing_pages_in_submission_order(sessions):
 def test_unknown_batch_is_a_clear_error(sessions):
     with sessions() as s, pytest.raises(UnknownBatch, match="nope"):
         batch_counts(s, "nope")
+
+
+def test_artifact_rows_are_upserted_by_key_and_listed_with_their_job(sessions):
+    from db.jobs import ArtifactRecord
+    from db.schema import Artifact
+
+    with sessions.begin() as s:
+        new = create_batch(
+            s,
+            task="generate",
+            model="m",
+            inputs=["a cat", "a dog"],
+            params=[{"prompt": "a cat", "seed": 1}, {"prompt": "a dog", "seed": 2}],
+        )
+    artifact = ArtifactRecord(
+        key=f"batches/{new.batch_id}/{new.job_ids[0]}-0.png",
+        uri="file:///store/x.png",
+        content_type="image/png",
+        size=10,
+        sha256="0" * 64,
+        width=64,
+        height=32,
+        seed=2**40,
+        steps=2,
+        precision="fp32",
+    )
+    outcome = Outcome(
+        job_id=new.job_ids[0], result={"seed": 1}, model="m", device="cpu", artifacts=(artifact,)
+    )
+    with sessions.begin() as s:
+        claimed = claim_jobs(s, new.job_ids, worker="w", device="cpu")
+        assert [c.params["prompt"] for c in claimed] == ["a cat", "a dog"]
+        assert claimed[0].batch_id == new.batch_id
+        write_outcomes(s, [outcome])
+    with sessions.begin() as s:  # a duplicate delivery racing in: the same key, one row
+        s.execute(Job.__table__.update().values(status=JobStatus.running))
+        write_outcomes(s, [outcome])
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Artifact)) == 1
+        row = s.get(Artifact, artifact.key)
+        assert (row.job_id, row.model, row.device, row.seed) == (new.job_ids[0], "m", "cpu", 2**40)
+        rows = list(iter_batch_jobs(s, new.batch_id))
+    assert rows[0].artifact == artifact
+    assert rows[1].artifact is None
