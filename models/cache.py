@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -45,6 +46,7 @@ class ModelCache:
                 self._runners.move_to_end(key)
                 return runner
             runner = create_runner(task, name, **self.runner_options)
+            started = time.perf_counter()
             try:
                 runner.load(self.device)
             except Exception as exc:
@@ -53,6 +55,10 @@ class ModelCache:
                     raise
                 runner.load(self.device)
             self.loads += 1
+            log.info(
+                "model cache: loaded %s/%s on %s in %.1fs (%s)",
+                task, name, self.device, time.perf_counter() - started, runner.precision,
+            )  # fmt: skip
             self._runners[key] = runner
             while len(self._runners) > self.size:
                 self._drop(next(iter(self._runners)), "least recently used")

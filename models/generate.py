@@ -48,7 +48,7 @@ class ImageGenerator(Runner):
         try:
             pipe = AutoPipelineForText2Image.from_pretrained(
                 self.name,
-                torch_dtype=torch_dtype(self.precision),
+                dtype=torch_dtype(self.precision),
                 trust_remote_code=self.trust_remote_code,
             )
         except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...

@@ -34,6 +34,13 @@ JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable ou
 BATCH_SIZE = click.option(
     "--batch-size", type=click.IntRange(1, 4096), default=None, help="Images per model batch."
 )
+DOWNLOAD = click.option(
+    "--download",
+    type=click.Path(file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Also copy the artifacts (generated images) into DIR, as <job id>-0.png.",
+)
 NAME = click.option("--name", default=None, help="A name for the batch, shown by status.")
 
 
@@ -122,6 +129,7 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
     "configured broker).",
 )
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@DOWNLOAD
 def run(
     task: str,
     inputs: tuple[str, ...],
@@ -132,6 +140,7 @@ def run(
     devices: str,
     local_workers: bool,
     timeout: float | None,
+    download: str | None,
     **task_options: Any,
 ) -> None:
     """Submit, process and print, all in one.
@@ -181,6 +190,8 @@ def run(
                             check=check)  # fmt: skip
             writer = write_json_lines if as_json else write_text_lines
             done, failed = writer(client.results(sub.batch_id))
+            if download:
+                _download(client, sub.batch_id, download)
         if not as_json:
             click.echo(f"{done} done, {failed} failed", err=True)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
@@ -241,13 +252,7 @@ def status(batch: str, as_json: bool, wait_: bool) -> None:
 @click.command()
 @click.argument("batch")
 @JSON
-@click.option(
-    "--download",
-    type=click.Path(file_okay=False),
-    default=None,
-    metavar="DIR",
-    help="Also copy the batch's artifacts (generated images) into DIR, as <job id>-0.png.",
-)
+@DOWNLOAD
 def results(batch: str, as_json: bool, download: str | None) -> None:
     """One line per job of BATCH, in submission order (--json: one JSON object per line).
 
@@ -258,9 +263,13 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
         writer = write_json_lines if as_json else write_text_lines
         _done, failed = writer(client.results(batch))
         if download:
-            saved = client.download(batch, download)
-            click.echo(f"{len(saved)} artifacts copied to {download}", err=True)
+            _download(client, batch, download)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
+
+
+def _download(client: Client, batch: str, folder: str) -> None:
+    saved = client.download(batch, folder)
+    click.echo(f"{len(saved)} artifacts copied to {folder}", err=True)
 
 
 def register(group: click.Group) -> None:

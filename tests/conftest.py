@@ -60,6 +60,27 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return server.create_database("t_" + uuid.uuid4().hex[:12])
 
 
+@pytest.fixture(scope="session")
+def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_blip_captioner
+
+    return build_tiny_blip_captioner(tmp_path_factory.mktemp("tiny-blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_vit_gpt2_captioner
+
+    return build_tiny_vit_gpt2_captioner(tmp_path_factory.mktemp("tiny-vit-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
+
+
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
     """A folder of real photographs (from scikit-image's package data)."""

@@ -31,3 +31,277 @@ def build_tiny_vit_classifier(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# Ordinary English words shared by the tiny captioning and text-to-image tokenizers.
+_WORDS = (
+    "a an the of in on at with and or to from by near under over behind beside inside outside "
+    "photo picture image view close up top side front back small large big little old new young "
+    "red blue green yellow white black brown gray orange pink purple dark bright "
+    "cat dog bird horse cow sheep fish man woman child boy girl person people group "
+    "car bus truck bike boat train plane road street city town building house room wall "
+    "window door table chair bed sofa cup mug plate bowl food coffee tea cake fruit "
+    "tree flower grass field garden park forest mountain hill river lake sea beach sky "
+    "cloud sun snow rain water rock sand light shadow sitting standing lying walking "
+    "running flying looking holding two three many some"
+)
+TINY_WORDS: list[str] = _WORDS.split()
+
+
+def build_tiny_blip_captioner(folder: Path) -> Path:
+    """Tiny BLIP captioner: loads with ``AutoProcessor`` + ``AutoModelForImageTextToText``.
+
+    Captions are random words, but never empty (special tokens are masked out of the LM head)
+    and depend on the image (a large init scale makes cross attention matter).
+    """
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    # Like Salesforce/blip-*: a BERT WordPiece tokenizer with an extra "[DEC]" bos token.
+    # transformers 5: ``BertTokenizer`` is the tokenizers-backed class and takes ``vocab=`` (a
+    # dict or a vocab.txt path); a ``vocab_file=`` keyword is silently ignored (5-token vocab).
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {token: i for i, token in enumerate(special + TINY_WORDS)}
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
+    assert len(tokenizer) == len(vocab), (len(tokenizer), len(vocab))
+
+    torch.manual_seed(0)
+    init = 0.2  # default 0.02 (and 1e-10 for the vision tower) gives image-independent captions
+    text_config = BlipTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        encoder_hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        initializer_range=init,
+        # generate() puts bos at position 0, stops at sep, pads with pad.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = BlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        initializer_range=init,
+    )
+    config = BlipConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        projection_dim=32,
+        image_text_hidden_size=32,
+        initializer_range=init,
+    )
+    model = BlipForConditionalGeneration(config).eval()
+    # The LM head bias (``decoder.bias`` is tied to it) rules out every special token, so the
+    # decoder never stops early and never emits only tokens that decoding would skip.
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[tokenizer.all_special_ids] = -1e4
+
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _byte_level_bpe(
+    words: list[str], prefix: str = "", suffix: str = ""
+) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
+    """A hand-made byte-level BPE: the 256 byte symbols plus left-to-right merges spelling each
+    ``prefix + word + suffix`` as one token (``"Ġcat"`` for GPT-2, ``"cat</w>"`` for CLIP).
+
+    Returns the vocab, the merges and the whole-word tokens. The transformers 5 tokenizer
+    constructors need merges as tuples (their ``list[str]`` hint is wrong: "a b" strings raise).
+    """
+    from tokenizers import pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    if suffix:  # CLIP: every symbol also exists as a word end, e.g. "a</w>"
+        for symbol in alphabet:
+            vocab[symbol + suffix] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    word_tokens = []
+    for word in words:
+        pieces = [*prefix, *word]
+        pieces[-1] += suffix
+        current = pieces[0]
+        for piece in pieces[1:]:
+            if current + piece not in vocab:
+                merges.append((current, piece))
+                vocab[current + piece] = len(vocab)
+            current += piece
+        word_tokens.append(current)
+    return vocab, merges, word_tokens
+
+
+def build_tiny_vit_gpt2_captioner(folder: Path) -> Path:
+    """Tiny ViT + GPT-2 ``VisionEncoderDecoderModel``, laid out like
+    nlpconnect/vit-gpt2-image-captioning: preprocessor_config.json (ViTImageProcessor) and a
+    GPT-2 tokenizer, no processor_config.json. ``AutoModelForImageTextToText`` loads the model;
+    ``AutoProcessor`` returns only the tokenizer, so use ``AutoImageProcessor`` + ``AutoTokenizer``.
+
+    Captions are whole words, each with a leading space (e.g. ``" cat red sky"``).
+    """
+    from transformers import (
+        GPT2Config,
+        GPT2Tokenizer,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    vocab, merges, word_tokens = _byte_level_bpe(TINY_WORDS, prefix="Ġ")
+    vocab["<|endoftext|>"] = len(vocab)
+    # As in GPT-2: <|endoftext|> is bos, eos, unk and (for generation) pad.
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
+    assert len(tokenizer) == len(vocab), (len(tokenizer), len(vocab))
+    eos = tokenizer.eos_token_id
+
+    torch.manual_seed(1)  # seed and init scale picked so four skimage photos get four captions
+    init = 0.5
+    encoder = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        initializer_range=init,
+    )
+    decoder = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_inner=64,
+        initializer_range=init,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        tie_word_embeddings=False,  # lets the bias trick below touch only the output side
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = eos
+    config.pad_token_id = eos
+    config.eos_token_id = eos
+    model = VisionEncoderDecoderModel(config=config).eval()
+    for key in ("decoder_start_token_id", "bos_token_id", "pad_token_id", "eos_token_id"):
+        setattr(model.generation_config, key, eos)
+
+    # GPT-2's lm_head has no bias, so make one: hidden unit 0 leaves ln_f as a constant 1, and
+    # lm_head column 0 then adds 0 to whole-word logits and -100 to all others (single bytes,
+    # partial words, <|endoftext|>): captions are never empty, never stop early, decode cleanly.
+    word_ids = tokenizer.convert_tokens_to_ids(word_tokens)
+    with torch.no_grad():
+        model.decoder.transformer.ln_f.weight[0] = 0.0
+        model.decoder.transformer.ln_f.bias[0] = 1.0
+        model.decoder.lm_head.weight[:, 0] = -100.0
+        model.decoder.lm_head.weight[word_ids, 0] = 0.0
+
+    model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_stable_diffusion(folder: Path) -> Path:
+    """Tiny Stable Diffusion pipeline folder (model_index.json + unet/vae/text_encoder/tokenizer/
+    scheduler) for ``AutoPipelineForText2Image.from_pretrained`` and ``.from_pipe``.
+
+    The VAE has 4 blocks, so ``vae_scale_factor`` is 8 as in real SD; the UNet sample_size is 8,
+    so the default output is 64x64. Height and width must be multiples of 8 (the pipeline checks
+    that; the UNet itself copes with odd latent sizes). Outputs are noise-like but deterministic
+    for a given seed.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab, merges, _ = _byte_level_bpe(TINY_WORDS, suffix="</w>")
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+    assert len(tokenizer) == len(vocab), (len(tokenizer), len(vocab))
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=tokenizer.model_max_length,  # prompts are padded to this
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,  # pooled output is taken at the first eos
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        sample_size=64,
+    )
+    # SD 1.x schedule; Euler without churn is deterministic given the generators.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,  # 0 triggers a deprecation warning in diffusers
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
