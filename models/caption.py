@@ -53,7 +53,7 @@ class Captioner(Runner):
                 self.image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)
                 self.tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
-            raise load_failure(self.name, "image-to-text (caption)", exc) from None
+            raise load_failure(self.name, "an image-to-text (caption) model", exc) from None
         self.precision = resolve_precision(device, self.precision_option)
         self.dtype = torch_dtype(self.precision)
         self.model = model.eval().to(device=device, dtype=self.dtype)

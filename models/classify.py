@@ -149,7 +149,7 @@ class HFClassifier(Classifier):
                 self.name, trust_remote_code=self.trust_remote_code
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
-            raise load_failure(self.name, "image-classification", exc) from None
+            raise load_failure(self.name, "an image-classification model", exc) from None
         id2label = model.config.id2label or {}
         self.labels = [str(id2label.get(i, f"LABEL_{i}")) for i in range(model.config.num_labels)]
         self.revision = revision_of(model.config, self.name)

@@ -18,7 +18,7 @@ from models.base import IMAGE, Runner
 from models.device import resolve_precision, torch_dtype
 from models.loading import load_failure, revision_of
 from pixelmill.catalog import GenerateOptions
-from pixelmill.errors import BadInput
+from pixelmill.errors import BadInput, ModelUnavailable
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class ImageGenerator(Runner):
         self.trust_remote_code = trust_remote_code
         self.text2image: Any = None
         self._image2image: Any = None
+        self._no_image2image: ModelUnavailable | None = None
         self.default_size = (512, 512)
 
     def _load(self, device: str) -> None:
@@ -52,13 +53,21 @@ class ImageGenerator(Runner):
                 trust_remote_code=self.trust_remote_code,
             )
         except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...
-            raise load_failure(self.name, "text-to-image (diffusers)", exc) from None
+            raise load_failure(self.name, "a diffusers text-to-image pipeline", exc) from None
         pipe.set_progress_bar_config(disable=True)
         self.text2image = pipe.to(device)
         side = getattr(pipe, "default_sample_size", None) or _unet_sample_size(pipe)
         scale = getattr(pipe, "vae_scale_factor", 8)
         if side:
             self.default_size = (int(side * scale), int(side * scale))
+        try:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._image2image = AutoPipelineForImage2Image.from_pipe(pipe)
+            self._image2image.set_progress_bar_config(disable=True)
+        except Exception as exc:  # noqa: BLE001 - no img2img counterpart: text-to-image only
+            kind = "a diffusers image-to-image pipeline"
+            self._no_image2image = load_failure(self.name, kind, exc)
         component = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
         self.revision = revision_of(getattr(component, "config", None), self.name)
 
@@ -66,13 +75,7 @@ class ImageGenerator(Runner):
     def image2image(self) -> Any:
         """The img2img pipeline, sharing the text-to-image pipeline's weights (no reload)."""
         if self._image2image is None:
-            from diffusers import AutoPipelineForImage2Image
-
-            try:
-                self._image2image = AutoPipelineForImage2Image.from_pipe(self.text2image)
-            except Exception as exc:  # noqa: BLE001
-                raise load_failure(self.name, "image-to-image (diffusers)", exc) from None
-            self._image2image.set_progress_bar_config(disable=True)
+            raise self._no_image2image or RuntimeError(f"model {self.name} used before load()")
         return self._image2image
 
     def size(self, opts: GenerateOptions) -> tuple[int, int]:
@@ -91,6 +94,7 @@ class ImageGenerator(Runner):
             raise BadInput(f"{input}: generate job without a prompt and a seed")
         init = None
         if opts.init:
+            self.image2image  # noqa: B018 - fails the job now if the model has no img2img
             # Centre-crop to the output's aspect ratio, then scale to the output size.
             init = ImageOps.fit(
                 self.decode(input), self.size(opts), Image.Resampling.LANCZOS, centering=(0.5, 0.5)

@@ -16,7 +16,7 @@ SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
     """A ModelUnavailable that names the model and says what to do about it."""
     text = str(exc).strip()
-    reason = text.splitlines()[0] if text else type(exc).__name__
+    reason = (text.splitlines()[0] if text else type(exc).__name__)[:300].rstrip(". ")
     if Path(name).exists():
         hint = (
             "Check that the folder holds a model of that kind "
@@ -28,7 +28,7 @@ def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
             f"(`hf download {name}`) and copy the Hugging Face cache here, or pass a local "
             "folder with --model."
         )
-    return ModelUnavailable(f"cannot load model {name!r} as a {kind} model: {reason[:300]}. {hint}")
+    return ModelUnavailable(f"cannot load model {name!r} as {kind}: {reason}. {hint}")
 
 
 def revision_of(config: Any, name: str) -> str | None:

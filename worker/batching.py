@@ -191,7 +191,7 @@ def _prepare(runner: Runner, job: ClaimedJob) -> Any:
     """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
     try:
         return runner.prepare(job.input, job.params, job.options)
-    except BadInput as exc:
+    except (BadInput, ModelUnavailable) as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
         log.exception("unexpected error preparing %s", job.input)
