@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from db.engine import make_engine, make_sessionmaker
 from db.jobs import create_batch, iter_batch_jobs
@@ -81,3 +82,26 @@ def test_a_failing_forward_is_split_until_only_the_poisonous_item_fails():
         {"ok": "a"}, {"ok": "b"}, "error", {"ok": "c"}, {"ok": "d"}
     ]  # fmt: skip
     assert isinstance(out[2], RuntimeError)
+
+
+def test_out_of_memory_on_a_batch_frees_other_models_and_splits_it(ctx, photos, tiny_blip):
+    """A CUDA out-of-memory error cannot happen on this CPU, so the real model raises the real
+    exception type when a batch is larger than 2: the worker drops the other cached model and
+    splits the batch until it fits; every job ends done."""
+    from models.classify import EfficientNetLite0
+
+    class SmallMemory(EfficientNetLite0):
+        def run(self, items, options=None):
+            if len(items) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return super().run(items, options)
+
+    runner = SmallMemory()
+    runner.load("cpu")
+    ctx.cache.get("caption", str(tiny_blip))  # another model, loaded earlier
+    ctx.cache._runners[("classify", "efficientnet_lite0")] = runner
+    new = _submit(ctx, sorted(photos.iterdir()) * 2)
+    report = process_batch(ctx, new.job_ids)
+    assert (report.done, report.failed) == (8, 0)
+    assert ("caption", str(tiny_blip)) not in ctx.cache
+    assert ("classify", "efficientnet_lite0") in ctx.cache
