@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pixelmill.errors import ConfigError
@@ -23,7 +23,7 @@ ENV_PREFIX = "PIXELMILL_"
 
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "unix", "socket")
 DATABASE_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
-STORE_SCHEMES = ("file",)
+STORE_SCHEMES = ("file", "s3")
 
 
 def default_data_dir() -> Path:
@@ -44,8 +44,18 @@ class Settings(BaseSettings):
         default=None, description="SQLAlchemy URL: sqlite:///... or postgresql+psycopg://..."
     )
     store_url: str | None = Field(
-        default=None, description="Object store for artifacts: a local folder (path or file://)."
+        default=None,
+        description="Object store for artifacts: a local folder (path or file://) or "
+        "s3://bucket[/prefix].",
     )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, SeaweedFS...); unset for AWS."
+    )
+    s3_region: str | None = Field(default=None, description="S3 region.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key; unset: boto3's chain (AWS_* variables, ...)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Where the embedded default keeps its database, store and broker socket.",
@@ -100,6 +110,8 @@ class Settings(BaseSettings):
         env = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
             if value is not None:
                 env[ENV_PREFIX + name.upper()] = str(value)
         return env

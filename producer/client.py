@@ -226,7 +226,7 @@ class Client:
         keys' file names, ``<job id>-0.png``), checking each one's sha256. Returns the paths."""
         target = Path(folder)
         target.mkdir(parents=True, exist_ok=True)
-        store = open_store(self.settings.resolved_store_url())
+        store = open_store(self.settings.resolved_store_url(), self.settings)
         saved: list[Path] = []
         for row in self.results(batch_id):
             if row.artifact is None:

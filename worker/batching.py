@@ -22,10 +22,10 @@ from PIL import Image, PngImagePlugin
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import ArtifactRecord, ClaimedJob, Outcome, claim_jobs, write_outcomes
-from db.store import ObjectStore, artifact_key
+from db.store import ObjectStore, StoreError, artifact_key
 from models.base import IMAGE, Runner
 from models.cache import ModelCache
-from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError
+from pixelmill.errors import BadInput, ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,6 @@ def _run_group(
     return [outcomes[job.job_id] for job in jobs]
 
 
-class StoreFailed(PixelmillError):
-    """The object store refused or failed a write: transient, the batch is retried."""
-
-
 def _store_images(
     ctx: WorkerContext, runner: Runner, job: ClaimedJob, res: dict[str, Any] | BaseException
 ) -> tuple[ArtifactRecord, ...]:
@@ -147,7 +143,7 @@ def _store_images(
         return ()
     image: Image.Image = res.pop(IMAGE)
     if ctx.store is None:
-        raise StoreFailed("this worker has no object store configured for artifacts")
+        raise StoreError("this worker has no object store configured for artifacts")
     provenance = {
         "model": runner.name,
         "model_revision": runner.revision,
@@ -160,12 +156,7 @@ def _store_images(
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     key = artifact_key(batch_id=job.batch_id, job_id=job.job_id)
-    try:
-        obj = ctx.store.put(key, buf.getvalue(), content_type="image/png")
-    except PixelmillError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - OSError, botocore errors, ...
-        raise StoreFailed(f"cannot store {key}: {exc}") from exc
+    obj = ctx.store.put(key, buf.getvalue(), content_type="image/png")  # StoreError: retried
     return (
         ArtifactRecord(
             key=obj.key,

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         cache=ModelCache(device, size=settings.model_cache_size, top_k=settings.top_k),
         device_label=label,
         worker_name=node,
-        store=open_store(settings.resolved_store_url()),
+        store=open_store(settings.resolved_store_url(), settings),
         decode_threads=settings.decode_threads,
     )
     app = create_app(settings)

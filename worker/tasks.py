@@ -10,8 +10,9 @@ from celery import Celery
 from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
+from db.store import StoreError
 from worker.app import PROCESS_BATCH
-from worker.batching import StoreFailed, WorkerContext, process_batch
+from worker.batching import WorkerContext, process_batch
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         acks_late=True,
         # The database or the object store being briefly away is transient: retry with
         # capped backoff. Bad inputs and unusable models fail their jobs instead (no retry).
-        autoretry_for=(OperationalError, StoreFailed),
+        autoretry_for=(OperationalError, StoreError),
         retry_backoff=True,
         retry_backoff_max=60,
         max_retries=20,
