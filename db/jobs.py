@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -357,16 +357,4 @@ def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterat
 
 
 def _artifact_record(a: Artifact) -> ArtifactRecord:
-    return ArtifactRecord(
-        key=a.key,
-        uri=a.uri,
-        content_type=a.content_type,
-        size=a.size,
-        sha256=a.sha256,
-        index=a.index,
-        width=a.width,
-        height=a.height,
-        seed=a.seed,
-        steps=a.steps,
-        precision=a.precision,
-    )
+    return ArtifactRecord(**{f.name: getattr(a, f.name) for f in fields(ArtifactRecord)})

@@ -25,8 +25,14 @@ IMAGE = "image"
 class Runner(ABC):
     task: ClassVar[str]
 
-    def __init__(self, name: str) -> None:
+    def __init__(
+        self, name: str, *, precision: str = "auto", trust_remote_code: bool = False, **_: Any
+    ) -> None:
+        """``precision``: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.
+        ``trust_remote_code``: run code shipped with a hub model; off unless the user asks."""
         self.name = name
+        self.precision_option = precision
+        self.trust_remote_code = trust_remote_code
         self.revision: str | None = None
         self.device: str | None = None
         self.precision = "fp32"

@@ -21,12 +21,8 @@ from pixelmill.catalog import CaptionOptions
 class Captioner(Runner):
     task = "caption"
 
-    def __init__(
-        self, name: str, *, precision: str = "auto", trust_remote_code: bool = False, **_: Any
-    ) -> None:
-        super().__init__(name)
-        self.precision_option = precision
-        self.trust_remote_code = trust_remote_code
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__(name, **options)
         self.model: Any = None
         self.image_processor: Any = None
         self.tokenizer: Any = None

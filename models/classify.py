@@ -22,10 +22,9 @@ class Classifier(Runner):
 
     task = "classify"
 
-    def __init__(self, name: str, *, top_k: int = 5, precision: str = "auto") -> None:
-        super().__init__(name)
+    def __init__(self, name: str, *, top_k: int = 5, **options: Any) -> None:
+        super().__init__(name, **options)
         self.top_k = top_k
-        self.precision_option = precision
         self.labels: list[str] = []
         self.model: torch.nn.Module | None = None
         self.channels_last = False
@@ -133,9 +132,8 @@ class EfficientNetLite0(Classifier):
 class HFClassifier(Classifier):
     """Any ``AutoModelForImageClassification`` with its image processor: hub id or local path."""
 
-    def __init__(self, name: str, *, trust_remote_code: bool = False, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
-        self.trust_remote_code = trust_remote_code
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__(name, **options)
         self.processor: Any = None
 
     def _load(self, device: str) -> None:

@@ -31,12 +31,8 @@ class GenerateItem:
 class ImageGenerator(Runner):
     task = "generate"
 
-    def __init__(
-        self, name: str, *, precision: str = "auto", trust_remote_code: bool = False, **_: Any
-    ) -> None:
-        super().__init__(name)
-        self.precision_option = precision
-        self.trust_remote_code = trust_remote_code
+    def __init__(self, name: str, **options: Any) -> None:
+        super().__init__(name, **options)
         self.text2image: Any = None
         self._image2image: Any = None
         self._no_image2image: ModelUnavailable | None = None
