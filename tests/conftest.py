@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from pixelmill.settings import Settings
-from tests.services import PostgresServer, RedisServer, postgres_bin, start_postgres, start_redis
+from tests.services import (
+    PostgresServer,
+    RedisServer,
+    S3Server,
+    postgres_bin,
+    start_postgres,
+    start_redis,
+    start_s3,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +55,14 @@ def postgres_server() -> Iterator[PostgresServer]:
             pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are required in CI")
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
     server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS) on loopback, with authentication on."""
+    server = start_s3(tmp_path_factory.mktemp("s3"))
     yield server
     server.stop()
 

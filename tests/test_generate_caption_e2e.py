@@ -129,3 +129,29 @@ def test_mixed_models_in_one_queue_on_postgres_load_once_and_a_bad_model_fails_a
     log = (logs / "worker-cpu.log").read_text()
     assert log.count(f"loaded caption/{tiny_blip} ") == 1
     assert log.count(f"loaded generate/{tiny_sd} ") == 1
+
+
+def test_generate_into_an_s3_bucket(tmp_path, tiny_sd, s3_server):
+    bucket = s3_server.create_bucket("pm-e2e-generate")
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"),
+        store_url=f"s3://{bucket}/pixelmill",
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_region=s3_server.region,
+        s3_access_key_id=s3_server.access_key,
+        s3_secret_access_key=s3_server.secret_key,
+    )
+    out = tmp_path / "out"
+    gen = pixelmill("run", "generate", "--prompt", "a lighthouse", "--count", "3", "--seed", "1",
+                    "--steps", "2", "--size", "32x32", "--model", str(tiny_sd), "--json",
+                    "--download", str(out), env=env)  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    assert s3_server.secret_key not in gen.stdout + gen.stderr
+    lines = _lines(gen.stdout)
+    keys = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert len(keys) == 3
+    for line in lines:
+        assert line["artifact"].startswith(f"s3://{bucket}/pixelmill/batches/")
+        assert line["artifact"].endswith(f"/{line['job']}-0.png")
+        with Image.open(out / f"{line['job']}-0.png") as im:
+            assert (im.format, im.size) == ("PNG", (32, 32))

@@ -1,12 +1,14 @@
-"""The local object store: atomic writes, server-generated keys, nothing outside its root."""
+"""The object stores, local folder and S3 (a real SeaweedFS server): round trips, server-generated
+keys only, nothing outside the store, failures as StoreError."""
 
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 import pytest
 
-from db.store import LocalStore, artifact_key, open_store
+from db.store import LocalStore, S3Store, StoreError, artifact_key, open_store
 from pixelmill.errors import ConfigError, PixelmillError
 
 
@@ -44,3 +46,74 @@ def test_a_job_id_with_a_path_in_it_cannot_build_a_key():
 def test_unsupported_store_urls_are_config_errors():
     with pytest.raises(ConfigError, match="PIXELMILL_STORE_URL"):
         open_store("ftp://example.com/bucket")
+
+
+@pytest.fixture
+def s3_store(s3_server):
+    bucket = s3_server.create_bucket("pm-" + uuid.uuid4().hex[:12])
+    return S3Store(
+        bucket,
+        "artifacts/",
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        timeout=2,
+    )
+
+
+def test_s3_put_then_get_round_trips_under_the_prefix(s3_store, s3_server):
+    key = artifact_key(batch_id="b1", job_id="j1")
+    obj = s3_store.put(key, b"\x89PNG data", content_type="image/png")
+    assert obj.uri == f"s3://{s3_store.bucket}/artifacts/batches/b1/j1-0.png"
+    assert obj.sha256 == hashlib.sha256(b"\x89PNG data").hexdigest() and obj.size == 9
+    assert s3_store.get(key) == b"\x89PNG data"
+    head = s3_server.client().head_object(Bucket=s3_store.bucket, Key=f"artifacts/{key}")
+    assert head["ContentType"] == "image/png"
+    assert head["Metadata"]["sha256"] == obj.sha256
+    with pytest.raises(StoreError, match="missing-0.png"):
+        s3_store.get(artifact_key(batch_id="b1", job_id="missing"))
+
+
+@pytest.mark.parametrize("key", ["../escape.png", "/etc/passwd", "batches/../../x.png"])
+def test_s3_refuses_keys_it_did_not_generate(s3_store, key):
+    with pytest.raises(PixelmillError, match="refusing object key"):
+        s3_store.put(key, b"x", content_type="image/png")
+
+
+def test_s3_wrong_credentials_and_an_unresponsive_server_are_store_errors(s3_store, s3_server):
+    wrong = S3Store(
+        s3_store.bucket,
+        endpoint_url=s3_server.endpoint_url,
+        region=s3_server.region,
+        access_key=s3_server.access_key,
+        secret_key="not-the-secret",
+    )
+    with pytest.raises(StoreError, match="SignatureDoesNotMatch|AccessDenied"):
+        wrong.put("batches/b/j-0.png", b"x", content_type="image/png")
+    s3_server.pause()
+    try:
+        with pytest.raises(StoreError, match="timeout|timed out"):
+            s3_store.put("batches/b/j-0.png", b"x", content_type="image/png")
+    finally:
+        s3_server.resume()
+    s3_store.put("batches/b/j-0.png", b"x", content_type="image/png")  # and back again
+
+
+def test_store_urls_from_settings(tmp_path, s3_server):
+    from pixelmill.settings import load_settings
+
+    settings = load_settings(
+        data_dir=tmp_path,
+        store_url="s3://pm-bucket/some/prefix",
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_access_key_id="ak",
+        s3_secret_access_key="sk-secret",
+    )
+    store = open_store(settings.resolved_store_url(), settings)
+    assert isinstance(store, S3Store)
+    assert (store.bucket, store.prefix) == ("pm-bucket", "some/prefix")
+    assert "sk-secret" not in repr(settings)
+    assert settings.to_env()["PIXELMILL_S3_SECRET_ACCESS_KEY"] == "sk-secret"
+    with pytest.raises(ConfigError, match="no bucket"):
+        open_store("s3:///prefix-only")
