@@ -4,7 +4,8 @@
 - ``prepare(input, params, options)`` per item (by default ``preprocess(decode(input))``),
   thread-safe, so the worker can run it in a pool while the previous batch is on the device.
 - ``run(items, options)``: a batch in, exactly one result per item out, in order. ``options``
-  are the batch's task options (the same for every item of one call).
+  are the batch's task options (the same for every item of one call). It is ``collate`` (stack
+  the items and move them to the device: once per batch, not per item) then ``forward``.
 - A result is a JSON-able dict; a runner that produces an image puts it under ``IMAGE`` and the
   worker stores it in the object store (never in the database).
 """
@@ -69,9 +70,21 @@ class Runner(ABC):
         """One job's input (and parameters) to one item of a batch; raises BadInput."""
         return self.preprocess(self.decode(input))
 
-    @abstractmethod
     def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """A batch of prepared items to one result per item, in order."""
+        if not self.loaded:
+            raise RuntimeError(f"model {self.name} used before load()")
+        outputs = self.forward(self.collate(items), options or {})
+        self.check_outputs(items, outputs)
+        return outputs
+
+    def collate(self, items: list[Any]) -> Any:
+        """Prepared items to one batch on the device (by default: the list as it is)."""
+        return items
+
+    @abstractmethod
+    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """A collated batch to one result per item, in order."""
 
     def check_outputs(self, items: list[Any], outputs: list[dict[str, Any]]) -> None:
         if len(outputs) != len(items):

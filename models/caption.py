@@ -58,25 +58,23 @@ class Captioner(Runner):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        if self.model is None or self.device is None:
-            raise RuntimeError(f"model {self.name} used before load()")
-        opts = CaptionOptions.model_validate(options or {})
-        pixel_values = torch.stack(items).to(self.device, dtype=self.dtype, non_blocking=True)
+    def collate(self, items: list[Any]) -> torch.Tensor:
+        return torch.stack(items).to(self.device, dtype=self.dtype, non_blocking=True)
+
+    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+        opts = CaptionOptions.model_validate(options)
         kwargs: dict[str, Any] = {
-            "pixel_values": pixel_values,
+            "pixel_values": batch,
             "max_new_tokens": opts.max_new_tokens,
             "num_beams": opts.num_beams,
             "do_sample": False,
         }
         if opts.prefix:
-            kwargs.update(self._prefix(opts.prefix, len(items)))
+            kwargs.update(self._prefix(opts.prefix, len(batch)))
         with torch.inference_mode():
             tokens = self.model.generate(**kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        outputs = [{"caption": " ".join(text.split())} for text in texts]
-        self.check_outputs(items, outputs)
-        return outputs
+        return [{"caption": " ".join(text.split())} for text in texts]
 
     def _prefix(self, prompt: str, n: int) -> dict[str, torch.Tensor]:
         """The text the caption must start with, as the model family expects it."""

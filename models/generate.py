@@ -97,10 +97,9 @@ class ImageGenerator(Runner):
             )
         return GenerateItem(prompt=prompt, seed=seed, init=init)
 
-    def run(self, items: list[Any], options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        if self.text2image is None or self.device is None:
-            raise RuntimeError(f"model {self.name} used before load()")
-        opts = GenerateOptions.model_validate(options or {})
+    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+        items: list[GenerateItem] = batch
+        opts = GenerateOptions.model_validate(options)
         width, height = self.size(opts)
         kwargs: dict[str, Any] = {
             "prompt": [item.prompt for item in items],
@@ -132,7 +131,6 @@ class ImageGenerator(Runner):
             if opts.init:
                 result["strength"] = opts.strength
             outputs.append(result)
-        self.check_outputs(items, outputs)
         return outputs
 
 

@@ -8,13 +8,21 @@ from typing import Any
 
 from models.base import Runner
 from models.caption import Captioner
-from models.classify import BUILTIN_EFFICIENTNET, EfficientNetLite0, HFClassifier
+from models.classify import (
+    BUILTIN_EFFICIENTNET,
+    RANDOM_VIT_B16,
+    EfficientNetLite0,
+    HFClassifier,
+    RandomViTB16,
+)
 from models.generate import ImageGenerator
+from models.null import NULL_MODEL, NullRunner
 from pixelmill.catalog import DEFAULT_MODELS, TASKS
 from pixelmill.errors import ModelUnavailable
 
 BUILTIN: dict[tuple[str, str], type[Runner]] = {
     ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
+    ("classify", RANDOM_VIT_B16): RandomViTB16,
 }
 # What a hub id or a local folder is loaded as, per task.
 PRETRAINED: dict[str, type[Runner]] = {
@@ -39,6 +47,8 @@ def check_task(task: str) -> str:
 def create_runner(task: str, name: str, **options: Any) -> Runner:
     """A runner for ``name`` (not loaded yet); raises ModelUnavailable for an unusable name."""
     check_task(task)
+    if name == NULL_MODEL:
+        return NullRunner(task=task, **options)
     builtin = BUILTIN.get((task, name))
     if builtin is not None:
         return builtin(name, **options)
@@ -48,6 +58,7 @@ def create_runner(task: str, name: str, **options: Any) -> Runner:
     if HUB_ID.match(name):
         return pretrained(name, **options)
     raise ModelUnavailable(
-        f"model {name!r} is neither a built-in model ({', '.join(n for _, n in BUILTIN)}), "
+        f"model {name!r} is neither a built-in model "
+        f"({', '.join(n for _, n in BUILTIN)}, {NULL_MODEL}), "
         "an existing local folder, nor a Hugging Face hub id (owner/name)"
     )

@@ -1,5 +1,6 @@
 """The ``pixelmill`` command line. Commands live with the package that owns them:
-``producer.cli`` (run, submit, status, results) and ``worker.cli`` (worker, flower).
+``producer.cli`` (run, submit, status, results), ``worker.cli`` (worker, flower) and
+``pixelmill.bench_cli`` (bench).
 
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or configuration error;
 3 a service (broker, database) unreachable; 130 interrupted.
@@ -22,10 +23,12 @@ configuration error; 3 a service (broker, database) unreachable; 130 interrupted
 Configuration (environment, prefix PIXELMILL_; nothing set = embedded default):
   PIXELMILL_BROKER_URL    redis://, rediss:// or redis+socket:///path
   PIXELMILL_DATABASE_URL  sqlite:///file.db or postgresql+psycopg://...
-  PIXELMILL_STORE_URL     artifact store: a local folder (path or file://)
+  PIXELMILL_STORE_URL     artifact store: a folder (path or file://) or
+                          s3://bucket/prefix (PIXELMILL_S3_* for endpoint, keys)
   PIXELMILL_DATA_DIR      embedded database, store and broker socket
                           (default: ~/.local/share/pixelmill)
-  PIXELMILL_BATCH_SIZE    images per model batch (default 32)
+  PIXELMILL_BATCH_SIZE    images per model batch (default per task:
+                          classify 32, caption 16, generate 4)
 """
 
 
@@ -36,11 +39,13 @@ def cli() -> None:
 
 
 def _register() -> None:
+    from pixelmill.bench_cli import bench
     from producer.cli import register as register_producer
     from worker.cli import register as register_worker
 
     register_producer(cli)
     register_worker(cli)
+    cli.add_command(bench)
 
 
 _register()

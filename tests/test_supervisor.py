@@ -27,3 +27,13 @@ def test_cpu_and_auto_without_a_gpu_give_one_cpu_worker():
 def test_bad_device_specs_are_config_errors(spec):
     with pytest.raises(ConfigError, match="--devices"):
         parse_devices(spec)
+
+
+def test_several_cpu_workers_share_the_cores_under_distinct_names():
+    import os
+
+    two = parse_devices("cpu", cpu=2)
+    assert [d.name for d in two] == ["cpu", "cpu-1"]
+    assert all(d.label == "cpu" and d.threads == max(1, (os.cpu_count() or 1) // 2) for d in two)
+    with pytest.raises(ConfigError, match="--cpu-workers"):
+        parse_devices("cpu", cpu=0)

@@ -16,6 +16,7 @@ from celery import Celery
 from pixelmill.settings import Settings
 
 PROCESS_BATCH = "pixelmill.process_batch"
+NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery with it
 
 
 def create_app(settings: Settings) -> Celery:

@@ -19,7 +19,14 @@ from pixelmill.settings import mask_url
     show_default=True,
     help="auto (one worker per visible GPU, else one CPU worker), cpu, or GPU indices: 0,2",
 )
-def worker(devices: str) -> None:
+@click.option(
+    "--cpu-workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker processes on the CPU, when the CPU is used; they share the cores.",
+)
+def worker(devices: str, cpu_workers: int) -> None:
     """Run device workers until stopped (SIGTERM or Ctrl-C drains them cleanly).
 
     One process per device, pinned with CUDA_VISIBLE_DEVICES, restarted if it crashes. With no
@@ -32,7 +39,7 @@ def worker(devices: str) -> None:
     settings = settings_or_exit()
     configure_logging(settings.log_level)
     with user_errors():
-        specs = parse_devices(devices)
+        specs = parse_devices(devices, cpu=cpu_workers)
         click.echo(
             f"pixelmill worker: {', '.join(d.label for d in specs)} on "
             f"{mask_url(settings.resolved_broker_url())}",

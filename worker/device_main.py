@@ -21,6 +21,8 @@ from pixelmill.settings import load_settings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelmill device worker")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (the physical index)")
+    parser.add_argument("--slot", type=int, default=0, help="which of several CPU workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -45,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     label = args.device
     device = "cpu" if label == "cpu" else "cuda:0"
     if device == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     engine = make_engine(settings.resolved_database_url())
     upgrade(engine)
-    node = f"pixelmill-{label.replace(':', '')}@{socket.gethostname()}"
+    name = label.replace(":", "") + (f"-{args.slot}" if args.slot else "")
+    node = f"pixelmill-{name}@{socket.gethostname()}"
     ctx = WorkerContext(
         sessions=make_sessionmaker(engine),
         cache=ModelCache(device, size=settings.model_cache_size, top_k=settings.top_k),

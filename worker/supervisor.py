@@ -25,6 +25,14 @@ RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 class DeviceSpec:
     label: str  # "cpu" or "cuda:N" (physical index)
     visible: str | None  # what CUDA_VISIBLE_DEVICES is pinned to; None for the CPU
+    slot: int = 0  # several CPU workers: 0, 1, ...
+    threads: int | None = None  # torch threads for a CPU worker (None: every core)
+
+    @property
+    def name(self) -> str:
+        """Unique per host: cpu, cpu-1, cuda0 (worker node names and log files)."""
+        base = self.label.replace(":", "")
+        return f"{base}-{self.slot}" if self.slot else base
 
 
 def cuda_device_count() -> int:
@@ -42,14 +50,23 @@ def cuda_device_count() -> int:
         return 0
 
 
-def parse_devices(spec: str) -> list[DeviceSpec]:
-    """``auto`` (every GPU, else the CPU), ``cpu``, or GPU indices such as ``0,2``."""
+def cpu_workers(n: int = 1) -> list[DeviceSpec]:
+    """``n`` CPU worker processes sharing the cores between them."""
+    if n < 1:
+        raise ConfigError(f"--cpu-workers must be at least 1, got {n}")
+    threads = None if n == 1 else max(1, (os.cpu_count() or 1) // n)
+    return [DeviceSpec("cpu", None, slot=i, threads=threads) for i in range(n)]
+
+
+def parse_devices(spec: str, *, cpu: int = 1) -> list[DeviceSpec]:
+    """``auto`` (every GPU, else the CPU), ``cpu``, or GPU indices such as ``0,2``; ``cpu``
+    worker processes when the CPU is used."""
     spec = spec.strip().lower()
     if spec == "auto":
         n = cuda_device_count()
-        return [DeviceSpec(f"cuda:{i}", str(i)) for i in range(n)] or [DeviceSpec("cpu", None)]
+        return [DeviceSpec(f"cuda:{i}", str(i)) for i in range(n)] or cpu_workers(cpu)
     if spec == "cpu":
-        return [DeviceSpec("cpu", None)]
+        return cpu_workers(cpu)
     devices = []
     for part in spec.split(","):
         part = part.strip().removeprefix("cuda:")
@@ -92,7 +109,10 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = device.visible
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "worker.device_main", "--device", device.label]
+        cmd = [sys.executable, "-m", "worker.device_main", "--device", device.label,
+               "--slot", str(device.slot)]  # fmt: skip
+        if device.threads is not None:
+            cmd += ["--threads", str(device.threads)]
         out: Any = sys.stderr
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +132,7 @@ class Supervisor:
 
     def log_path(self, device: DeviceSpec) -> Path:
         assert self.log_dir is not None
-        return self.log_dir / f"worker-{device.label.replace(':', '')}.log"
+        return self.log_dir / f"worker-{device.name}.log"
 
     def start(self) -> Supervisor:
         for device in self.devices:

@@ -11,7 +11,7 @@ from celery.exceptions import Reject
 from sqlalchemy.exc import OperationalError
 
 from db.store import StoreError
-from worker.app import PROCESS_BATCH
+from worker.app import NOOP, PROCESS_BATCH
 from worker.batching import WorkerContext, process_batch
 
 log = logging.getLogger(__name__)
@@ -38,3 +38,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
             report.claimed, report.done, report.failed, report.seconds, ctx.device_label,
         )  # fmt: skip
         return asdict(report)
+
+    @app.task(name=NOOP, acks_late=True)
+    def noop() -> None:
+        return None

@@ -1,0 +1,39 @@
+"""The null model: reads each input and returns an empty result. With it, an end-to-end run
+measures what pixelmill itself costs per item (queue, database, file I/O), not the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from models.base import Runner
+from pixelmill.errors import BadInput
+
+NULL_MODEL = "null"
+
+
+class NullRunner(Runner):
+    task = "any"
+
+    def __init__(self, name: str = NULL_MODEL, *, task: str = "classify", **options: Any) -> None:
+        super().__init__(name, **options)
+        self.for_task = task
+
+    def _load(self, device: str) -> None:
+        self.revision = "none"
+
+    def preprocess(self, image: Image.Image) -> Any:
+        return None
+
+    def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
+        if self.for_task == "generate":
+            return None
+        try:
+            return len(Path(input).read_bytes())
+        except OSError as exc:
+            raise BadInput(f"{input}: cannot read ({exc.strerror or exc})") from None
+
+    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{} for _ in batch]

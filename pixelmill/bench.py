@@ -1,0 +1,242 @@
+"""`pixelmill bench`: throughput measured against its limits, side by side in one run.
+
+- model_only: the model alone, on items prepared beforehand and already on the device (same
+  runner, model, batch size and precision) -- the ceiling;
+- e2e: files on disk -> submit -> Redis -> worker process(es) -> decode -> model -> results in
+  the database, timed from the submit to the last committed result (models already loaded);
+- naive: the same end to end with one Celery task per image and batch size 1;
+- null: end to end with the null model (reads the file, returns nothing): the cost of queue,
+  database and I/O alone, and the same with one worker when several are asked for;
+- celery_noop: plain Celery no-op tasks on the same broker and workers.
+
+Everything runs on a private embedded broker and SQLite database in a temporary folder, so a
+bench never touches the configured services or their data.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
+from pixelmill.settings import load_settings
+
+PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
+PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    task: str = "classify"
+    model: str | None = None
+    device: str = "cpu"  # cpu, or cuda:N
+    images: int = 256
+    batch_size: int | None = None
+    workers: int = 1  # CPU worker processes (on a GPU: one per listed device)
+    image_size: tuple[int, int] = (640, 480)
+    naive_images: int | None = None  # default: images
+    noop_tasks: int = 2000
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODELS[self.task]
+
+    @property
+    def size(self) -> int:
+        return self.batch_size or DEFAULT_BATCH_SIZES[self.task]
+
+
+def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
+    """``n`` JPEG files of ``size`` made from real photographs (scikit-image's samples)."""
+    import skimage
+    from PIL import Image
+
+    data = Path(skimage.__file__).parent / "data"
+    sources = [Image.open(data / name).convert("RGB").resize(size) for name in PHOTOS]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:06d}.jpg"
+        sources[i % len(sources)].save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig, work: Path, progress: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.work = work
+        self.say = progress
+        self.options = dict(cfg.options)
+        generate = cfg.task == "generate"
+        self.paths = [] if generate else make_jpegs(work / "images", cfg.images, cfg.image_size)
+
+    # ---- the workload: the same n items for every measure -------------------------------
+
+    def submit(self, client: Any, n: int, *, model: str, batch_size: int) -> str:
+        if self.cfg.task == "generate":
+            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+            sub = client.submit("generate", prompts=prompts, seed=0, model=model,
+                                batch_size=batch_size, options=self.options)  # fmt: skip
+        else:
+            sub = client.submit(self.cfg.task, [str(p) for p in self.paths[:n]], model=model,
+                                batch_size=batch_size, options=self.options)  # fmt: skip
+        return str(sub.batch_id)
+
+    def timed(self, client: Any, n: int, *, model: str, batch_size: int) -> float:
+        """Items per second for n items, from submit to the last committed result."""
+        start = time.perf_counter()
+        batch = self.submit(client, n, model=model, batch_size=batch_size)
+        counts = client.wait(batch, timeout=24 * 3600, interval=0.02)
+        elapsed = time.perf_counter() - start
+        if counts.by_status.get("done") != n:
+            failures = client.failures(batch)
+            raise RuntimeError(f"bench batch did not complete: {counts.by_status} {failures}")
+        return n / elapsed
+
+    # ---- measures --------------------------------------------------------------------
+
+    def model_only(self) -> tuple[float, str]:
+        import torch
+
+        from models.registry import create_runner
+
+        cfg = self.cfg
+        device = cfg.device if cfg.device == "cpu" else "cuda:0"
+        runner = create_runner(cfg.task, cfg.model_name)
+        runner.load(device)
+        opts = task_options(cfg.task, {**self.options, "batch_size": cfg.size}, cfg.model_name)
+        options = opts.model_dump(mode="json", exclude_none=True)
+        if cfg.task == "generate":
+            items = [
+                runner.prepare(p, {"prompt": p, "seed": i}, options)
+                for i, p in enumerate(PROMPTS[i % len(PROMPTS)] for i in range(cfg.images))
+            ]
+        else:
+            items = [runner.prepare(str(p), {}, options) for p in self.paths]
+        batches = [items[i : i + cfg.size] for i in range(0, len(items), cfg.size)]
+        on_device = [runner.collate(b) for b in batches]
+        runner.forward(on_device[0], options)  # warm-up
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for batch in on_device:
+            runner.forward(batch, options)
+        sync()
+        return len(items) / (time.perf_counter() - start), runner.precision
+
+    def noop_tps(self, client: Any) -> float:
+        """Plain Celery no-op tasks per second: n no-ops, then one null job behind them in the
+        same queue; when that job is done, the no-ops before it have run."""
+        from worker.app import NOOP
+
+        n = self.cfg.noop_tasks
+        start = time.perf_counter()
+        with client.app.producer_or_acquire() as producer:
+            for _ in range(n):
+                client.app.send_task(NOOP, producer=producer)
+        batch = self.submit(client, 1, model="null", batch_size=1)
+        client.wait(batch, timeout=3600, interval=0.02)
+        return n / (time.perf_counter() - start)
+
+    @contextmanager
+    def cluster(self, workers: int) -> Iterator[Any]:
+        from producer import Client
+        from worker.local import local_cluster
+        from worker.supervisor import DeviceSpec, cpu_workers, parse_devices
+
+        cfg = self.cfg
+        specs: list[DeviceSpec] = (
+            cpu_workers(workers) if cfg.device == "cpu" else parse_devices(cfg.device)
+        )
+        settings = load_settings(data_dir=self.work / f"data-{workers}")
+        with (
+            local_cluster(settings, specs, log_dir=self.work / "logs") as _,
+            Client(settings) as client,
+        ):
+            yield client
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        n = cfg.images
+        figures: dict[str, Any] = {}
+        self.say("model only")
+        figures["model_only_ips"], precision = self.model_only()
+        with self.cluster(cfg.workers) as client:
+            self.say("warming up the workers")
+            for model in (cfg.model_name, "null"):
+                for _ in range(cfg.workers):
+                    self.timed(client, cfg.size, model=model, batch_size=cfg.size)
+            self.say("end to end")
+            figures["e2e_ips"] = self.timed(client, n, model=cfg.model_name, batch_size=cfg.size)
+            self.say("naive: one task per image, batch size 1")
+            naive_n = cfg.naive_images or n
+            figures["naive_ips"] = self.timed(client, naive_n, model=cfg.model_name, batch_size=1)
+            self.say("null model")
+            figures["null_ips"] = self.timed(client, n, model="null", batch_size=cfg.size)
+            self.say("celery no-op tasks")
+            figures["celery_noop_tps"] = self.noop_tps(client)
+        if cfg.workers > 1:
+            with self.cluster(1) as client:
+                self.say("null model, one worker")
+                self.timed(client, cfg.size, model="null", batch_size=cfg.size)
+                figures["null_ips_one_worker"] = self.timed(
+                    client, n, model="null", batch_size=cfg.size
+                )
+        return {**self.settings_figures(precision), **rounded(figures), **ratios(figures)}
+
+    def settings_figures(self, precision: str) -> dict[str, Any]:
+        import torch
+
+        cfg = self.cfg
+        device_name = platform.processor() or platform.machine()
+        if cfg.device.startswith("cuda"):
+            device_name = torch.cuda.get_device_name(0)
+        return {
+            "task": cfg.task,
+            "model": cfg.model_name,
+            "device": cfg.device,
+            "device_name": device_name,
+            "cpu_cores": os.cpu_count(),
+            "precision": precision,
+            "batch_size": cfg.size,
+            "images": cfg.images,
+            "image_size": (
+                "prompts" if cfg.task == "generate" else f"{cfg.image_size[0]}x{cfg.image_size[1]}"
+            ),
+            "workers": cfg.workers,
+            "options": dict(cfg.options),
+            "torch": torch.__version__,
+        }
+
+
+def rounded(figures: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in figures.items()}
+
+
+def ratios(f: dict[str, float]) -> dict[str, float]:
+    out = {
+        "e2e_over_model_only": f["e2e_ips"] / f["model_only_ips"],
+        "e2e_over_naive": f["e2e_ips"] / f["naive_ips"],
+        "null_over_celery_noop": f["null_ips"] / f["celery_noop_tps"],
+    }
+    if "null_ips_one_worker" in f:
+        out["null_scaling"] = f["null_ips"] / f["null_ips_one_worker"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="pixelmill-bench-"))
+    try:
+        return Bench(cfg, work, progress).run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

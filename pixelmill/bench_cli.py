@@ -1,0 +1,153 @@
+"""``pixelmill bench``: the command. The measuring is in ``pixelmill.bench``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from pixelmill.catalog import TASKS, parse_size
+from pixelmill.clitools import user_errors
+
+ROWS = [
+    ("model_only_ips", "model only (items/s): the ceiling"),
+    ("e2e_ips", "end to end (items/s)"),
+    ("naive_ips", "naive: one task per image, batch 1 (items/s)"),
+    ("null_ips", "null model end to end (items/s)"),
+    ("null_ips_one_worker", "null model, one worker (items/s)"),
+    ("celery_noop_tps", "plain Celery no-op (tasks/s)"),
+    ("e2e_over_model_only", "end to end / model only"),
+    ("e2e_over_naive", "end to end / naive"),
+    ("null_over_celery_noop", "null / Celery no-op"),
+    ("null_scaling", "null: workers / one worker"),
+]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"{text!r}: expected KEY=VALUE, e.g. steps=2")
+    try:
+        return key.strip().replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip().replace("-", "_"), value
+
+
+@click.command()
+@click.argument("task", type=click.Choice(TASKS))
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="Default: the task's default. Also: null, "
+    "vit_b16_random (ViT-B/16 with random weights), a hub id or a folder.",
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
+@click.option(
+    "--images",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="Items per measure (images, or prompts for generate).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Default: the task's (classify 32, caption 16, generate 4).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="CPU worker processes (with more than one, the null model is also measured "
+    "with one, for the scaling).",
+)
+@click.option(
+    "--image-size",
+    default="640x480",
+    show_default=True,
+    metavar="WxH",
+    help="Size of the generated JPEG inputs.",
+)
+@click.option(
+    "--naive-images",
+    type=click.IntRange(1),
+    default=None,
+    help="Items for the naive measure (default: --images).",
+)
+@click.option("--noop-tasks", type=click.IntRange(1), default=2000, show_default=True)
+@click.option(
+    "--set",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A task option, e.g. --set steps=2 --set width=64 --set height=64.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def bench(
+    task: str,
+    model: str | None,
+    device: str,
+    images: int,
+    batch_size: int | None,
+    workers: int,
+    image_size: str,
+    naive_images: int | None,
+    noop_tasks: int,
+    options: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Measure throughput against its limits, side by side in one run.
+
+    model only (the model alone on prepared inputs already on the device), end to end (JPEG
+    files -> submit -> Redis -> worker -> results in the database), naive (one Celery task per
+    image, batch size 1), the null model (queue, database and I/O alone) and plain Celery
+    no-op tasks. Runs on a private embedded broker and database in a temporary folder.
+
+    \b
+    Example:
+      pixelmill bench classify --images 256
+      pixelmill bench classify --device cuda:0 --model vit_b16_random --batch-size 256
+    """
+    from pixelmill.bench import BenchConfig, run_bench
+
+    with user_errors():
+        cfg = BenchConfig(
+            task=task,
+            model=model,
+            device=device,
+            images=images,
+            batch_size=batch_size,
+            workers=workers,
+            image_size=parse_size(image_size),
+            naive_images=naive_images,
+            noop_tasks=noop_tasks,
+            options=tuple(_option(o) for o in options),
+        )
+        figures = run_bench(cfg, progress=lambda step: click.echo(f"bench: {step}", err=True))
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    _table(figures)
+
+
+def _table(figures: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (
+        f"{figures['task']} · {figures['model']} · {figures['device']} ({figures['device_name']})"
+        f" · {figures['precision']} · batch {figures['batch_size']} · {figures['images']} items"
+        f" ({figures['image_size']}) · {figures['workers']} worker(s)"
+    )
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, label in ROWS:
+        if key in figures:
+            table.add_row(label, f"{figures[key]:,}")
+    Console(file=sys.stdout).print(table)
