@@ -286,12 +286,13 @@ def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: An
     if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - settings refuse others
         raise NotImplementedError(dialect)
     insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt: Any = insert_for(table).values(rows)
+    stmt: Any = insert_for(table)
     stmt = stmt.on_conflict_do_update(
         index_elements=[key],
         set_={c: stmt.excluded[c] for c in rows[0] if c not in (key.key, "created_at")},
     )
-    session.execute(stmt)
+    # executemany with one cached statement (a multi-row VALUES would be compiled each time).
+    session.connection().execute(stmt, rows)
 
 
 def get_batch(session: Session, batch_id: str) -> Batch:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
-from pixelmill.settings import load_settings
+from pixelmill.settings import device_batch_size, load_settings
+from worker.supervisor import cpu_workers
 
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png"]
@@ -40,7 +41,7 @@ class BenchConfig:
     device: str = "cpu"  # cpu, or cuda:N
     images: int = 256
     batch_size: int | None = None
-    workers: int = 1  # CPU worker processes (on a GPU: one per listed device)
+    workers: int | None = None  # CPU worker processes (None: as `pixelmill worker`)
     image_size: tuple[int, int] = (640, 480)
     naive_images: int | None = None  # default: images
     noop_tasks: int = 2000
@@ -77,6 +78,7 @@ class Bench:
         self.work = work
         self.say = progress
         self.options = dict(cfg.options)
+        self.workers = (cfg.workers or len(cpu_workers())) if cfg.device == "cpu" else 1
         generate = cfg.task == "generate"
         self.paths = [] if generate else make_jpegs(work / "images", cfg.images, cfg.image_size)
 
@@ -123,7 +125,8 @@ class Bench:
             ]
         else:
             items = [runner.prepare(str(p), {}, options) for p in self.paths]
-        batches = [items[i : i + cfg.size] for i in range(0, len(items), cfg.size)]
+        step = self.forward_batch
+        batches = [items[i : i + step] for i in range(0, len(items), step)]
         on_device = [runner.collate(b) for b in batches]
         runner.forward(on_device[0], options)  # warm-up
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -133,6 +136,12 @@ class Bench:
             runner.forward(batch, options)
         sync()
         return len(items) / (time.perf_counter() - start), runner.precision
+
+    @property
+    def forward_batch(self) -> int:
+        """The forward pass the workers run: the message's batch, split per device."""
+        device = self.cfg.device if self.cfg.device == "cpu" else "cuda:0"
+        return min(self.cfg.size, device_batch_size(load_settings(), device) or self.cfg.size)
 
     def noop_tps(self, client: Any) -> float:
         """Plain Celery no-op tasks per second: n no-ops, then one null job behind them in the
@@ -152,7 +161,7 @@ class Bench:
     def cluster(self, workers: int) -> Iterator[Any]:
         from producer import Client
         from worker.local import local_cluster
-        from worker.supervisor import DeviceSpec, cpu_workers, parse_devices
+        from worker.supervisor import DeviceSpec, parse_devices
 
         cfg = self.cfg
         specs: list[DeviceSpec] = (
@@ -171,10 +180,10 @@ class Bench:
         figures: dict[str, Any] = {}
         self.say("model only")
         figures["model_only_ips"], precision = self.model_only()
-        with self.cluster(cfg.workers) as client:
+        with self.cluster(self.workers) as client:
             self.say("warming up the workers")
             for model in (cfg.model_name, "null"):
-                for _ in range(cfg.workers):
+                for _ in range(self.workers):
                     self.timed(client, cfg.size, model=model, batch_size=cfg.size)
             self.say("end to end")
             figures["e2e_ips"] = self.timed(client, n, model=cfg.model_name, batch_size=cfg.size)
@@ -185,7 +194,7 @@ class Bench:
             figures["null_ips"] = self.timed(client, n, model="null", batch_size=cfg.size)
             self.say("celery no-op tasks")
             figures["celery_noop_tps"] = self.noop_tps(client)
-        if cfg.workers > 1:
+        if self.workers > 1:
             with self.cluster(1) as client:
                 self.say("null model, one worker")
                 self.timed(client, cfg.size, model="null", batch_size=cfg.size)
@@ -209,11 +218,12 @@ class Bench:
             "cpu_cores": os.cpu_count(),
             "precision": precision,
             "batch_size": cfg.size,
+            "forward_batch": self.forward_batch,
             "images": cfg.images,
             "image_size": (
                 "prompts" if cfg.task == "generate" else f"{cfg.image_size[0]}x{cfg.image_size[1]}"
             ),
-            "workers": cfg.workers,
+            "workers": self.workers,
             "options": dict(cfg.options),
             "torch": torch.__version__,
         }

@@ -61,10 +61,9 @@ def _option(text: str) -> tuple[str, Any]:
 @click.option(
     "--workers",
     type=click.IntRange(1, 64),
-    default=1,
-    show_default=True,
-    help="CPU worker processes (with more than one, the null model is also measured "
-    "with one, for the scaling).",
+    default=None,
+    help="CPU worker processes (default: as `pixelmill worker`, one per core up to 4). With "
+    "more than one, the null model is also measured with one worker, for the scaling.",
 )
 @click.option(
     "--image-size",
@@ -94,7 +93,7 @@ def bench(
     device: str,
     images: int,
     batch_size: int | None,
-    workers: int,
+    workers: int | None,
     image_size: str,
     naive_images: int | None,
     noop_tasks: int,
@@ -141,7 +140,8 @@ def _table(figures: dict[str, Any]) -> None:
 
     title = (
         f"{figures['task']} · {figures['model']} · {figures['device']} ({figures['device_name']})"
-        f" · {figures['precision']} · batch {figures['batch_size']} · {figures['images']} items"
+        f" · {figures['precision']} · batch {figures['batch_size']} (forward"
+        f" {figures['forward_batch']}) · {figures['images']} items"
         f" ({figures['image_size']}) · {figures['workers']} worker(s)"
     )
     table = Table(title=title)

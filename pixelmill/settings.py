@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         description="Batches a device worker holds at once: one on the model, the rest decoding.",
     )
     decode_threads: int = Field(default=2, ge=1, le=64, description="Image decoding threads.")
+    device_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Largest forward pass a worker runs; a message's batch is split into "
+        "passes of this size (default: 8 on the CPU, where small batches run fastest; the "
+        "whole message on a GPU).",
+    )
     top_k: int = Field(default=5, ge=1, le=1000, description="Labels kept per classify result.")
     model_cache_size: int = Field(
         default=2, ge=1, le=64, description="Models a worker keeps loaded (least recently used go)."
@@ -184,3 +192,13 @@ def mask_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+CPU_DEVICE_BATCH = 8
+
+
+def device_batch_size(settings: Settings, device: str) -> int | None:
+    """The forward-pass size a worker on ``device`` uses (None: the whole message)."""
+    if settings.device_batch_size is not None:
+        return settings.device_batch_size
+    return CPU_DEVICE_BATCH if device == "cpu" else None

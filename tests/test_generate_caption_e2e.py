@@ -126,9 +126,11 @@ def test_mixed_models_in_one_queue_on_postgres_load_once_and_a_bad_model_fails_a
     ((reason, n),) = reasons
     assert n == len(PHOTOS) and "pixelmill-test/not-downloaded" in reason
     assert "hf download" in reason
-    log = (logs / "worker-cpu.log").read_text()
-    assert log.count(f"loaded caption/{tiny_blip} ") == 1
-    assert log.count(f"loaded generate/{tiny_sd} ") == 1
+    # Each worker process loads each model at most once, however many batches name it.
+    worker_logs = [p.read_text() for p in logs.glob("worker-cpu*.log")]
+    for model in (f"caption/{tiny_blip}", f"generate/{tiny_sd}"):
+        loads = [log.count(f"loaded {model} ") for log in worker_logs]
+        assert max(loads) == 1 and sum(loads) >= 1, loads
 
 
 def test_generate_into_an_s3_bucket(tmp_path, tiny_sd, s3_server):

@@ -40,6 +40,7 @@ class WorkerContext:
     worker_name: str
     store: ObjectStore | None = None
     decode_threads: int = 2
+    device_batch: int | None = None  # largest forward pass; None: the whole message
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: ThreadPoolExecutor | None = None
 
@@ -203,7 +204,11 @@ def _forward_isolating_failures(
                 ctx.cache.relieve(exc, keep=runner)
                 raise
 
-    return _split_on_error(forward, items)
+    size = ctx.device_batch or len(items)
+    results: list[dict[str, Any] | BaseException] = []
+    for start in range(0, len(items), size):
+        results.extend(_split_on_error(forward, items[start : start + size]))
+    return results
 
 
 def _split_on_error(

@@ -22,11 +22,11 @@ from pixelmill.settings import mask_url
 @click.option(
     "--cpu-workers",
     type=click.IntRange(1, 256),
-    default=1,
-    show_default=True,
-    help="Worker processes on the CPU, when the CPU is used; they share the cores.",
+    default=None,
+    help="Worker processes when the CPU is used; they share the cores (default: one per "
+    "core, up to 4).",
 )
-def worker(devices: str, cpu_workers: int) -> None:
+def worker(devices: str, cpu_workers: int | None) -> None:
     """Run device workers until stopped (SIGTERM or Ctrl-C drains them cleanly).
 
     One process per device, pinned with CUDA_VISIBLE_DEVICES, restarted if it crashes. With no

@@ -15,7 +15,7 @@ import sys
 
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
-from pixelmill.settings import load_settings
+from pixelmill.settings import device_batch_size, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_name=node,
         store=open_store(settings.resolved_store_url(), settings),
         decode_threads=settings.decode_threads,
+        device_batch=device_batch_size(settings, device),
     )
     app = create_app(settings)
     register_tasks(app, ctx)
