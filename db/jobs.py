@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
@@ -312,6 +313,14 @@ def batch_counts(session: Session, batch_id: str) -> BatchCounts:
     ):
         counts.by_status[JobStatus(status).value] = n
     return counts
+
+
+def last_finished_at(session: Session, batch_id: str) -> datetime | None:
+    """When the batch's last job finished (UTC), as the workers recorded it."""
+    value = session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id))
+    if value is not None and value.tzinfo is None:  # SQLite keeps no zone: it was UTC
+        value = value.replace(tzinfo=UTC)
+    return value
 
 
 def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tuple[str, int]]:

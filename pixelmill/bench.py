@@ -15,6 +15,7 @@ bench never touches the configured services or their data.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import shutil
@@ -95,47 +96,56 @@ class Bench:
         return str(sub.batch_id)
 
     def timed(self, client: Any, n: int, *, model: str, batch_size: int) -> float:
-        """Items per second for n items, from submit to the last committed result."""
-        start = time.perf_counter()
+        """Items per second for n items, from the submit to the last result committed (as the
+        workers timestamp it: the bench polls the database rarely, to take no CPU from them)."""
+        start = time.time()
         batch = self.submit(client, n, model=model, batch_size=batch_size)
-        counts = client.wait(batch, timeout=24 * 3600, interval=0.02)
-        elapsed = time.perf_counter() - start
-        if counts.by_status.get("done") != n:
+        counts = client.wait(batch, timeout=24 * 3600, interval=0.25)
+        finished = client.finished_at(batch)
+        if counts.by_status.get("done") != n or finished is None:
             failures = client.failures(batch)
             raise RuntimeError(f"bench batch did not complete: {counts.by_status} {failures}")
-        return n / elapsed
+        return n / (finished.timestamp() - start)
 
     # ---- measures --------------------------------------------------------------------
 
     def model_only(self) -> tuple[float, str]:
-        import torch
-
-        from models.registry import create_runner
-
+        """The model alone, configured as the workers run it: on the CPU, one process per
+        worker with its share of the threads, all at once (their rates add up)."""
         cfg = self.cfg
         device = cfg.device if cfg.device == "cpu" else "cuda:0"
-        runner = create_runner(cfg.task, cfg.model_name)
-        runner.load(device)
-        opts = task_options(cfg.task, {**self.options, "batch_size": cfg.size}, cfg.model_name)
-        options = opts.model_dump(mode="json", exclude_none=True)
-        if cfg.task == "generate":
-            items = [
-                runner.prepare(p, {"prompt": p, "seed": i}, options)
-                for i, p in enumerate(PROMPTS[i % len(PROMPTS)] for i in range(cfg.images))
-            ]
-        else:
-            items = [runner.prepare(str(p), {}, options) for p in self.paths]
-        step = self.forward_batch
-        batches = [items[i : i + step] for i in range(0, len(items), step)]
-        on_device = [runner.collate(b) for b in batches]
-        runner.forward(on_device[0], options)  # warm-up
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for batch in on_device:
-            runner.forward(batch, options)
-        sync()
-        return len(items) / (time.perf_counter() - start), runner.precision
+        specs = cpu_workers(self.workers) if device == "cpu" else [None]
+        args: dict[str, Any] = {
+            "task": cfg.task,
+            "model": cfg.model_name,
+            "device": device,
+            "options": {**self.options, "batch_size": cfg.size},
+            "forward_batch": self.forward_batch,
+        }
+        if len(specs) == 1:
+            return _model_only(**args, inputs=self.inputs(), threads=None, barrier=None)
+        ctx = multiprocessing.get_context("spawn")
+        barrier = ctx.Barrier(len(specs))
+        results = ctx.Queue()
+        shares = [self.inputs()[i :: len(specs)] for i in range(len(specs))]
+        procs = [
+            ctx.Process(
+                target=_model_only_child,
+                args=(results, args, share, spec.threads if spec else None, barrier),
+            )
+            for spec, share in zip(specs, shares, strict=True)
+        ]
+        for proc in procs:
+            proc.start()
+        rates = [results.get(timeout=3600) for _ in procs]
+        for proc in procs:
+            proc.join()
+        return sum(rate for rate, _ in rates), rates[0][1]
+
+    def inputs(self) -> list[str]:
+        if self.cfg.task == "generate":
+            return [PROMPTS[i % len(PROMPTS)] for i in range(self.cfg.images)]
+        return [str(p) for p in self.paths]
 
     @property
     def forward_batch(self) -> int:
@@ -149,13 +159,15 @@ class Bench:
         from worker.app import NOOP
 
         n = self.cfg.noop_tasks
-        start = time.perf_counter()
+        start = time.time()
         with client.app.producer_or_acquire() as producer:
             for _ in range(n):
                 client.app.send_task(NOOP, producer=producer)
         batch = self.submit(client, 1, model="null", batch_size=1)
-        client.wait(batch, timeout=3600, interval=0.02)
-        return n / (time.perf_counter() - start)
+        client.wait(batch, timeout=3600, interval=0.25)
+        finished = client.finished_at(batch)
+        assert finished is not None
+        return n / (finished.timestamp() - start)
 
     @contextmanager
     def cluster(self, workers: int) -> Iterator[Any]:
@@ -227,6 +239,49 @@ class Bench:
             "options": dict(cfg.options),
             "torch": torch.__version__,
         }
+
+
+def _model_only(
+    *,
+    task: str,
+    model: str,
+    device: str,
+    options: dict[str, Any],
+    forward_batch: int,
+    inputs: list[str],
+    threads: int | None,
+    barrier: Any,
+) -> tuple[float, str]:
+    """Items per second of the model alone on ``inputs`` prepared and moved to the device
+    beforehand; and the precision it ran in."""
+    import torch
+
+    from models.registry import create_runner
+
+    if threads:
+        torch.set_num_threads(threads)
+    runner = create_runner(task, model)
+    runner.load(device)
+    opts = task_options(task, options, model).model_dump(mode="json", exclude_none=True)
+    items = [runner.prepare(x, {"prompt": x, "seed": i}, opts) for i, x in enumerate(inputs)]
+    batches = [items[i : i + forward_batch] for i in range(0, len(items), forward_batch)]
+    on_device = [runner.collate(b) for b in batches]
+    runner.forward(on_device[0], opts)  # warm-up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    if barrier is not None:
+        barrier.wait()
+    start = time.perf_counter()
+    for batch in on_device:
+        runner.forward(batch, opts)
+    sync()
+    return len(items) / (time.perf_counter() - start), runner.precision
+
+
+def _model_only_child(
+    results: Any, args: dict[str, Any], inputs: list[str], threads: int | None, barrier: Any
+) -> None:
+    results.put(_model_only(**args, inputs=inputs, threads=threads, barrier=barrier))
 
 
 def rounded(figures: dict[str, float]) -> dict[str, float]:

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         ge=1,
         le=4096,
         description="Largest forward pass a worker runs; a message's batch is split into "
-        "passes of this size (default: 8 on the CPU, where small batches run fastest; the "
+        "passes of this size (default: 2 on the CPU, where small batches run fastest; the "
         "whole message on a GPU).",
     )
     top_k: int = Field(default=5, ge=1, le=1000, description="Labels kept per classify result.")
@@ -194,7 +194,7 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-CPU_DEVICE_BATCH = 8
+CPU_DEVICE_BATCH = 2
 
 
 def device_batch_size(settings: Settings, device: str) -> int | None:

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,6 +23,7 @@ from db.jobs import (
     create_batch,
     failure_reasons,
     iter_batch_jobs,
+    last_finished_at,
 )
 from db.migrate import upgrade
 from db.store import open_store
@@ -183,6 +185,11 @@ class Client:
     def status(self, batch_id: str) -> BatchCounts:
         with self.sessions() as session:
             return batch_counts(session, batch_id)
+
+    def finished_at(self, batch_id: str) -> datetime | None:
+        """When the batch's last job finished (UTC), or None if none has."""
+        with self.sessions() as session:
+            return last_finished_at(session, batch_id)
 
     def failures(self, batch_id: str) -> list[tuple[str, int]]:
         with self.sessions() as session:
