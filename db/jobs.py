@@ -7,9 +7,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -153,50 +153,50 @@ def create_batch(
     return NewBatch(batch_id=batch_id, job_ids=job_ids)
 
 
+OPEN = (JobStatus.queued, JobStatus.running)
+JOBS = cast(Table, Job.__table__)
+
+
 def claim_jobs(
     session: Session, job_ids: Sequence[str], *, worker: str, device: str
 ) -> list[ClaimedJob]:
     """Mark the still-unfinished jobs among ``job_ids`` running and return them, in order.
 
     Jobs already done or failed are left alone and not returned: a redelivered message
-    changes nothing.
+    changes nothing. One UPDATE .. RETURNING, then the batches' task, model and options.
     """
     if not job_ids:
         return []
-    session.execute(
-        update(Job)
-        .where(Job.id.in_(job_ids), Job.status.in_([JobStatus.queued, JobStatus.running]))
+    conn = session.connection()
+    rows = conn.execute(
+        update(JOBS)
+        .where(JOBS.c.id.in_(job_ids), JOBS.c.status.in_(OPEN))
         .values(
             status=JobStatus.running,
-            attempts=Job.attempts + 1,
+            attempts=JOBS.c.attempts + 1,
             worker=worker,
             device=device,
             started_at=utcnow(),
         )
-    )
-    rows = session.execute(
-        select(
-            Job.id,
-            Job.batch_id,
-            Job.input,
-            Job.params,
-            Job.attempts,
-            Batch.task,
-            Batch.model,
-            Batch.options,
-        )
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Job.id.in_(job_ids), Job.status == JobStatus.running)
+        .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.input, JOBS.c.params, JOBS.c.attempts)
     ).all()
+    batches = {
+        b.id: b
+        for b in conn.execute(
+            select(Batch.id, Batch.task, Batch.model, Batch.options).where(
+                Batch.id.in_({r.batch_id for r in rows})
+            )
+        )
+    }
     by_id = {
         r.id: ClaimedJob(
             job_id=r.id,
             batch_id=r.batch_id,
             input=r.input,
             params=dict(r.params or {}),
-            task=r.task,
-            model=r.model,
-            options=dict(r.options or {}),
+            task=batches[r.batch_id].task,
+            model=batches[r.batch_id].model,
+            options=dict(batches[r.batch_id].options or {}),
             attempts=r.attempts,
         )
         for r in rows
@@ -205,27 +205,46 @@ def claim_jobs(
 
 
 def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
-    """Record a batch of outcomes: results by upsert, then job states, forward only.
+    """Record a batch of outcomes: job states (forward only), results and artifacts.
 
-    Jobs already done or failed (a redelivered message, a slower duplicate) are left exactly
-    as they are: their outcome here is dropped. Rows are locked first on PostgreSQL so that
-    two workers racing on the same jobs serialise.
+    Each job's state moves with an UPDATE .. WHERE status is still open .. RETURNING: jobs
+    already done or failed (a redelivered message, a slower duplicate) are left exactly as
+    they are and their outcome here is dropped. The UPDATE locks the rows on PostgreSQL, so
+    two workers racing on the same jobs serialise and the second finds them finished.
     """
     if not outcomes:
         return
-    open_ids = set(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.id.in_([o.job_id for o in outcomes]),
-                Job.status.in_([JobStatus.queued, JobStatus.running]),
-            )
-            .with_for_update()
-        )
-    )
-    outcomes = [o for o in outcomes if o.job_id in open_ids]
+    conn = session.connection()
     now = utcnow()
-    results = [o for o in outcomes if o.result is not None and o.error is None]
+    moved: set[str] = set()
+    done_by_device: dict[str, list[str]] = {}
+    for o in outcomes:
+        if o.result is not None and o.error is None:
+            done_by_device.setdefault(o.device, []).append(o.job_id)
+            continue
+        moved.update(
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id == o.job_id, JOBS.c.status.in_(OPEN))
+                .values(
+                    status=JobStatus.failed,
+                    error=o.error or "unknown error",
+                    device=o.device,
+                    finished_at=now,
+                )
+                .returning(JOBS.c.id)
+            ).scalars()
+        )
+    for device, ids in done_by_device.items():
+        moved.update(
+            conn.execute(
+                update(JOBS)
+                .where(JOBS.c.id.in_(ids), JOBS.c.status.in_(OPEN))
+                .values(status=JobStatus.done, error=None, device=device, finished_at=now)
+                .returning(JOBS.c.id)
+            ).scalars()
+        )
+    results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
     if results:
         _upsert(
             session,
@@ -257,27 +276,6 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     ]
     if artifacts:
         _upsert(session, Artifact, artifacts, key=Artifact.key)
-    done_by_device: dict[str, list[str]] = {}
-    for o in outcomes:
-        if o.result is not None and o.error is None:
-            done_by_device.setdefault(o.device, []).append(o.job_id)
-            continue
-        session.execute(
-            update(Job)
-            .where(Job.id == o.job_id)
-            .values(
-                status=JobStatus.failed,
-                error=o.error or "unknown error",
-                device=o.device,
-                finished_at=now,
-            )
-        )
-    for device, ids in done_by_device.items():
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids))
-            .values(status=JobStatus.done, error=None, device=device, finished_at=now)
-        )
 
 
 def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: Any) -> None:

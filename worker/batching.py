@@ -119,7 +119,9 @@ def _run_group(
     if ready:
         results = _forward_isolating_failures(ctx, runner, [item for _, item in ready], options)
         finished = [(job, res) for (job, _), res in zip(ready, results, strict=True)]
-        stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))
+        stored: list[tuple[ArtifactRecord, ...]] = [()] * len(finished)
+        if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
+            stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))
         for (job, res), artifacts in zip(finished, stored, strict=True):
             if isinstance(res, BaseException):
                 outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
