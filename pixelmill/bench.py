@@ -31,6 +31,7 @@ from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
 from pixelmill.settings import device_batch_size, load_settings
 from worker.supervisor import cpu_workers
 
+NULL_ITEMS = 4096
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png"]
 
@@ -82,6 +83,13 @@ class Bench:
         self.workers = (cfg.workers or len(cpu_workers())) if cfg.device == "cpu" else 1
         generate = cfg.task == "generate"
         self.paths = [] if generate else make_jpegs(work / "images", cfg.images, cfg.image_size)
+        # The null and no-op measures are fast: give them enough items to time well (more
+        # names for the same files, as hard links).
+        self.null_items = max(cfg.images, NULL_ITEMS)
+        for i in range(len(self.paths), 0 if generate else self.null_items):
+            link = work / "images" / f"link{i:06d}.jpg"
+            os.link(self.paths[i % cfg.images], link)
+            self.paths.append(link)
 
     # ---- the workload: the same n items for every measure -------------------------------
 
@@ -145,7 +153,7 @@ class Bench:
     def inputs(self) -> list[str]:
         if self.cfg.task == "generate":
             return [PROMPTS[i % len(PROMPTS)] for i in range(self.cfg.images)]
-        return [str(p) for p in self.paths]
+        return [str(p) for p in self.paths[: self.cfg.images]]
 
     @property
     def forward_batch(self) -> int:
@@ -203,7 +211,9 @@ class Bench:
             naive_n = cfg.naive_images or n
             figures["naive_ips"] = self.timed(client, naive_n, model=cfg.model_name, batch_size=1)
             self.say("null model")
-            figures["null_ips"] = self.timed(client, n, model="null", batch_size=cfg.size)
+            figures["null_ips"] = self.timed(
+                client, self.null_items, model="null", batch_size=cfg.size
+            )
             self.say("celery no-op tasks")
             figures["celery_noop_tps"] = self.noop_tps(client)
         if self.workers > 1:
@@ -211,7 +221,7 @@ class Bench:
                 self.say("null model, one worker")
                 self.timed(client, cfg.size, model="null", batch_size=cfg.size)
                 figures["null_ips_one_worker"] = self.timed(
-                    client, n, model="null", batch_size=cfg.size
+                    client, self.null_items, model="null", batch_size=cfg.size
                 )
         return {**self.settings_figures(precision), **rounded(figures), **ratios(figures)}
 
@@ -232,6 +242,7 @@ class Bench:
             "batch_size": cfg.size,
             "forward_batch": self.forward_batch,
             "images": cfg.images,
+            "null_items": self.null_items,
             "image_size": (
                 "prompts" if cfg.task == "generate" else f"{cfg.image_size[0]}x{cfg.image_size[1]}"
             ),
