@@ -27,13 +27,21 @@ class Runner(ABC):
     task: ClassVar[str]
 
     def __init__(
-        self, name: str, *, precision: str = "auto", trust_remote_code: bool = False, **_: Any
+        self,
+        name: str,
+        *,
+        precision: str = "auto",
+        trust_remote_code: bool = False,
+        compile: bool = False,
+        **_: Any,
     ) -> None:
         """``precision``: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.
-        ``trust_remote_code``: run code shipped with a hub model; off unless the user asks."""
+        ``trust_remote_code``: run code shipped with a hub model; off unless the user asks.
+        ``compile``: ``torch.compile`` the network (slow first batches, faster after)."""
         self.name = name
         self.precision_option = precision
         self.trust_remote_code = trust_remote_code
+        self.compile = compile
         self.revision: str | None = None
         self.device: str | None = None
         self.precision = "fp32"

@@ -4,7 +4,7 @@ Hugging Face image-classification model (hub id or local folder)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
@@ -37,6 +37,8 @@ class Classifier(Runner):
         model = model.eval().to(device)
         if self.channels_last and device.startswith("cuda"):
             model = model.to(memory_format=torch.channels_last)
+        if self.compile:
+            model = cast(torch.nn.Module, torch.compile(model))
         return model
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:

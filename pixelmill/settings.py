@@ -83,6 +83,9 @@ class Settings(BaseSettings):
         "whole message on a GPU).",
     )
     top_k: int = Field(default=5, ge=1, le=1000, description="Labels kept per classify result.")
+    compile: bool = Field(
+        default=False, description="torch.compile the models (classify, generate) in workers."
+    )
     model_cache_size: int = Field(
         default=2, ge=1, le=64, description="Models a worker keeps loaded (least recently used go)."
     )

@@ -79,3 +79,18 @@ def test_cache_loads_each_model_once(tiny_classifier):
     first = cache.get("classify", str(tiny_classifier))
     assert cache.get("classify", str(tiny_classifier)) is first
     assert cache.loads == 1
+
+
+@pytest.mark.slow
+def test_compiled_classifier_gives_the_eager_results(tiny_classifier):
+    """PIXELMILL_COMPILE: torch.compile on the real loading path (about 20 s on this CPU)."""
+    eager = create_runner("classify", str(tiny_classifier), top_k=3)
+    compiled = create_runner("classify", str(tiny_classifier), top_k=3, compile=True)
+    eager.load("cpu")
+    compiled.load("cpu")
+    image = Image.open(skimage_data() / "coffee.png").convert("RGB")
+    items = [eager.preprocess(image)] * 3
+    ours, theirs = compiled.run(items), eager.run(items)
+    assert [x["label"] for x in ours[0]["labels"]] == [x["label"] for x in theirs[0]["labels"]]
+    assert ours[0]["labels"][0]["score"] == pytest.approx(theirs[0]["labels"][0]["score"], 1e-4)
+    assert type(compiled.model).__name__ == "OptimizedModule"

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     node = f"pixelmill-{name}@{socket.gethostname()}"
     ctx = WorkerContext(
         sessions=make_sessionmaker(engine),
-        cache=ModelCache(device, size=settings.model_cache_size, top_k=settings.top_k),
+        cache=ModelCache(
+            device, size=settings.model_cache_size, top_k=settings.top_k, compile=settings.compile
+        ),
         device_label=label,
         worker_name=node,
         store=open_store(settings.resolved_store_url(), settings),
