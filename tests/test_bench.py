@@ -1,0 +1,45 @@
+"""`pixelmill bench` end to end on a small workload: the figures it promises, measured for real."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import pixelmill, pixelmill_env
+
+pytestmark = pytest.mark.slow
+
+KEYS = {
+    "model_only_ips", "e2e_ips", "naive_ips", "null_ips", "celery_noop_tps",
+    "e2e_over_model_only", "e2e_over_naive", "null_over_celery_noop",
+    "task", "model", "device", "precision", "batch_size", "forward_batch", "images",
+    "image_size", "workers",
+}  # fmt: skip
+
+
+def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    out = pixelmill("bench", "classify", "--images", "24", "--batch-size", "8", "--workers",
+                    "2", "--noop-tasks", "200", "--json", env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout)
+    assert KEYS | {"null_ips_one_worker", "null_scaling"} <= set(figures)
+    assert (figures["task"], figures["model"], figures["device"]) == (
+        "classify", "efficientnet_lite0", "cpu"
+    )  # fmt: skip
+    assert (figures["workers"], figures["batch_size"], figures["precision"]) == (2, 8, "fp32")
+    for key in ("model_only_ips", "e2e_ips", "naive_ips", "null_ips", "celery_noop_tps"):
+        assert figures[key] > 0
+    # The null model does no work: it must beat the real model end to end.
+    assert figures["null_ips"] > figures["e2e_ips"]
+    assert figures["e2e_over_model_only"] == pytest.approx(
+        figures["e2e_ips"] / figures["model_only_ips"], rel=0.02
+    )
+    # A bench leaves nothing behind in the configured data dir.
+    assert not (tmp_path / "data" / "pixelmill.db").exists()
+
+    table = pixelmill("bench", "classify", "--model", "null", "--images", "8",
+                      "--noop-tasks", "50", "--workers", "1", env=env, timeout=600)  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert "end to end / model only" in table.stdout and "null" in table.stdout
