@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ class BenchConfig:
     image_size: tuple[int, int] = (640, 480)
     naive_images: int | None = None  # default: images
     noop_tasks: int = 2000
+    repeat: int = 3  # each measure this many times; figures are medians
     options: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -195,35 +197,47 @@ class Bench:
             yield client
 
     def run(self) -> dict[str, Any]:
+        """Each measure ``repeat`` times, in interleaved rounds (so that a noisy moment of the
+        machine does not fall on one measure only); the figures are the medians."""
         cfg = self.cfg
         n = cfg.images
-        figures: dict[str, Any] = {}
-        self.say("model only")
-        figures["model_only_ips"], precision = self.model_only()
+        runs: dict[str, list[float]] = {}
+
+        def record(key: str, value: float) -> None:
+            runs.setdefault(key, []).append(value)
+
+        precision = "fp32"
+        for round_ in range(cfg.repeat):
+            self.say(f"model only ({round_ + 1}/{cfg.repeat})")
+            ips, precision = self.model_only()
+            record("model_only_ips", ips)
         with self.cluster(self.workers) as client:
             self.say("warming up the workers")
             for model in (cfg.model_name, "null"):
                 for _ in range(self.workers):
                     self.timed(client, cfg.size, model=model, batch_size=cfg.size)
-            self.say("end to end")
-            figures["e2e_ips"] = self.timed(client, n, model=cfg.model_name, batch_size=cfg.size)
-            self.say("naive: one task per image, batch size 1")
-            naive_n = cfg.naive_images or n
-            figures["naive_ips"] = self.timed(client, naive_n, model=cfg.model_name, batch_size=1)
-            self.say("null model")
-            figures["null_ips"] = self.timed(
-                client, self.null_items, model="null", batch_size=cfg.size
-            )
-            self.say("celery no-op tasks")
-            figures["celery_noop_tps"] = self.noop_tps(client)
+            for round_ in range(cfg.repeat):
+                self.say(f"end to end, naive, null, Celery no-op ({round_ + 1}/{cfg.repeat})")
+                record("e2e_ips", self.timed(client, n, model=cfg.model_name, batch_size=cfg.size))
+                naive_n = cfg.naive_images or n
+                record("naive_ips", self.timed(client, naive_n, model=cfg.model_name, batch_size=1))
+                record("null_ips", self.timed(client, self.null_items, model="null",
+                                              batch_size=cfg.size))  # fmt: skip
+                record("celery_noop_tps", self.noop_tps(client))
         if self.workers > 1:
             with self.cluster(1) as client:
-                self.say("null model, one worker")
                 self.timed(client, cfg.size, model="null", batch_size=cfg.size)
-                figures["null_ips_one_worker"] = self.timed(
-                    client, self.null_items, model="null", batch_size=cfg.size
-                )
-        return {**self.settings_figures(precision), **rounded(figures), **ratios(figures)}
+                for round_ in range(cfg.repeat):
+                    self.say(f"null model, one worker ({round_ + 1}/{cfg.repeat})")
+                    ips = self.timed(client, self.null_items, model="null", batch_size=cfg.size)
+                    record("null_ips_one_worker", ips)
+        figures = {key: statistics.median(values) for key, values in runs.items()}
+        return {
+            **self.settings_figures(precision),
+            **rounded(figures),
+            **ratios(figures),
+            "runs": {key: [round(v, 2) for v in values] for key, values in runs.items()},
+        }
 
     def settings_figures(self, precision: str) -> dict[str, Any]:
         import torch
@@ -247,6 +261,7 @@ class Bench:
                 "prompts" if cfg.task == "generate" else f"{cfg.image_size[0]}x{cfg.image_size[1]}"
             ),
             "workers": self.workers,
+            "repeat": cfg.repeat,
             "options": dict(cfg.options),
             "torch": torch.__version__,
         }

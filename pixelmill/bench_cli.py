@@ -86,6 +86,13 @@ def _option(text: str) -> tuple[str, Any]:
     metavar="KEY=VALUE",
     help="A task option, e.g. --set steps=2 --set width=64 --set height=64.",
 )
+@click.option(
+    "--repeat",
+    type=click.IntRange(1, 100),
+    default=3,
+    show_default=True,
+    help="Runs of each measure; the figures are medians (all runs are in --json).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def bench(
     task: str,
@@ -98,6 +105,7 @@ def bench(
     naive_images: int | None,
     noop_tasks: int,
     options: tuple[str, ...],
+    repeat: int,
     as_json: bool,
 ) -> None:
     """Measure throughput against its limits, side by side in one run.
@@ -126,6 +134,7 @@ def bench(
             naive_images=naive_images,
             noop_tasks=noop_tasks,
             options=tuple(_option(o) for o in options),
+            repeat=repeat,
         )
         figures = run_bench(cfg, progress=lambda step: click.echo(f"bench: {step}", err=True))
     if as_json:
@@ -142,7 +151,8 @@ def _table(figures: dict[str, Any]) -> None:
         f"{figures['task']} · {figures['model']} · {figures['device']} ({figures['device_name']})"
         f" · {figures['precision']} · batch {figures['batch_size']} (forward"
         f" {figures['forward_batch']}) · {figures['images']} items"
-        f" ({figures['image_size']}) · {figures['workers']} worker(s)"
+        f" ({figures['image_size']}) · {figures['workers']} worker(s) · median of"
+        f" {figures['repeat']}"
     )
     table = Table(title=title)
     table.add_column("measure")

@@ -21,7 +21,8 @@ KEYS = {
 def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
     env = pixelmill_env(data_dir=str(tmp_path / "data"))
     out = pixelmill("bench", "classify", "--images", "24", "--batch-size", "8", "--workers",
-                    "2", "--noop-tasks", "200", "--json", env=env, timeout=600)  # fmt: skip
+                    "2", "--noop-tasks", "200", "--repeat", "1", "--json", env=env,
+                    timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
     assert KEYS | {"null_ips_one_worker", "null_scaling"} <= set(figures)
@@ -29,6 +30,7 @@ def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
         "classify", "efficientnet_lite0", "cpu"
     )  # fmt: skip
     assert (figures["workers"], figures["batch_size"], figures["precision"]) == (2, 8, "fp32")
+    assert all(len(runs) == 1 for runs in figures["runs"].values())
     for key in ("model_only_ips", "e2e_ips", "naive_ips", "null_ips", "celery_noop_tps"):
         assert figures[key] > 0
     # The null model does no work: it must beat the real model end to end.
@@ -40,6 +42,7 @@ def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
     assert not (tmp_path / "data" / "pixelmill.db").exists()
 
     table = pixelmill("bench", "classify", "--model", "null", "--images", "8",
-                      "--noop-tasks", "50", "--workers", "1", env=env, timeout=600)  # fmt: skip
+                      "--noop-tasks", "50", "--workers", "1", "--repeat", "2", env=env,
+                      timeout=600)  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "end to end / model only" in table.stdout and "null" in table.stdout

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,32 +108,39 @@ def _run_group(
         return [failed(job, str(exc)) for job in jobs]
 
     options = jobs[0].options
-    prepared = list(ctx.pool.map(lambda job: _prepare(runner, job), jobs))
-    ready = []
+    # Decoding is queued for the whole message at once, in order; each forward pass starts as
+    # soon as its own items are ready (the first pass does not wait for the last decode).
+    pending = [(job, ctx.pool.submit(_prepare, runner, job)) for job in jobs]
     outcomes: dict[str, Outcome] = {}
-    for job, item in zip(jobs, prepared, strict=True):
-        if isinstance(item, _Unusable):
-            outcomes[job.job_id] = failed(job, item.reason)
-        else:
-            ready.append((job, item))
-    if ready:
-        results = _forward_isolating_failures(ctx, runner, [item for _, item in ready], options)
-        finished = [(job, res) for (job, _), res in zip(ready, results, strict=True)]
-        stored: list[tuple[ArtifactRecord, ...]] = [()] * len(finished)
-        if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
-            stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))
-        for (job, res), artifacts in zip(finished, stored, strict=True):
-            if isinstance(res, BaseException):
-                outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
+    finished: list[tuple[ClaimedJob, dict[str, Any] | BaseException]] = []
+
+    def ready_items(chunk: list[tuple[ClaimedJob, Future[Any]]]) -> list[tuple[ClaimedJob, Any]]:
+        ready = []
+        for job, future in chunk:
+            item = future.result()
+            if isinstance(item, _Unusable):
+                outcomes[job.job_id] = failed(job, item.reason)
             else:
-                outcomes[job.job_id] = Outcome(
-                    job_id=job.job_id,
-                    result=res,
-                    model=model,
-                    model_revision=runner.revision,
-                    device=ctx.device_label,
-                    artifacts=artifacts,
-                )
+                ready.append((job, item))
+        return ready
+
+    for job, res in _forward_isolating_failures(ctx, runner, pending, ready_items, options):
+        finished.append((job, res))
+    stored: list[tuple[ArtifactRecord, ...]] = [()] * len(finished)
+    if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
+        stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))
+    for (job, res), artifacts in zip(finished, stored, strict=True):
+        if isinstance(res, BaseException):
+            outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
+        else:
+            outcomes[job.job_id] = Outcome(
+                job_id=job.job_id,
+                result=res,
+                model=model,
+                model_revision=runner.revision,
+                device=ctx.device_label,
+                artifacts=artifacts,
+            )
     return [outcomes[job.job_id] for job in jobs]
 
 
@@ -193,23 +200,35 @@ def _prepare(runner: Runner, job: ClaimedJob) -> Any:
 
 
 def _forward_isolating_failures(
-    ctx: WorkerContext, runner: Runner, items: list[Any], options: dict[str, Any]
-) -> list[dict[str, Any] | BaseException]:
-    """Run the batch; if it raises, split it in halves down to single items, so that only an
-    item that fails alone fails (out-of-memory on a large batch, one poisonous input)."""
+    ctx: WorkerContext,
+    runner: Runner,
+    pending: list[tuple[ClaimedJob, Future[Any]]],
+    ready_items: Callable[[list[tuple[ClaimedJob, Future[Any]]]], list[tuple[ClaimedJob, Any]]],
+    options: dict[str, Any],
+) -> list[tuple[ClaimedJob, dict[str, Any] | BaseException]]:
+    """Run the message in forward passes of the device's size, each as soon as its items are
+    decoded; if a pass raises, split it in halves down to single items, so that only an item
+    that fails alone fails (out-of-memory on a large batch, one poisonous input).
+
+    The device is held for the whole message, not per pass: the message that got there first
+    finishes first (and is acked), while the next one decodes. Interleaving their passes would
+    delay both, and leave a worker idle at the end of a run while another finishes two."""
 
     def forward(chunk: list[Any]) -> list[dict[str, Any]]:
-        with ctx.device_lock:
-            try:
-                return runner.run(chunk, options)
-            except Exception as exc:
-                ctx.cache.relieve(exc, keep=runner)
-                raise
+        try:
+            return runner.run(chunk, options)
+        except Exception as exc:
+            ctx.cache.relieve(exc, keep=runner)
+            raise
 
-    size = ctx.device_batch or len(items)
-    results: list[dict[str, Any] | BaseException] = []
-    for start in range(0, len(items), size):
-        results.extend(_split_on_error(forward, items[start : start + size]))
+    size = ctx.device_batch or len(pending)
+    results: list[tuple[ClaimedJob, dict[str, Any] | BaseException]] = []
+    with ctx.device_lock:
+        for start in range(0, len(pending), size):
+            ready = ready_items(pending[start : start + size])
+            if ready:
+                out = _split_on_error(forward, [item for _, item in ready])
+                results.extend(zip([job for job, _ in ready], out, strict=True))
     return results
 
 
