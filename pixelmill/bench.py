@@ -32,7 +32,7 @@ from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
 from pixelmill.settings import device_batch_size, load_settings
 from worker.supervisor import cpu_workers
 
-NULL_ITEMS = 4096
+NULL_ITEMS = 16384
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png"]
 
