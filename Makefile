@@ -3,4 +3,4 @@ setup:  ; scripts/setup test
 check:  ; scripts/test                       # ruff + mypy + every test
 fast:   ; .venv/bin/python -m pytest -m "not slow"
 demo:   ; scripts/demo
-bench:  ; .venv/bin/python benchmarks/throughput.py classify --images 256 --batch-size 32
+bench:  ; .venv/bin/pixelmill bench classify --images 256
