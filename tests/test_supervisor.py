@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,55 @@ def test_several_cpu_workers_share_the_cores_under_distinct_names():
     assert all(d.label == "cpu" and d.threads == max(1, (os.cpu_count() or 1) // 2) for d in two)
     with pytest.raises(ConfigError, match="--cpu-workers"):
         parse_devices("cpu", cpu=0)
+
+
+def test_a_gpu_worker_is_spawned_pinned_to_its_device(tmp_path, redis_server):
+    """No GPU here, but the pinning is real: the child process of cuda:3 sees only GPU 3
+    (CUDA_VISIBLE_DEVICES=3), is a fresh process (spawned, not forked) and names itself
+    pixelmill-cuda3 for Flower; the CPU workers see no GPU at all."""
+    from pixelmill.settings import load_settings
+    from worker.supervisor import Supervisor
+
+    settings = load_settings(data_dir=tmp_path, broker_url=redis_server.url,
+                             database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")  # fmt: skip
+    specs = [DeviceSpec("cuda:3", "3"), *parse_devices("cpu", cpu=2)]
+    supervisor = Supervisor(specs, settings=settings, log_dir=tmp_path / "logs").start()
+    try:
+        envs, argv = {}, {}
+        for child in supervisor.children:
+            pid = child.process.pid
+            raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            envs[child.device.name] = dict(x.decode().split("=", 1) for x in raw if b"=" in x)
+            argv[child.device.name] = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        assert envs["cuda3"]["CUDA_VISIBLE_DEVICES"] == "3"
+        assert envs["cpu"]["CUDA_VISIBLE_DEVICES"] == envs["cpu-1"]["CUDA_VISIBLE_DEVICES"] == ""
+        assert b"worker.device_main\0--device\0cuda:3" in argv["cuda3"]
+        assert envs["cuda3"]["PIXELMILL_BROKER_URL"] == redis_server.url
+        deadline = time.monotonic() + 120
+        log = tmp_path / "logs" / "worker-cuda3.log"
+        while "pixelmill-cuda3@" not in (log.read_text() if log.exists() else ""):
+            assert time.monotonic() < deadline, "the worker never named itself"
+            time.sleep(0.5)
+    finally:
+        supervisor.stop(timeout=60)
+    assert supervisor.alive == 0
+
+
+def test_precision_is_half_on_a_gpu_and_fp32_on_the_cpu(monkeypatch):
+    """The CUDA device is the edge we cannot run here: only its bf16 query is stubbed."""
+    import torch
+
+    from models.device import autocast, resolve_precision, torch_dtype
+
+    assert resolve_precision("cpu") == "fp32" and resolve_precision("cpu", "bf16") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("cuda:0") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("cuda:0") == "fp16"
+    assert resolve_precision("cuda:0", "fp32") == "fp32"
+    assert torch_dtype("bf16") is torch.bfloat16 and torch_dtype("fp32") is torch.float32
+    ctx = autocast("cuda:0", "bf16")
+    assert isinstance(ctx, torch.autocast) and ctx.fast_dtype is torch.bfloat16
+    assert not isinstance(autocast("cpu", "fp32"), torch.autocast)
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("cuda:0", "int3")
