@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, func, insert, select, update
@@ -115,6 +115,7 @@ def create_batch(
     options: dict[str, Any] | None = None,
     name: str | None = None,
     params: Sequence[dict[str, Any] | None] | None = None,
+    queued_lease: float = 600,
 ) -> NewBatch:
     """Register a batch and one queued job per input (with its ``params``, if given).
     The caller commits, then enqueues."""
@@ -135,6 +136,7 @@ def create_batch(
     session.flush()
     job_ids = [new_id() for _ in inputs]
     now = utcnow()
+    lease_until = now + timedelta(seconds=queued_lease)
     for start in range(0, len(inputs), INSERT_CHUNK):
         rows = [
             {
@@ -146,6 +148,7 @@ def create_batch(
                 "status": JobStatus.queued,
                 "attempts": 0,
                 "created_at": now,
+                "lease_until": lease_until,
             }
             for i in range(start, min(start + INSERT_CHUNK, len(inputs)))
         ]
@@ -154,20 +157,47 @@ def create_batch(
 
 
 OPEN = (JobStatus.queued, JobStatus.running)
+GAVE_UP = "gave up after"
 JOBS = cast(Table, Job.__table__)
 
 
 def claim_jobs(
-    session: Session, job_ids: Sequence[str], *, worker: str, device: str
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    worker: str,
+    device: str,
+    lease: float = 300,
+    max_attempts: int | None = None,
 ) -> list[ClaimedJob]:
-    """Mark the still-unfinished jobs among ``job_ids`` running and return them, in order.
+    """Mark the still-unfinished jobs among ``job_ids`` running (leased to ``worker`` for
+    ``lease`` seconds) and return them, in order.
 
     Jobs already done or failed are left alone and not returned: a redelivered message
-    changes nothing. One UPDATE .. RETURNING, then the batches' task, model and options.
+    changes nothing. A job already started ``max_attempts`` times without finishing (each
+    time its worker died) is failed instead, with that reason. One UPDATE .. RETURNING, then
+    the batches' task, model and options.
     """
     if not job_ids:
         return []
     conn = session.connection()
+    now = utcnow()
+    if max_attempts is not None:
+        conn.execute(
+            update(JOBS)
+            .where(
+                JOBS.c.id.in_(job_ids),
+                JOBS.c.status.in_(OPEN),
+                JOBS.c.attempts >= max_attempts,
+            )
+            .values(
+                status=JobStatus.failed,
+                error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
+                "stopped (crashed or was killed) each time",
+                finished_at=now,
+                lease_until=None,
+            )
+        )
     rows = conn.execute(
         update(JOBS)
         .where(JOBS.c.id.in_(job_ids), JOBS.c.status.in_(OPEN))
@@ -176,7 +206,8 @@ def claim_jobs(
             attempts=JOBS.c.attempts + 1,
             worker=worker,
             device=device,
-            started_at=utcnow(),
+            started_at=now,
+            lease_until=now + timedelta(seconds=lease),
         )
         .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.input, JOBS.c.params, JOBS.c.attempts)
     ).all()
@@ -202,6 +233,20 @@ def claim_jobs(
         for r in rows
     }
     return [by_id[j] for j in job_ids if j in by_id]
+
+
+def started_before(session: Session, job_ids: Sequence[str]) -> bool:
+    """Whether any unfinished job among ``job_ids`` was already started once (its worker died
+    or was stopped before finishing it)."""
+    if not job_ids:
+        return False
+    return bool(
+        session.connection()
+        .execute(
+            select(func.max(JOBS.c.attempts)).where(JOBS.c.id.in_(job_ids), JOBS.c.status.in_(OPEN))
+        )
+        .scalar()
+    )
 
 
 def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
@@ -231,6 +276,7 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
                     error=o.error or "unknown error",
                     device=o.device,
                     finished_at=now,
+                    lease_until=None,
                 )
                 .returning(JOBS.c.id)
             ).scalars()
@@ -240,7 +286,13 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
             conn.execute(
                 update(JOBS)
                 .where(JOBS.c.id.in_(ids), JOBS.c.status.in_(OPEN))
-                .values(status=JobStatus.done, error=None, device=device, finished_at=now)
+                .values(
+                    status=JobStatus.done,
+                    error=None,
+                    device=device,
+                    finished_at=now,
+                    lease_until=None,
+                )
                 .returning(JOBS.c.id)
             ).scalars()
         )
@@ -276,6 +328,94 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     ]
     if artifacts:
         _upsert(session, Artifact, artifacts, key=Artifact.key)
+
+
+def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600) -> list[str]:
+    """A user's retry: the batch's failed jobs go back to queued, with their attempts reset
+    (the one move back a job's state makes, and only on request). Returns their ids, in order;
+    the caller commits, then enqueues them."""
+    get_batch(session, batch_id)
+    rows = (
+        session.connection()
+        .execute(
+            update(JOBS)
+            .where(JOBS.c.batch_id == batch_id, JOBS.c.status == JobStatus.failed)
+            .values(
+                status=JobStatus.queued,
+                attempts=0,
+                error=None,
+                finished_at=None,
+                started_at=None,
+                lease_until=utcnow() + timedelta(seconds=queued_lease),
+            )
+            .returning(JOBS.c.id, JOBS.c.seq)
+        )
+        .all()
+    )
+    return [r.id for r in sorted(rows, key=lambda r: r.seq)]
+
+
+def renew_leases(session: Session, *, worker: str, lease: float) -> int:
+    """The heartbeat: ``worker`` still holds its running jobs for ``lease`` more seconds."""
+    result = session.connection().execute(
+        update(JOBS)
+        .where(JOBS.c.worker == worker, JOBS.c.status == JobStatus.running)
+        .values(lease_until=utcnow() + timedelta(seconds=lease))
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """Jobs of one batch whose lease ran out, to enqueue again in messages of ``batch_size``."""
+
+    batch_id: str
+    job_ids: list[str]
+    batch_size: int
+
+
+def take_stranded(
+    session: Session, *, status: JobStatus, lease: float, limit: int = 10000
+) -> list[Stranded]:
+    """Jobs in ``status`` whose lease has run out: their message was lost (queued) or their
+    worker died (running). Each is leased again for ``lease`` seconds by the same UPDATE, so
+    two reconcilers never take the same job twice."""
+    now = utcnow()
+    conn = session.connection()
+    ids = (
+        conn.execute(
+            select(JOBS.c.id)
+            .where(JOBS.c.status == status, JOBS.c.lease_until < now)
+            .order_by(JOBS.c.lease_until)
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    if not ids:
+        return []
+    rows = conn.execute(
+        update(JOBS)
+        .where(JOBS.c.id.in_(ids), JOBS.c.status == status, JOBS.c.lease_until < now)
+        .values(lease_until=now + timedelta(seconds=lease))
+        .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.seq)
+    ).all()
+    sizes: dict[str, Any] = dict(
+        conn.execute(
+            select(Batch.id, Batch.options).where(Batch.id.in_({r.batch_id for r in rows}))
+        ).all()
+    )
+    by_batch: dict[str, list[tuple[int, str]]] = {}
+    for r in rows:
+        by_batch.setdefault(r.batch_id, []).append((r.seq, r.id))
+    return [
+        Stranded(
+            batch_id=batch_id,
+            job_ids=[job_id for _, job_id in sorted(jobs)],
+            batch_size=int((sizes.get(batch_id) or {}).get("batch_size") or 32),
+        )
+        for batch_id, jobs in by_batch.items()
+    ]
 
 
 def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: Any) -> None:

@@ -71,6 +71,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("batch_id", "seq", name="uq_jobs_batch_seq"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
+        Index("ix_jobs_status_lease", "status", "lease_until"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -90,6 +91,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Until when the job's holder is trusted with it: a queued job's message, or a running
+    # job's worker (renewed by its heartbeat). Past it, the reconciler enqueues the job again.
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Result(Base):

@@ -90,6 +90,33 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, description="Models a worker keeps loaded (least recently used go)."
     )
     queue: str = Field(default="pixelmill", min_length=1, description="Celery queue name.")
+    lease_seconds: float = Field(
+        default=60,
+        ge=1,
+        description="A running job's lease; its worker renews it every quarter of it. Past it "
+        "(the worker died) the reconciler enqueues the job again.",
+    )
+    queued_lease_seconds: float = Field(
+        default=600,
+        ge=1,
+        description="How long a queued job may wait while the broker's queue is empty before "
+        "the reconciler enqueues it again (its message was lost: a wiped Redis).",
+    )
+    reconcile_interval: float = Field(
+        default=15, ge=0.1, description="Seconds between the reconciler's passes."
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Starts of a job whose worker died each time before it is failed.",
+    )
+    visibility_timeout: float = Field(
+        default=6 * 3600,
+        ge=60,
+        description="Redis redelivers an unacknowledged message after this long; longer than "
+        "the longest batch (the reconciler recovers dead workers' jobs much sooner).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("broker_url")

@@ -267,11 +267,29 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
 
 
+@click.command()
+@click.argument("batch")
+@JSON
+def retry(batch: str, as_json: bool) -> None:
+    """Run BATCH's failed jobs again (their attempts start over); prints how many.
+
+    For failures that are worth another go: a model that is now downloaded, a file that was
+    fixed in place, a worker that crashed. Wait with `pixelmill status BATCH --wait`.
+    """
+    settings = settings_or_exit()
+    with user_errors(), Client(settings) as client:
+        n = client.retry(batch)
+    if as_json:
+        click.echo(json.dumps({"batch": batch, "retried": n}))
+    else:
+        click.echo(f"batch {batch}: {n} failed job(s) queued again")
+
+
 def _download(client: Client, batch: str, folder: str) -> None:
     saved = client.download(batch, folder)
     click.echo(f"{len(saved)} artifacts copied to {folder}", err=True)
 
 
 def register(group: click.Group) -> None:
-    for command in (run, submit, status, results):
+    for command in (run, submit, status, results, retry):
         group.add_command(command)

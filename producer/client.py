@@ -22,8 +22,10 @@ from db.jobs import (
     batch_counts,
     create_batch,
     failure_reasons,
+    get_batch,
     iter_batch_jobs,
     last_finished_at,
+    requeue_failed,
 )
 from db.migrate import upgrade
 from db.store import open_store
@@ -31,7 +33,7 @@ from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, task_o
 from pixelmill.errors import PixelmillError, ServiceUnavailable
 from pixelmill.settings import Settings, load_settings, mask_url
 from producer.inputs import InputError, expand_inputs, plan_jobs
-from worker.app import PROCESS_BATCH, create_app
+from worker.app import create_app, enqueue
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class Client:
                 params=plan.params,
                 name=name,
                 options=opts.model_dump(mode="json", exclude_none=True),
+                queued_lease=self.settings.queued_lease_seconds,
             )
         self._enqueue(new.job_ids, size)
         return Submission(batch_id=new.batch_id, jobs=len(new.job_ids))
@@ -172,13 +175,18 @@ class Client:
             raise ServiceUnavailable(f"cannot reach the broker at {where}: {exc}{hint}") from None
 
     def _enqueue(self, job_ids: list[str], size: int) -> None:
-        with self.app.producer_or_acquire() as producer:
-            for start in range(0, len(job_ids), size):
-                self.app.send_task(
-                    PROCESS_BATCH,
-                    args=[job_ids[start : start + size]],
-                    producer=producer,
-                )
+        enqueue(self.app, job_ids, size)
+
+    def retry(self, batch_id: str) -> int:
+        """Run the batch's failed jobs again (attempts reset); returns how many."""
+        self.check_broker()
+        with self.sessions.begin() as session:
+            size = int(get_batch(session, batch_id).options.get("batch_size") or 32)
+            job_ids = requeue_failed(
+                session, batch_id, queued_lease=self.settings.queued_lease_seconds
+            )
+        self._enqueue(job_ids, size)
+        return len(job_ids)
 
     # ---- read ----------------------------------------------------------------------------
 

@@ -159,3 +159,62 @@ def test_artifact_rows_are_upserted_by_key_and_listed_with_their_job(sessions):
         rows = list(iter_batch_jobs(s, new.batch_id))
     assert rows[0].artifact == artifact
     assert rows[1].artifact is None
+
+
+def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
+    from db.jobs import renew_leases, take_stranded
+
+    with sessions.begin() as s:
+        new = create_batch(s, task="classify", model="m", inputs=[f"/in/{i}.jpg" for i in range(4)],
+                           options={"batch_size": 2}, queued_lease=0)  # fmt: skip
+    with sessions.begin() as s:
+        claim_jobs(s, new.job_ids[:2], worker="dead/1", device="cpu", lease=0)
+        claim_jobs(s, new.job_ids[2:3], worker="alive/2", device="cpu", lease=0)
+        assert renew_leases(s, worker="alive/2", lease=60) == 1
+    with sessions.begin() as s:
+        (running,) = take_stranded(s, status=JobStatus.running, lease=60)
+        (queued,) = take_stranded(s, status=JobStatus.queued, lease=60)
+        # Taken once: a second reconciler right after finds nothing.
+        assert take_stranded(s, status=JobStatus.running, lease=60) == []
+    assert (running.job_ids, running.batch_size) == (new.job_ids[:2], 2)
+    assert queued.job_ids == new.job_ids[3:]
+
+
+def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(sessions):
+    new = _batch(sessions, 2)
+    for attempt in range(3):
+        with sessions.begin() as s:
+            claimed = claim_jobs(s, new.job_ids, worker=f"w/{attempt}", device="cpu",
+                                 max_attempts=3)  # fmt: skip
+        assert [c.attempts for c in claimed] == [attempt + 1] * 2
+        with sessions.begin() as s:  # the second job finishes; the first one's worker dies
+            write_outcomes(s, [Outcome(job_id=new.job_ids[1], result={"x": 1}, model="m")])
+            s.execute(Job.__table__.update().where(Job.id == new.job_ids[1])
+                      .values(status=JobStatus.running))  # fmt: skip
+    with sessions.begin() as s:
+        assert claim_jobs(s, new.job_ids[:1], worker="w/4", device="cpu", max_attempts=3) == []
+    with sessions() as s:
+        (first, _second) = list(iter_batch_jobs(s, new.batch_id))
+    assert first.status == JobStatus.failed and first.attempts == 3
+    assert "gave up after 3 attempts" in (first.error or "")
+
+
+def test_retry_puts_only_failed_jobs_back_with_fresh_attempts(sessions):
+    from db.jobs import requeue_failed
+
+    new = _batch(sessions, 3)
+    with sessions.begin() as s:
+        claim_jobs(s, new.job_ids, worker="w", device="cpu")
+        write_outcomes(s, [
+            Outcome(job_id=new.job_ids[0], result={"x": 1}, model="m"),
+            Outcome(job_id=new.job_ids[1], error="/in/1.jpg: broken", model="m"),
+            Outcome(job_id=new.job_ids[2], error="/in/2.jpg: broken", model="m"),
+        ])  # fmt: skip
+    with sessions.begin() as s:
+        assert requeue_failed(s, new.batch_id) == new.job_ids[1:]
+    with sessions() as s:
+        rows = list(iter_batch_jobs(s, new.batch_id))
+        assert [r.status for r in rows] == [JobStatus.done, JobStatus.queued, JobStatus.queued]
+        assert rows[1].attempts == 0 and rows[1].error is None
+        with pytest.raises(UnknownBatch):
+            requeue_failed(s, "nope")

@@ -40,5 +40,33 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         enable_utc=True,
+        # Redis redelivers an unacked message after this long. Longer than any batch (a slow
+        # generation batch must not run twice); dead workers' jobs come back much sooner
+        # through the reconciler (leases), not through this.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        # Reconnect forever and resume consuming when the broker comes back.
+        broker_connection_retry=True,
     )
     return app
+
+
+def enqueue(app: Celery, job_ids: list[str], size: int) -> int:
+    """One message per ``size`` job ids, in order; returns the number of messages."""
+    messages = 0
+    with app.producer_or_acquire() as producer:
+        for start in range(0, len(job_ids), size):
+            app.send_task(PROCESS_BATCH, args=[job_ids[start : start + size]], producer=producer)
+            messages += 1
+    return messages
+
+
+def queue_length(app: Celery, queue: str) -> int:
+    """Messages waiting in the broker's queue (not counting those workers hold)."""
+    with app.connection_for_read() as conn, conn.channel() as channel:
+        size = getattr(channel, "_size", None)  # the Redis transport: LLEN over priorities
+        if size is not None:
+            return int(size(queue))
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except conn.channel_errors:  # never declared, or the broker was wiped
+            return 0

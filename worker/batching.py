@@ -8,12 +8,13 @@ artifact rows that name the stored objects (one transaction).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +22,56 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.jobs import ArtifactRecord, ClaimedJob, Outcome, claim_jobs, write_outcomes
+from db.jobs import (
+    ArtifactRecord,
+    ClaimedJob,
+    Outcome,
+    claim_jobs,
+    started_before,
+    write_outcomes,
+)
 from db.store import ObjectStore, StoreError, artifact_key
 from models.base import IMAGE, Runner
 from models.cache import ModelCache
 from pixelmill.errors import BadInput, ModelUnavailable
 
 log = logging.getLogger(__name__)
+
+
+class SharedExclusiveLock:
+    """Many holders in shared mode, or one in exclusive mode; exclusive waiters go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -41,7 +85,10 @@ class WorkerContext:
     store: ObjectStore | None = None
     decode_threads: int = 2
     device_batch: int | None = None  # largest forward pass; None: the whole message
+    lease: float = 60  # seconds a claimed job is ours; the heartbeat renews it
+    max_attempts: int | None = None  # starts before a job whose worker keeps dying fails
     device_lock: threading.Lock = field(default_factory=threading.Lock)
+    isolation: SharedExclusiveLock = field(default_factory=lambda: SharedExclusiveLock())
     _pool: ThreadPoolExecutor | None = None
 
     @property
@@ -64,10 +111,25 @@ class BatchReport:
 
 
 def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
+    """Claim, run and record one message's jobs. A message holding a job that was started
+    before and never finished (its worker died: maybe this job killed it) runs alone in this
+    process, so that if it kills this one too, no other job dies with it."""
+    with ctx.sessions() as session:
+        suspect = started_before(session, list(job_ids))
+    with ctx.isolation.exclusive() if suspect else ctx.isolation.shared():
+        return _process(ctx, job_ids)
+
+
+def _process(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
     started = time.perf_counter()
     with ctx.sessions.begin() as session:
         claimed = claim_jobs(
-            session, list(job_ids), worker=ctx.worker_name, device=ctx.device_label
+            session,
+            list(job_ids),
+            worker=ctx.worker_name,
+            device=ctx.device_label,
+            lease=ctx.lease,
+            max_attempts=ctx.max_attempts,
         )
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)

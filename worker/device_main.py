@@ -12,10 +12,35 @@ import logging
 import os
 import socket
 import sys
+import threading
+from typing import Any
 
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
 from pixelmill.settings import device_batch_size, load_settings
+
+
+class Heartbeat(threading.Thread):
+    """Renews the leases of the jobs this process holds, so the reconciler leaves them be."""
+
+    def __init__(self, ctx: Any, every: float) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.ctx = ctx
+        self.every = every
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        from db.jobs import renew_leases
+
+        while not self._halt.wait(self.every):
+            try:
+                with self.ctx.sessions.begin() as session:
+                    renew_leases(session, worker=self.ctx.worker_name, lease=self.ctx.lease)
+            except Exception:  # noqa: BLE001 - the database away: the next beat tries again
+                logging.getLogger("pixelmill.worker").warning("heartbeat failed", exc_info=True)
+
+    def stop(self) -> None:
+        self._halt.set()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,19 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     upgrade(engine)
     name = label.replace(":", "") + (f"-{args.slot}" if args.slot else "")
     node = f"pixelmill-{name}@{socket.gethostname()}"
+    # Jobs are leased to this process, not to the node name: a restarted worker with the same
+    # name must not renew the leases of the jobs its dead predecessor held.
+    holder = f"{node}/{os.getpid()}"
     ctx = WorkerContext(
         sessions=make_sessionmaker(engine),
         cache=ModelCache(
             device, size=settings.model_cache_size, top_k=settings.top_k, compile=settings.compile
         ),
         device_label=label,
-        worker_name=node,
+        worker_name=holder,
         store=open_store(settings.resolved_store_url(), settings),
         decode_threads=settings.decode_threads,
         device_batch=device_batch_size(settings, device),
+        lease=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
     )
     app = create_app(settings)
     register_tasks(app, ctx)
+    heartbeat = Heartbeat(ctx, settings.lease_seconds / 4)
+    heartbeat.start()
     log.info("device worker %s starting on %s (pid %d)", node, label, os.getpid())
     try:
         app.worker_main(
@@ -81,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     finally:
+        heartbeat.stop()
         ctx.close()
         engine.dispose()
     return 0

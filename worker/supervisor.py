@@ -108,9 +108,11 @@ class Supervisor:
         self.log_dir = log_dir
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         self.env.update(settings.to_env())
+        self.settings = settings
         self.children: list[_Child] = []
         self.stopping = False
         self.crashes = 0
+        self._reconciler: Any = None
 
     def _spawn(self, device: DeviceSpec) -> subprocess.Popen[bytes]:
         env = dict(self.env)
@@ -153,7 +155,9 @@ class Supervisor:
         return sum(1 for c in self.children if c.process.poll() is None)
 
     def poll(self) -> None:
-        """Restart crashed workers, with backoff. Call it every second or so."""
+        """Restart crashed workers, with backoff, and run the reconciler when it is due.
+        Call it every second or so."""
+        self.reconcile()
         now = time.monotonic()
         for child in self.children:
             code = child.process.poll()
@@ -174,6 +178,25 @@ class Supervisor:
                 child.restarts += 1
                 child.started = now
                 child.restart_at = None
+
+    def reconcile(self) -> int:
+        """Enqueue again the jobs whose holder is gone (``worker.reconciler``)."""
+        if self._reconciler is None:
+            from db.engine import make_engine, make_sessionmaker
+            from db.migrate import upgrade
+            from worker.app import create_app
+            from worker.reconciler import Reconciler
+
+            try:
+                engine = make_engine(self.settings.resolved_database_url())
+                upgrade(engine)
+            except Exception:  # noqa: BLE001 - the database away: try again next poll
+                log.warning("reconciler cannot reach the database yet", exc_info=True)
+                return 0
+            self._reconciler = Reconciler(
+                self.settings, make_sessionmaker(engine), create_app(self.settings)
+            )
+        return int(self._reconciler.maybe_run())
 
     def stop(self, timeout: float = 120.0) -> None:
         """Warm shutdown: SIGTERM lets each worker finish its current batch (unstarted ones go

@@ -1,0 +1,165 @@
+"""Fault injection against real processes: a real Redis, real `pixelmill worker` processes,
+real SQLite. Each test ends with every job done or failed with a reason, and exactly one
+result per done job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pixelmill.settings import load_settings
+from producer import Client
+from tests.conftest import PHOTOS, pixelmill, pixelmill_env, skimage_data
+
+pytestmark = pytest.mark.slow
+
+# Short leases so that recovery happens within a test's patience.
+FAST = {"lease_seconds": "4", "queued_lease_seconds": "3", "reconcile_interval": "1",
+        "max_attempts": "3"}  # fmt: skip
+
+
+def _inputs(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [Image.open(skimage_data() / name).convert("RGB") for name in PHOTOS]
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:04d}.jpg"
+        sources[i % len(sources)].save(path, quality=85)
+        paths.append(str(path))
+    return paths
+
+
+def _env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    return pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_url,
+                         database_url=db, **FAST, **extra)  # fmt: skip
+
+
+def _client(env: dict[str, str]) -> Client:
+    settings = load_settings(**{k[len("PIXELMILL_"):].lower(): v for k, v in env.items()
+                                if k.startswith("PIXELMILL_")})  # fmt: skip
+    return Client(settings)
+
+
+def _one_result_per_done_job(tmp_path: Path, batch: str) -> tuple[int, int]:
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    done, failed = (db.execute("SELECT count(*) FROM jobs WHERE batch_id=? AND status=?",
+                               (batch, s)).fetchone()[0] for s in ("done", "failed"))  # fmt: skip
+    results = db.execute(
+        "SELECT count(*), count(DISTINCT r.job_id) FROM results r JOIN jobs j ON j.id=r.job_id "
+        "WHERE j.batch_id=?",
+        (batch,),
+    ).fetchone()
+    db.close()
+    assert results == (done, done)
+    return done, failed
+
+
+def _holders(tmp_path: Path, batch: str) -> set[int]:
+    """PIDs of the worker processes holding the batch's running jobs (holder: node/pid)."""
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    rows = db.execute("SELECT DISTINCT worker FROM jobs WHERE batch_id=? AND status='running'",
+                      (batch,)).fetchall()  # fmt: skip
+    db.close()
+    return {int(w.rsplit("/", 1)[1]) for (w,) in rows if w and "/" in w}
+
+
+def test_sigkill_mid_batch_comes_back_through_the_reconciler(tmp_path, redis_server,
+                                                               start_worker):  # fmt: skip
+    env = _env(tmp_path, redis_server.url, batch_size="16")
+    paths = _inputs(tmp_path / "in", 96)
+    with _client(env) as client:
+        sub = client.submit("classify", paths)
+        start_worker(env)
+        deadline = time.monotonic() + 120
+        while not (pids := _holders(tmp_path, sub.batch_id)):
+            assert time.monotonic() < deadline, "no job ever ran"
+            time.sleep(0.05)
+        killed = pids.pop()
+        os.kill(killed, signal.SIGKILL)  # mid-batch: its jobs are running
+        killed_at = time.monotonic()
+        counts = client.wait(sub.batch_id, timeout=120)
+        recovered_in = time.monotonic() - killed_at
+    assert counts.by_status == {"done": 96}, counts.by_status
+    assert recovered_in < 120
+    assert _one_result_per_done_job(tmp_path, sub.batch_id) == (96, 0)
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    (retried,) = db.execute("SELECT count(*) FROM jobs WHERE attempts > 1").fetchone()
+    db.close()
+    assert retried >= 1  # the killed worker's jobs ran again
+
+
+def test_a_wiped_redis_loses_messages_but_not_jobs(tmp_path, redis_server, start_worker):
+    env = _env(tmp_path, redis_server.url)
+    paths = _inputs(tmp_path / "in", 24)
+    with _client(env) as client:
+        sub = client.submit("classify", paths)  # committed and enqueued, no worker yet
+        redis_server.client().flushall()  # the messages are gone
+        start_worker(env)
+        counts = client.wait(sub.batch_id, timeout=120)
+    assert counts.by_status == {"done": 24}
+    assert _one_result_per_done_job(tmp_path, sub.batch_id) == (24, 0)
+
+
+def test_an_input_that_kills_every_worker_fails_after_max_attempts(tmp_path, redis_server,
+                                                                   start_worker):  # fmt: skip
+    # The crash is injected at the decoder edge, in the real worker processes: any image
+    # whose name holds "crashme" ends the process at once, as a native crash would.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        textwrap.dedent("""
+        import os
+        import models.images as images
+
+        _decode = images.decode_image
+
+        def decode_image(path, **kwargs):
+            if "crashme" in str(path):
+                os._exit(70)
+            return _decode(path, **kwargs)
+
+        images.decode_image = decode_image
+    """)
+    )
+    env = _env(tmp_path, redis_server.url, batch_size="8")
+    env["PYTHONPATH"] = f"{hook}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    paths = _inputs(tmp_path / "in", 15)
+    crasher = tmp_path / "in" / "crashme.jpg"
+    shutil.copy(paths[0], crasher)
+    with _client(env) as client:
+        sub = client.submit("classify", [*paths[:7], str(crasher), *paths[7:]])
+        start_worker(env)
+        counts = client.wait(sub.batch_id, timeout=240)
+        reasons = client.failures(sub.batch_id)
+    assert counts.by_status == {"done": 15, "failed": 1}, counts.by_status
+    ((reason, n),) = reasons
+    assert n == 1 and "gave up after 3 attempts" in reason
+    assert _one_result_per_done_job(tmp_path, sub.batch_id) == (15, 1)
+    status = pixelmill("status", sub.batch_id, env=env)
+    assert "gave up after 3 attempts" in status.stdout
+
+
+def test_retry_runs_failed_jobs_again(tmp_path, redis_server, start_worker):
+    env = _env(tmp_path, redis_server.url)
+    paths = _inputs(tmp_path / "in", 4)
+    broken = tmp_path / "in" / "later.jpg"
+    broken.write_bytes(b"not yet an image")
+    with _client(env) as client:
+        sub = client.submit("classify", [*paths, str(broken)])
+        start_worker(env)
+        assert client.wait(sub.batch_id, timeout=120).by_status == {"done": 4, "failed": 1}
+        shutil.copy(paths[0], broken)  # the file is fixed in place
+        out = pixelmill("retry", sub.batch_id, "--json", env=env)
+        assert out.returncode == 0, out.stderr
+        assert '"retried": 1' in out.stdout
+        assert client.wait(sub.batch_id, timeout=120).by_status == {"done": 5}
+    assert _one_result_per_done_job(tmp_path, sub.batch_id) == (5, 0)

@@ -1,0 +1,76 @@
+"""The reconciler: brings back work that nothing will otherwise finish.
+
+- A running job whose lease ran out: its worker died (SIGKILL, OOM kill, a lost host) without
+  finishing or releasing it; live workers renew their jobs' leases every quarter lease. Its
+  ids are enqueued again (the original message, unacknowledged, would only come back after
+  Redis's visibility timeout, hours later). One job per message: any of them may be what
+  killed the worker.
+- A queued job whose lease ran out while the broker's queue is empty: its message is gone (a
+  wiped or restarted-without-persistence Redis, a producer killed between commit and
+  enqueue). Enqueued again.
+
+Taking a stranded job renews its lease in the same UPDATE, so reconcilers on several hosts
+never enqueue one job twice at once; a duplicate message is harmless anyway (a claim skips
+finished jobs). A job whose worker keeps dying is failed by the claim after
+PIXELMILL_MAX_ATTEMPTS starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.jobs import take_stranded
+from db.schema import JobStatus
+from pixelmill.settings import Settings
+from worker.app import enqueue, queue_length
+
+log = logging.getLogger(__name__)
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], app: Any) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.app = app
+        self.requeued = 0
+        self._next = 0.0
+
+    def maybe_run(self) -> int:
+        """``run_once`` if ``reconcile_interval`` has passed since the last pass."""
+        now = time.monotonic()
+        if now < self._next:
+            return 0
+        self._next = now + self.settings.reconcile_interval
+        try:
+            return self.run_once()
+        except Exception:  # noqa: BLE001 - the database or broker away: try again next pass
+            log.warning("reconciler pass failed; retrying later", exc_info=True)
+            return 0
+
+    def run_once(self) -> int:
+        count = self._requeue(JobStatus.running, self.settings.lease_seconds)
+        if queue_length(self.app, self.settings.queue) == 0:
+            count += self._requeue(JobStatus.queued, self.settings.queued_lease_seconds)
+        return count
+
+    def _requeue(self, status: JobStatus, lease: float) -> int:
+        with self.sessions.begin() as session:
+            stranded = take_stranded(session, status=status, lease=lease)
+        count = 0
+        for group in stranded:
+            # A running job whose worker died may be what killed it: each goes alone, so the
+            # jobs that shared its batch finish and only a job that kills every worker
+            # accumulates attempts (and fails at PIXELMILL_MAX_ATTEMPTS).
+            size = 1 if status == JobStatus.running else group.batch_size
+            enqueue(self.app, group.job_ids, size)
+            count += len(group.job_ids)
+            log.warning(
+                "reconciler: %d %s job(s) of batch %s had no live holder; enqueued again",
+                len(group.job_ids), status.value, group.batch_id,
+            )  # fmt: skip
+        self.requeued += count
+        return count
