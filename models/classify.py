@@ -143,6 +143,13 @@ class EfficientNetLite0(Classifier):
         return self.RESIZE
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
+        w, h = image.size
+        if max(w, h) > 2 * min(w, h):
+            # Only the centre square survives the centre crop anyway; cutting it first keeps
+            # a 1x10000 strip from being resized to 256x2560000 (memory stays bounded).
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            image = image.crop((left, top, left + side, top + side))
         return self.transform(image)
 
 

@@ -3,7 +3,9 @@ workers; light (no torch)."""
 
 from __future__ import annotations
 
+import base64
 import math
+import os
 import re
 from typing import Any
 
@@ -128,3 +130,12 @@ def parse_size(text: str) -> tuple[int, int]:
     if not match:
         raise BadInput(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 512x512")
     return int(match.group(1)), int(match.group(2))
+
+
+PATH_BYTES = "path_b64"  # a job param: the exact file name bytes, when they are not UTF-8
+
+
+def job_path(input: str, params: dict[str, Any]) -> str:
+    """The file a job names: its input, or the exact bytes kept in its params."""
+    raw = params.get(PATH_BYTES)
+    return os.fsdecode(base64.b64decode(raw)) if isinstance(raw, str) else input

@@ -32,7 +32,7 @@ from db.store import open_store
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, task_options
 from pixelmill.errors import PixelmillError, ServiceUnavailable
 from pixelmill.settings import Settings, load_settings, mask_url
-from producer.inputs import InputError, expand_inputs, plan_jobs
+from producer.inputs import InputError, expand_inputs, plan_jobs, storable
 from worker.app import create_app, enqueue
 
 
@@ -139,7 +139,7 @@ class Client:
         paths = expand_inputs(inputs)
         if inputs and not paths:
             raise InputError("no input images found")
-        plan = plan_jobs(task, paths, prompts=prompts, count=count, seed=seed)
+        plan = storable(plan_jobs(task, paths, prompts=prompts, count=count, seed=seed))
         size = batch_size or self.settings.batch_size or DEFAULT_BATCH_SIZES[task]
         given = {**(options or {}), "batch_size": size}
         if task == "generate":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import sys
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pixelmill.catalog import IMAGE_EXTENSIONS
+from pixelmill.catalog import IMAGE_EXTENSIONS, PATH_BYTES
 from pixelmill.errors import PixelmillError
 
 
@@ -113,4 +114,27 @@ def plan_jobs(
         for _ in range(count):
             params.append({"prompt": prompt, "seed": (base + len(inputs)) % (MAX_SEED + 1)})
             inputs.append(source)
+    return JobPlan(inputs=inputs, params=params)
+
+
+def storable(plan: JobPlan) -> JobPlan:
+    """File names that are not valid UTF-8 (possible on Linux) cannot be stored as text: such a
+    job's ``input`` shows the name with \\x escapes, and its params carry the exact bytes, which
+    the worker opens. Other jobs are unchanged."""
+    inputs: list[str] = []
+    params: list[dict[str, Any]] = []
+    changed = False
+    for i, name in enumerate(plan.inputs):
+        extra = dict(plan.params[i]) if plan.params is not None else {}
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = os.fsencode(name)
+            extra[PATH_BYTES] = base64.b64encode(raw).decode("ascii")
+            name = raw.decode("utf-8", "backslashreplace")
+            changed = True
+        inputs.append(name)
+        params.append(extra)
+    if not changed:
+        return plan
     return JobPlan(inputs=inputs, params=params)

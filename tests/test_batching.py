@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -105,3 +107,64 @@ def test_out_of_memory_on_a_batch_frees_other_models_and_splits_it(ctx, photos, 
     assert (report.done, report.failed) == (8, 0)
     assert ("caption", str(tiny_blip)) not in ctx.cache
     assert ("classify", "efficientnet_lite0") in ctx.cache
+
+
+def _corpus(folder):
+    """The bad-input corpus: odd but valid images, and broken ones."""
+    from PIL import Image
+
+    folder.mkdir()
+    ok, bad = [], []
+    gif = folder / "animated.gif"
+    frames = [Image.new("P", (64, 48), i) for i in range(3)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=50)
+    ok.append(gif)
+    Image.new("RGB", (80, 60), (10, 200, 30)).save(folder / "photo.webp", "WEBP")
+    ok.append(folder / "photo.webp")
+    for name, size in (("tall.png", (2, 6000)), ("wide.png", (6000, 2))):
+        Image.new("RGB", size, (200, 0, 0)).save(folder / name)
+        ok.append(folder / name)
+    Image.new("CMYK", (64, 64), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.new("I;16", (64, 64), 40000).save(folder / "deep.png")
+    Image.new("RGBA", (64, 64), (0, 0, 255, 128)).save(folder / "alpha.png")
+    Image.new("L", (64, 64), 128).save(folder / "gray.png")
+    ok += [folder / "cmyk.jpg", folder / "deep.png", folder / "alpha.png", folder / "gray.png"]
+    non_utf8 = folder / os.fsdecode(b"caf\xe9.jpg")
+    Image.new("RGB", (64, 64), (5, 5, 5)).save(non_utf8, "JPEG")
+    ok.append(non_utf8)
+    # Just over Pillow's pixel limit (1-bit, so the file and the test stay small).
+    over = folder / "over-limit.png"
+    side = int((Image.MAX_IMAGE_PIXELS or 0) ** 0.5) + 10
+    Image.new("1", (side, side)).save(over)
+    bad.append(over)
+    png = folder / "truncated.png"
+    Image.effect_noise((128, 128), 50).save(png)
+    png.write_bytes(png.read_bytes()[:-400])
+    bad.append(png)
+    (folder / "dir.jpg").mkdir()
+    bad.append(folder / "dir.jpg")
+    return ok, bad
+
+
+def test_bad_input_corpus_each_done_or_failed_naming_its_file(ctx, photos, tmp_path):
+    ok, bad = _corpus(tmp_path / "corpus")
+    good = sorted(photos.iterdir())
+    inputs = [*ok, *bad, *good]
+    from producer.inputs import JobPlan, storable
+
+    plan = storable(JobPlan(inputs=[str(p) for p in inputs]))
+    with ctx.sessions.begin() as s:
+        new = create_batch(s, task="classify", model="efficientnet_lite0", inputs=plan.inputs,
+                           params=plan.params)  # fmt: skip
+    report = process_batch(ctx, new.job_ids)
+    assert (report.done, report.failed) == (len(ok) + len(good), len(bad))
+    with ctx.sessions() as s:
+        rows = list(iter_batch_jobs(s, new.batch_id))
+    for row, path in zip(rows, inputs, strict=True):
+        if path in bad:
+            assert row.status == JobStatus.failed
+            assert os.fsencode(path).decode("utf-8", "backslashreplace") in (row.error or "")
+        else:
+            assert row.status == JobStatus.done, row.error
+            assert len(row.result["labels"]) == 5
+    assert rows[ok.index(ok[-1])].input.endswith("caf\\xe9.jpg")

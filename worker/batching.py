@@ -33,6 +33,7 @@ from db.jobs import (
 from db.store import ObjectStore, StoreError, artifact_key
 from models.base import IMAGE, Runner
 from models.cache import ModelCache
+from pixelmill.catalog import job_path
 from pixelmill.errors import BadInput, ModelUnavailable
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ class _Unusable:
 def _prepare(runner: Runner, job: ClaimedJob) -> Any:
     """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
     try:
-        return runner.prepare(job.input, job.params, job.options)
+        return runner.prepare(job_path(job.input, job.params), job.params, job.options)
     except (BadInput, ModelUnavailable) as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
