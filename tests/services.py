@@ -114,13 +114,17 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
-    def stop(self) -> None:
+    def halt(self) -> None:
+        """Stop the server, keeping its data: ``start()`` brings it back as it was."""
         pg_ctl = postgres_bin("pg_ctl")
         subprocess.run(
             [*self.as_user, pg_ctl or "pg_ctl", "-D", str(self.datadir), "-m", "fast", "stop"],
             capture_output=True,
             check=False,
         )
+
+    def stop(self) -> None:
+        self.halt()
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
     def start(self) -> None:

@@ -163,3 +163,47 @@ def test_retry_runs_failed_jobs_again(tmp_path, redis_server, start_worker):
         assert '"retried": 1' in out.stdout
         assert client.wait(sub.batch_id, timeout=120).by_status == {"done": 5}
     assert _one_result_per_done_job(tmp_path, sub.batch_id) == (5, 0)
+
+
+def test_sigterm_mid_batch_drains_and_a_new_worker_finishes(tmp_path, redis_server, start_worker):
+    env = _env(tmp_path, redis_server.url, batch_size="8")
+    paths = _inputs(tmp_path / "in", 64)
+    with _client(env) as client:
+        sub = client.submit("classify", paths)
+        worker = start_worker(env)
+        deadline = time.monotonic() + 120
+        while not _holders(tmp_path, sub.batch_id):
+            assert time.monotonic() < deadline, "no job ever ran"
+            time.sleep(0.05)
+        worker.send_signal(signal.SIGTERM)  # a deploy: drain
+        assert worker.wait(120) == 0
+        drained = client.status(sub.batch_id)
+        assert drained.by_status.get("running", 0) == 0, drained.by_status  # none left hanging
+        start_worker(env)
+        counts = client.wait(sub.batch_id, timeout=120)
+    assert counts.by_status == {"done": 64}
+    assert _one_result_per_done_job(tmp_path, sub.batch_id) == (64, 0)
+
+
+@pytest.mark.postgres
+def test_postgres_down_for_a_while_mid_run(tmp_path, redis_server, postgres_server, start_worker):
+    db = postgres_server.create_database("faults_pg_down")
+    env = pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_server.url,
+                        database_url=db, batch_size="8", **FAST)  # fmt: skip
+    paths = _inputs(tmp_path / "in", 64)
+    with _client(env) as client:
+        sub = client.submit("classify", paths)
+        start_worker(env)
+        deadline = time.monotonic() + 120
+        while client.status(sub.batch_id).by_status.get("done", 0) < 8:
+            assert time.monotonic() < deadline, "nothing finished"
+            time.sleep(0.1)
+        postgres_server.halt()
+        try:
+            time.sleep(5)  # the workers' claims, writes and heartbeats fail meanwhile
+        finally:
+            postgres_server.start()
+        counts = client.wait(sub.batch_id, timeout=240)
+        rows = list(client.results(sub.batch_id))
+    assert counts.by_status == {"done": 64}, counts.by_status
+    assert len({r.job for r in rows}) == 64 and all(r.result for r in rows)
