@@ -3,7 +3,10 @@
 Settings chosen for this design (see README, "How a batch flows"):
 - JSON only, on the wire and for results: a pickled message is rejected, never executed.
 - Late acks + reject on worker lost: a message is acked only after its batch's results are
-  committed; a worker that dies mid-batch gets the batch redelivered.
+  committed. A worker that dies mid-batch leaves its message unacked; its jobs come back through
+  the reconciler (leases, ``worker.reconciler``) long before the visibility timeout.
+- Visibility timeout 6 h (PIXELMILL_VISIBILITY_TIMEOUT): longer than any batch, so that a slow
+  generation batch is never handed to a second worker while the first still runs it.
 - Prefetch multiplier 1: a device worker reserves no more batches than it works on
   (its pipeline depth), so idle workers on other devices get the rest.
 - Results are not stored in Redis: the database is the source of truth.
