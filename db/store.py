@@ -188,6 +188,7 @@ def open_store(url: str, settings: Settings | None = None) -> ObjectStore:
                 "endpoint_url": settings.s3_endpoint_url,
                 "region": settings.s3_region,
                 "access_key": settings.s3_access_key_id,
+                "timeout": settings.s3_timeout,
                 "secret_key": (
                     settings.s3_secret_access_key.get_secret_value()
                     if settings.s3_secret_access_key is not None

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
         default=None, description="S3 access key; unset: boto3's chain (AWS_* variables, ...)."
     )
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    s3_timeout: float = Field(
+        default=30, gt=0, description="Seconds an S3 request may take before it is retried."
+    )
     data_dir: Path = Field(
         default_factory=default_data_dir,
         description="Where the embedded default keeps its database, store and broker socket.",

@@ -207,3 +207,30 @@ def test_postgres_down_for_a_while_mid_run(tmp_path, redis_server, postgres_serv
         rows = list(client.results(sub.batch_id))
     assert counts.by_status == {"done": 64}, counts.by_status
     assert len({r.job for r in rows}) == 64 and all(r.result for r in rows)
+
+
+def test_object_store_failing_for_a_while(tmp_path, redis_server, s3_server, tiny_sd,
+                                          start_worker):  # fmt: skip
+    bucket = s3_server.create_bucket("pm-faults-store")
+    env = _env(tmp_path, redis_server.url, store_url=f"s3://{bucket}/art",
+               s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region,
+               s3_access_key_id=s3_server.access_key,
+               s3_secret_access_key=s3_server.secret_key, s3_timeout="1")  # fmt: skip
+    with _client(env) as client:
+        s3_server.pause()  # every write times out until it resumes
+        try:
+            sub = client.submit("generate", prompts=["a lighthouse"], count=8, seed=1,
+                                model=str(tiny_sd),
+                                options={"steps": 2, "width": 32, "height": 32})  # fmt: skip
+            start_worker(env)
+            time.sleep(8)
+            assert client.status(sub.batch_id).by_status.get("done", 0) == 0
+        finally:
+            s3_server.resume()
+        counts = client.wait(sub.batch_id, timeout=180)
+        rows = list(client.results(sub.batch_id))
+    assert counts.by_status == {"done": 8}, counts.by_status
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    recorded = {r.artifact.key for r in rows if r.artifact}
+    assert keys == {f"art/{k}" for k in recorded} and len(keys) == 8  # none orphaned or doubled
+    assert _one_result_per_done_job(tmp_path, sub.batch_id) == (8, 0)
