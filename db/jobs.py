@@ -116,6 +116,7 @@ def create_batch(
     name: str | None = None,
     params: Sequence[dict[str, Any] | None] | None = None,
     queued_lease: float = 600,
+    fingerprint: str | None = None,
 ) -> NewBatch:
     """Register a batch and one queued job per input (with its ``params``, if given).
     The caller commits, then enqueues."""
@@ -131,6 +132,7 @@ def create_batch(
             options=options or {},
             total=len(inputs),
             created_at=utcnow(),
+            fingerprint=fingerprint,
         )
     )
     session.flush()
@@ -432,6 +434,20 @@ def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: An
     )
     # executemany with one cached statement (a multi-row VALUES would be compiled each time).
     session.connection().execute(stmt, rows)
+
+
+def batch_by_fingerprint(session: Session, fingerprint: str) -> Batch | None:
+    return session.scalar(select(Batch).where(Batch.fingerprint == fingerprint))
+
+
+def queued_job_ids(session: Session, batch_id: str) -> list[str]:
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.batch_id == batch_id, Job.status == JobStatus.queued)
+            .order_by(Job.seq)
+        )
+    )
 
 
 def get_batch(session: Session, batch_id: str) -> Batch:

@@ -62,6 +62,9 @@ class Batch(Base):
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     total: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # What was submitted (task, model, options, inputs as they were on disk): the same submit
+    # again finds this batch instead of doing the work twice.
+    fingerprint: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class Job(Base):

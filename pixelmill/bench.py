@@ -98,11 +98,12 @@ class Bench:
     def submit(self, client: Any, n: int, *, model: str, batch_size: int) -> str:
         if self.cfg.task == "generate":
             prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-            sub = client.submit("generate", prompts=prompts, seed=0, model=model,
+            sub = client.submit("generate", prompts=prompts, seed=0, model=model, again=True,
                                 batch_size=batch_size, options=self.options)  # fmt: skip
         else:
             sub = client.submit(self.cfg.task, [str(p) for p in self.paths[:n]], model=model,
-                                batch_size=batch_size, options=self.options)  # fmt: skip
+                                batch_size=batch_size, options=self.options,
+                                again=True)  # fmt: skip
         return str(sub.batch_id)
 
     def timed(self, client: Any, n: int, *, model: str, batch_size: int) -> float:

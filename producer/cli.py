@@ -41,6 +41,12 @@ DOWNLOAD = click.option(
     metavar="DIR",
     help="Also copy the artifacts (generated images) into DIR, as <job id>-0.png.",
 )
+AGAIN = click.option(
+    "--again",
+    is_flag=True,
+    help="A new batch even if this exact submit (same inputs, unchanged, model and options) "
+    "was made before; without it, that batch is used and nothing is done twice.",
+)
 NAME = click.option("--name", default=None, help="A name for the batch, shown by status.")
 
 
@@ -75,7 +81,7 @@ TASK_OPTIONS = (
 
 def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
-    for decorate in reversed((TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, *TASK_OPTIONS)):
+    for decorate in reversed((TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, *TASK_OPTIONS)):
         command = decorate(command)
     return command
 
@@ -137,6 +143,7 @@ def run(
     as_json: bool,
     name: str | None,
     batch_size: int | None,
+    again: bool,
     devices: str,
     local_workers: bool,
     timeout: float | None,
@@ -169,9 +176,11 @@ def run(
             local_cluster(settings, devices, workers=local_workers, log_dir=log_dir) as supervisor,
             Client(settings) as client,
         ):
-            sub = client.submit(task, model=model, name=name, batch_size=batch_size, **args)
+            sub = client.submit(
+                task, model=model, name=name, batch_size=batch_size, again=again, **args
+            )
             if not as_json:
-                click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs", err=True)
+                click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{_seen(sub)}", err=True)
 
             def check() -> None:
                 if supervisor is None:
@@ -206,6 +215,7 @@ def submit(
     as_json: bool,
     name: str | None,
     batch_size: int | None,
+    again: bool,
     **task_options: Any,
 ) -> None:
     """Enqueue only: register the jobs, enqueue them and print the batch id.
@@ -217,11 +227,15 @@ def submit(
     settings = settings_or_exit()
     with user_errors(), Client(settings) as client:
         args = submission(task, inputs, task_options)
-        sub = client.submit(task, model=model, name=name, batch_size=batch_size, **args)
+        sub = client.submit(
+            task, model=model, name=name, batch_size=batch_size, again=again, **args
+        )
     if as_json:
-        click.echo(json.dumps({"batch": sub.batch_id, "jobs": sub.jobs}))
+        click.echo(json.dumps({"batch": sub.batch_id, "jobs": sub.jobs, "existing": sub.existing}))
     else:
         click.echo(sub.batch_id)
+        if sub.existing:
+            click.echo(f"batch {sub.batch_id}{_seen(sub)}", err=True)
 
 
 @click.command()
@@ -283,6 +297,12 @@ def retry(batch: str, as_json: bool) -> None:
         click.echo(json.dumps({"batch": batch, "retried": n}))
     else:
         click.echo(f"batch {batch}: {n} failed job(s) queued again")
+
+
+def _seen(sub: Any) -> str:
+    if not sub.existing:
+        return ""
+    return " (this exact submit was made before: its batch, nothing done twice; --again for new)"
 
 
 def _download(client: Client, batch: str, folder: str) -> None:

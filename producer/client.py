@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
@@ -19,20 +21,22 @@ from db.jobs import (
     ArtifactRecord,
     BatchCounts,
     JobRow,
+    batch_by_fingerprint,
     batch_counts,
     create_batch,
     failure_reasons,
     get_batch,
     iter_batch_jobs,
     last_finished_at,
+    queued_job_ids,
     requeue_failed,
 )
 from db.migrate import upgrade
 from db.store import open_store
-from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, task_options
+from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
 from pixelmill.errors import PixelmillError, ServiceUnavailable
 from pixelmill.settings import Settings, load_settings, mask_url
-from producer.inputs import InputError, expand_inputs, plan_jobs, storable
+from producer.inputs import InputError, JobPlan, expand_inputs, plan_jobs, storable
 from worker.app import create_app, enqueue
 
 
@@ -40,6 +44,29 @@ from worker.app import create_app, enqueue
 class Submission:
     batch_id: str
     jobs: int
+    existing: bool = False  # the same submit was made before: this is that batch
+
+
+def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -> str | None:
+    """What identifies a submission: task, model, options (not the batch size) and each input
+    as it is on disk now (path, size, modification time), with its parameters."""
+    entries: list[Any] = []
+    for i, name in enumerate(plan.inputs):
+        params = plan.params[i] if plan.params is not None else {}
+        path = job_path(name, params or {})
+        try:
+            st = os.stat(path)
+            stamp: Any = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = None  # a prompt, or a file that is not there (it will fail its job)
+        entries.append([name, stamp, params])
+    body = {
+        "task": task,
+        "model": model,
+        "options": {k: v for k, v in options.items() if k != "batch_size"},
+        "inputs": entries,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -123,9 +150,16 @@ class Client:
         prompts: Sequence[str] | None = None,
         count: int = 1,
         seed: int | None = None,
+        again: bool = False,
     ) -> Submission:
         """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
         (one message per model batch).
+
+        The same submit twice (same task, model, options and inputs, the files unchanged on
+        disk) returns the first batch instead of doing the work again, and enqueues its jobs
+        that are still queued (a producer killed halfway through enqueueing left them without
+        a message). ``again=True`` makes a new batch anyway. Generate without a ``seed`` is
+        always new (a random seed is drawn).
 
         classify and caption: one job per input image. generate: ``prompts`` x ``count``
         images, or with ``inputs`` (init images) image-to-image over each of them; ``seed``
@@ -145,20 +179,46 @@ class Client:
         if task == "generate":
             given["init"] = bool(paths)
         opts = task_options(task, given, model)
+        stored = opts.model_dump(mode="json", exclude_none=True)
+        print_ = None if again else fingerprint(task, model, stored, plan)
         self.check_broker()
-        with self.sessions.begin() as session:
-            new = create_batch(
-                session,
-                task=task,
-                model=model,
-                inputs=plan.inputs,
-                params=plan.params,
-                name=name,
-                options=opts.model_dump(mode="json", exclude_none=True),
-                queued_lease=self.settings.queued_lease_seconds,
-            )
+        if print_ is not None:
+            earlier = self._resume(print_)
+            if earlier is not None:
+                return earlier
+        try:
+            with self.sessions.begin() as session:
+                new = create_batch(
+                    session,
+                    task=task,
+                    model=model,
+                    inputs=plan.inputs,
+                    params=plan.params,
+                    name=name,
+                    options=stored,
+                    queued_lease=self.settings.queued_lease_seconds,
+                    fingerprint=print_,
+                )
+        except IntegrityError:  # the same submit, at the same moment, from elsewhere
+            earlier = self._resume(print_) if print_ is not None else None
+            if earlier is None:
+                raise
+            return earlier
         self._enqueue(new.job_ids, size)
         return Submission(batch_id=new.batch_id, jobs=len(new.job_ids))
+
+    def _resume(self, print_: str) -> Submission | None:
+        """The batch this exact submit made before, with its still-queued jobs enqueued again
+        (a duplicate message is harmless: a claim skips finished jobs)."""
+        with self.sessions() as session:
+            batch = batch_by_fingerprint(session, print_)
+            if batch is None:
+                return None
+            queued = queued_job_ids(session, batch.id)
+            size = int(batch.options.get("batch_size") or 32)
+            found = Submission(batch_id=batch.id, jobs=batch.total, existing=True)
+        self._enqueue(queued, size)
+        return found
 
     def check_broker(self) -> None:
         try:

@@ -84,3 +84,21 @@ def test_size_parses_width_then_height():
     assert parse_size("512x768") == (512, 768)
     with pytest.raises(BadInput, match="WIDTHxHEIGHT"):
         parse_size("512")
+
+
+def test_a_submission_fingerprint_changes_with_the_files_and_not_the_batch_size(tmp_path):
+    import os
+
+    from producer.client import fingerprint
+    from producer.inputs import JobPlan
+
+    f = tmp_path / "a.jpg"
+    f.write_bytes(b"one")
+    plan = JobPlan(inputs=[str(f)])
+    first = fingerprint("caption", "m", {"batch_size": 8, "num_beams": 1}, plan)
+    assert first == fingerprint("caption", "m", {"batch_size": 64, "num_beams": 1}, plan)
+    assert first != fingerprint("caption", "m", {"batch_size": 8, "num_beams": 2}, plan)
+    assert first != fingerprint("caption", "other", {"batch_size": 8, "num_beams": 1}, plan)
+    f.write_bytes(b"two!")  # the file changed on disk: another submission
+    os.utime(f, ns=(1, 1))
+    assert first != fingerprint("caption", "m", {"batch_size": 8, "num_beams": 1}, plan)

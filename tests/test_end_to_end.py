@@ -79,7 +79,8 @@ def test_submit_then_worker_on_postgres_and_redis(
                     "--name", "nightly", env=env)  # fmt: skip
     assert sub.returncode == 0, sub.stderr
     submitted = json.loads(sub.stdout)
-    assert set(submitted) == {"batch", "jobs"} and submitted["jobs"] == len(PHOTOS) + 1
+    assert set(submitted) == {"batch", "jobs", "existing"} and submitted["jobs"] == len(PHOTOS) + 1
+    assert submitted["existing"] is False
     batch = submitted["batch"]
 
     queued = json.loads(pixelmill("status", batch, "--json", env=env).stdout)

@@ -4,6 +4,7 @@ result per done job."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -234,3 +235,56 @@ def test_object_store_failing_for_a_while(tmp_path, redis_server, s3_server, tin
     recorded = {r.artifact.key for r in rows if r.artifact}
     assert keys == {f"art/{k}" for k in recorded} and len(keys) == 8  # none orphaned or doubled
     assert _one_result_per_done_job(tmp_path, sub.batch_id) == (8, 0)
+
+
+def test_producer_killed_midway_through_10000_inputs(tmp_path, redis_server, start_worker):
+    """The producer dies after committing its jobs and sending a third of their messages:
+    the reconciler enqueues the rest; the same submit again finds the same batch and does
+    nothing twice."""
+    folder = tmp_path / "many"
+    (first,) = _inputs(tmp_path / "one", 1)
+    folder.mkdir()
+    for i in range(10000):
+        os.link(first, folder / f"img{i:05d}.jpg")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        textwrap.dedent("""
+        import os
+        from celery.app import base
+
+        _send = base.Celery.send_task
+        sent = [0]
+
+        def send_task(self, *args, **kwargs):
+            sent[0] += 1
+            if sent[0] > 100:  # of 313 messages
+                os._exit(137)
+            return _send(self, *args, **kwargs)
+
+        base.Celery.send_task = send_task
+    """)
+    )
+    env = _env(tmp_path, redis_server.url)
+    killed = pixelmill("submit", "classify", str(folder), "--model", "null", "--json",
+                       env={**env, "PYTHONPATH": str(hook)})  # fmt: skip
+    assert killed.returncode == 137
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    ((batch, total),) = db.execute("SELECT id, total FROM batches").fetchall()
+    db.close()
+    assert total == 10000  # committed before the first message
+    start_worker(env)
+    with _client(env) as client:
+        counts = client.wait(batch, timeout=180)
+    assert counts.by_status == {"done": 10000}
+    again = pixelmill("submit", "classify", str(folder), "--model", "null", "--json", env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"batch": batch, "jobs": 10000, "existing": True}
+    db = sqlite3.connect(tmp_path / "jobs.db")
+    assert db.execute("SELECT count(*) FROM batches").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM jobs").fetchone() == (10000,)
+    db.close()
+    assert _one_result_per_done_job(tmp_path, batch) == (10000, 0)
+    fresh = pixelmill("submit", "classify", str(folder), "--model", "null", "--again",
+                      "--json", env=env)  # fmt: skip
+    assert json.loads(fresh.stdout)["batch"] != batch
