@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         default=None, description="Redis broker: redis://, rediss:// or a unix socket URL."
     )
+    broker_ca_certs: Path | None = Field(
+        default=None,
+        description="rediss:// only: the CA file that signs the broker's certificate "
+        "(default: the system's CAs). The certificate is always verified.",
+    )
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL: sqlite:///... or postgresql+psycopg://..."
     )

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,3 +415,92 @@ def start_s3(workdir: Path, timeout: float = 30) -> S3Server:
     server = S3Server(workdir.resolve(), binary, ports)
     server.start(timeout)
     return server
+
+
+@dataclass
+class TLSProxy:
+    """A TLS endpoint on loopback in front of a plain TCP server: a real TLS handshake with
+    a certificate from a test CA, then the bytes both ways (here: rediss:// to a real Redis)."""
+
+    port: int
+    ca_path: Path
+    _loop: Any
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        def shutdown() -> None:
+            for task in asyncio.all_tasks(self._loop):
+                task.cancel()
+            self._loop.stop()
+
+        import asyncio
+
+        self._loop.call_soon_threadsafe(shutdown)
+        self._thread.join(10)
+
+
+def make_test_ca(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA and a certificate for 127.0.0.1 signed by it (openssl); returns ca, cert, key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (folder / n for n in ("ca.key", "ca.pem", "server.key",
+                                                       "server.csr", "server.pem"))  # fmt: skip
+    ext = folder / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+        "-days", "2", "-subj", "/CN=pixelmill test CA")  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+        "-subj", "/CN=127.0.0.1")  # fmt: skip
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+    return ca, cert, key
+
+
+def start_tls_proxy(folder: Path, target_port: int) -> TLSProxy:
+    import asyncio
+    import ssl
+
+    ca, cert, key = make_test_ca(folder)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+
+    async def pipe(reader: Any, writer: Any) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: Any, writer: Any) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        except OSError:
+            writer.close()
+            return
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(
+            asyncio.start_server(handle, "127.0.0.1", port, ssl=context)
+        )
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+
+    thread = threading.Thread(target=serve, name="tls-proxy", daemon=True)
+    thread.start()
+    ready.wait(10)
+    return TLSProxy(port=port, ca_path=ca, _loop=loop, _thread=thread)

@@ -14,12 +14,26 @@ Settings chosen for this design (see README, "How a batch flows"):
 
 from __future__ import annotations
 
+import ssl
+from typing import Any
+
 from celery import Celery
 
 from pixelmill.settings import Settings
 
 PROCESS_BATCH = "pixelmill.process_batch"
 NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery with it
+
+
+def broker_ssl(settings: Settings) -> dict[str, Any] | None:
+    """TLS for a rediss:// broker: the certificate is always verified (against
+    PIXELMILL_BROKER_CA_CERTS, or the system's CAs)."""
+    if not settings.resolved_broker_url().startswith("rediss://"):
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.broker_ca_certs is not None:
+        options["ssl_ca_certs"] = str(settings.broker_ca_certs)
+    return options
 
 
 def create_app(settings: Settings) -> Celery:
@@ -49,6 +63,7 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         # Reconnect forever and resume consuming when the broker comes back.
         broker_connection_retry=True,
+        broker_use_ssl=broker_ssl(settings),
     )
     return app
 
