@@ -39,6 +39,7 @@ class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
     workdir: Path
+    persistent: bool = False
 
     @property
     def url(self) -> str:
@@ -51,37 +52,51 @@ class RedisServer:
         self.process.terminate()
         self.process.wait(10)
 
+    def restart(self) -> None:
+        """Stop (SIGTERM: with persistence on, the append-only file is flushed) and start
+        again on the same port and folder."""
+        self.stop()
+        self.process = _spawn_redis(self.port, self.workdir, self.persistent)
+        _wait_for_redis(self)
 
-def start_redis(workdir: Path) -> RedisServer:
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
+
+def _spawn_redis(port: int, workdir: Path, persistent: bool) -> subprocess.Popen[bytes]:
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else [
+        "--save", "", "--appendonly", "no"]  # fmt: skip
+    return subprocess.Popen(
         [
             redis_server_binary(),
             "--port",
             str(port),
             "--bind",
             "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
+            *persistence,
             "--dir",
             str(workdir),
         ],  # fmt: skip
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    server = RedisServer(port, proc, workdir)
+
+
+def _wait_for_redis(server: RedisServer) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
             if server.client().ping():
-                return server
-        except redis.ConnectionError:
+                return
+        except redis.exceptions.ConnectionError:
             time.sleep(0.05)
-    proc.kill()
+    server.process.kill()
     raise RuntimeError("redis-server did not start")
+
+
+def start_redis(workdir: Path, *, persistent: bool = False) -> RedisServer:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(port, _spawn_redis(port, workdir, persistent), workdir, persistent)
+    _wait_for_redis(server)
+    return server
 
 
 def postgres_bin(name: str) -> str | None:

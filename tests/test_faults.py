@@ -288,3 +288,27 @@ def test_producer_killed_midway_through_10000_inputs(tmp_path, redis_server, sta
     fresh = pixelmill("submit", "classify", str(folder), "--model", "null", "--again",
                       "--json", env=env)  # fmt: skip
     assert json.loads(fresh.stdout)["batch"] != batch
+
+
+def test_redis_restarted_mid_run_with_persistence(tmp_path, start_worker):
+    from tests.services import start_redis
+
+    server = start_redis(tmp_path / "redis", persistent=True)
+    try:
+        env = _env(tmp_path, server.url, batch_size="8")
+        paths = _inputs(tmp_path / "in", 64)
+        with _client(env) as client:
+            sub = client.submit("classify", paths)
+            worker = start_worker(env)
+            deadline = time.monotonic() + 120
+            while client.status(sub.batch_id).by_status.get("done", 0) < 8:
+                assert time.monotonic() < deadline, "nothing finished"
+                time.sleep(0.1)
+            server.restart()  # the workers lose the broker mid-run, then reconnect
+            counts = client.wait(sub.batch_id, timeout=180)
+        assert counts.by_status == {"done": 64}, counts.by_status
+        assert _one_result_per_done_job(tmp_path, sub.batch_id) == (64, 0)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    finally:
+        server.stop()
