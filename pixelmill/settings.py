@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         "whole message on a GPU).",
     )
     top_k: int = Field(default=5, ge=1, le=1000, description="Labels kept per classify result.")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Let hub models run the Python code they ship (off: only the model "
+        "classes of the installed transformers and diffusers load).",
+    )
     compile: bool = Field(
         default=False, description="torch.compile the models (classify, generate) in workers."
     )

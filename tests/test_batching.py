@@ -143,6 +143,8 @@ def _corpus(folder):
     bad.append(png)
     (folder / "dir.jpg").mkdir()
     bad.append(folder / "dir.jpg")
+    (folder / "unreadable.jpg").symlink_to(folder / "gone.jpg")  # cannot be opened
+    bad.append(folder / "unreadable.jpg")
     return ok, bad
 
 

@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx = WorkerContext(
         sessions=make_sessionmaker(engine),
         cache=ModelCache(
-            device, size=settings.model_cache_size, top_k=settings.top_k, compile=settings.compile
+            device,
+            size=settings.model_cache_size,
+            top_k=settings.top_k,
+            compile=settings.compile,
+            trust_remote_code=settings.trust_remote_code,
         ),
         device_label=label,
         worker_name=holder,
