@@ -11,7 +11,9 @@ import signal
 import sqlite3
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from PIL import Image
@@ -21,6 +23,7 @@ from producer import Client
 from tests.conftest import PHOTOS, pixelmill, pixelmill_env, skimage_data
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 # Short leases so that recovery happens within a test's patience.
 FAST = {"lease_seconds": "4", "queued_lease_seconds": "3", "reconcile_interval": "1",
@@ -64,6 +67,15 @@ def _one_result_per_done_job(tmp_path: Path, batch: str) -> tuple[int, int]:
     return done, failed
 
 
+def _until(check: Callable[[], T], what: str, timeout: float = 120) -> T:
+    """Poll ``check`` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
 def _holders(tmp_path: Path, batch: str) -> set[int]:
     """PIDs of the worker processes holding the batch's running jobs (holder: node/pid)."""
     db = sqlite3.connect(tmp_path / "jobs.db")
@@ -80,10 +92,7 @@ def test_sigkill_mid_batch_comes_back_through_the_reconciler(tmp_path, redis_ser
     with _client(env) as client:
         sub = client.submit("classify", paths)
         start_worker(env)
-        deadline = time.monotonic() + 120
-        while not (pids := _holders(tmp_path, sub.batch_id)):
-            assert time.monotonic() < deadline, "no job ever ran"
-            time.sleep(0.05)
+        pids = _until(lambda: _holders(tmp_path, sub.batch_id), "no job ever ran")
         killed = pids.pop()
         os.kill(killed, signal.SIGKILL)  # mid-batch: its jobs are running
         killed_at = time.monotonic()
@@ -172,10 +181,7 @@ def test_sigterm_mid_batch_drains_and_a_new_worker_finishes(tmp_path, redis_serv
     with _client(env) as client:
         sub = client.submit("classify", paths)
         worker = start_worker(env)
-        deadline = time.monotonic() + 120
-        while not _holders(tmp_path, sub.batch_id):
-            assert time.monotonic() < deadline, "no job ever ran"
-            time.sleep(0.05)
+        _until(lambda: _holders(tmp_path, sub.batch_id), "no job ever ran")
         worker.send_signal(signal.SIGTERM)  # a deploy: drain
         assert worker.wait(120) == 0
         drained = client.status(sub.batch_id)
@@ -195,10 +201,8 @@ def test_postgres_down_for_a_while_mid_run(tmp_path, redis_server, postgres_serv
     with _client(env) as client:
         sub = client.submit("classify", paths)
         start_worker(env)
-        deadline = time.monotonic() + 120
-        while client.status(sub.batch_id).by_status.get("done", 0) < 8:
-            assert time.monotonic() < deadline, "nothing finished"
-            time.sleep(0.1)
+        _until(lambda: client.status(sub.batch_id).by_status.get("done", 0) >= 8,
+               "nothing finished")  # fmt: skip
         postgres_server.halt()
         try:
             time.sleep(5)  # the workers' claims, writes and heartbeats fail meanwhile
@@ -300,10 +304,8 @@ def test_redis_restarted_mid_run_with_persistence(tmp_path, start_worker):
         with _client(env) as client:
             sub = client.submit("classify", paths)
             worker = start_worker(env)
-            deadline = time.monotonic() + 120
-            while client.status(sub.batch_id).by_status.get("done", 0) < 8:
-                assert time.monotonic() < deadline, "nothing finished"
-                time.sleep(0.1)
+            _until(lambda: client.status(sub.batch_id).by_status.get("done", 0) >= 8,
+                   "nothing finished")  # fmt: skip
             server.restart()  # the workers lose the broker mid-run, then reconnect
             counts = client.wait(sub.batch_id, timeout=180)
         assert counts.by_status == {"done": 64}, counts.by_status
