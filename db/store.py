@@ -83,7 +83,7 @@ class LocalStore:
             if isinstance(exc, OSError):
                 raise StoreError(f"cannot write {key} in {self.root}: {exc}") from exc
             raise
-        return _stored(key, path.as_uri(), data, content_type)
+        return _stored(key, path.as_uri(), data, content_type, hashlib.sha256(data).hexdigest())
 
     def get(self, key: str) -> bytes:
         try:
@@ -148,7 +148,7 @@ class S3Store:
             raise
         except Exception as exc:  # noqa: BLE001 - botocore's ClientError, connection errors...
             raise StoreError(f"cannot write {self.uri(key)}: {exc}") from exc
-        return _stored(key, self.uri(key), data, content_type)
+        return _stored(key, self.uri(key), data, content_type, digest)
 
     def get(self, key: str) -> bytes:
         try:
@@ -163,14 +163,8 @@ class S3Store:
         return f"s3://{self.bucket}/{self._key(key)}"
 
 
-def _stored(key: str, uri: str, data: bytes, content_type: str) -> StoredObject:
-    return StoredObject(
-        key=key,
-        uri=uri,
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
-        content_type=content_type,
-    )
+def _stored(key: str, uri: str, data: bytes, content_type: str, sha256: str) -> StoredObject:
+    return StoredObject(key=key, uri=uri, size=len(data), sha256=sha256, content_type=content_type)
 
 
 def open_store(url: str, settings: Settings | None = None) -> ObjectStore:

@@ -26,7 +26,6 @@ class Captioner(Runner):
         self.model: Any = None
         self.image_processor: Any = None
         self.tokenizer: Any = None
-        self.processor: Any = None
         self.dtype = torch.float32
 
     def _load(self, device: str) -> None:
@@ -42,7 +41,6 @@ class Captioner(Runner):
             model = AutoModelForImageTextToText.from_pretrained(self.name, **remote)
             processor = AutoProcessor.from_pretrained(self.name, **remote)
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
-                self.processor = processor
                 self.image_processor = processor.image_processor
                 self.tokenizer = processor.tokenizer
             else:  # VisionEncoderDecoder folders carry the two parts without a processor class

@@ -44,12 +44,3 @@ def revision_of(config: Any, name: str) -> str | None:
         return "local"
     match = SNAPSHOT.search(path)
     return match.group(1) if match else None
-
-
-def quiet_progress_bars() -> None:
-    """No download/loading progress bars in worker logs (one log line per load instead)."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()

@@ -60,6 +60,10 @@ class BenchConfig:
         return self.batch_size or DEFAULT_BATCH_SIZES[self.task]
 
 
+def prompts(n: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+
+
 def make_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
     """``n`` JPEG files of ``size`` made from real photographs (scikit-image's samples)."""
     import skimage
@@ -97,8 +101,7 @@ class Bench:
 
     def submit(self, client: Any, n: int, *, model: str, batch_size: int) -> str:
         if self.cfg.task == "generate":
-            prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
-            sub = client.submit("generate", prompts=prompts, seed=0, model=model, again=True,
+            sub = client.submit("generate", prompts=prompts(n), seed=0, model=model, again=True,
                                 batch_size=batch_size, options=self.options)  # fmt: skip
         else:
             sub = client.submit(self.cfg.task, [str(p) for p in self.paths[:n]], model=model,
@@ -155,7 +158,7 @@ class Bench:
 
     def inputs(self) -> list[str]:
         if self.cfg.task == "generate":
-            return [PROMPTS[i % len(PROMPTS)] for i in range(self.cfg.images)]
+            return prompts(self.cfg.images)
         return [str(p) for p in self.paths[: self.cfg.images]]
 
     @property

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from db.jobs import (
     requeue_failed,
 )
 from db.migrate import upgrade
-from db.store import open_store
+from db.store import LocalStore, open_store
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
 from pixelmill.errors import PixelmillError, ServiceUnavailable
 from pixelmill.settings import Settings, load_settings, mask_url
@@ -299,8 +298,8 @@ class Client:
     def download(self, batch_id: str, folder: str | os.PathLike[str]) -> list[Path]:
         """Copy the batch's artifacts from the object store into ``folder`` (named by their
         keys' file names, ``<job id>-0.png``), checking each one's sha256. Returns the paths."""
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
+        out = LocalStore(Path(folder))  # atomic writes, and no name escapes the folder
+        out.root.mkdir(parents=True, exist_ok=True)
         store = open_store(self.settings.resolved_store_url(), self.settings)
         saved: list[Path] = []
         for row in self.results(batch_id):
@@ -312,10 +311,7 @@ class Client:
                     f"artifact {row.artifact.key} of job {row.job} does not match its recorded "
                     "sha256: the stored object was changed or damaged"
                 )
-            path = target / PurePosixPath(row.artifact.key).name
-            fd, tmp = tempfile.mkstemp(dir=target, prefix=".part-")
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-            saved.append(path)
+            name = PurePosixPath(row.artifact.key).name
+            out.put(name, data, content_type=row.artifact.content_type)
+            saved.append(out.root / name)
         return saved

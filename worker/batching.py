@@ -135,21 +135,20 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
     outcomes: list[Outcome] = []
-    for (task, model, _), jobs in _group(claimed).items():
-        outcomes.extend(_run_group(ctx, task=task, model=model, jobs=jobs))
+    for jobs in _by_batch(claimed):
+        outcomes.extend(_run_group(ctx, task=jobs[0].task, model=jobs[0].model, jobs=jobs))
     with ctx.sessions.begin() as session:
         write_outcomes(session, outcomes)
     failed = sum(1 for o in outcomes if o.error is not None)
     return BatchReport(len(claimed), len(outcomes) - failed, failed, time.perf_counter() - started)
 
 
-def _group(jobs: list[ClaimedJob]) -> dict[tuple[str, str, str], list[ClaimedJob]]:
-    """Jobs that can share one forward pass: same task, model and options."""
-    groups: dict[tuple[str, str, str], list[ClaimedJob]] = {}
+def _by_batch(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
+    """Jobs that can share one forward pass: those of one batch (one task, model and options)."""
+    groups: dict[str, list[ClaimedJob]] = {}
     for job in jobs:
-        key = (job.task, job.model, json.dumps(job.options, sort_keys=True))
-        groups.setdefault(key, []).append(job)
-    return groups
+        groups.setdefault(job.batch_id, []).append(job)
+    return list(groups.values())
 
 
 def _run_group(

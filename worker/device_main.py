@@ -63,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     from db.migrate import upgrade
     from db.store import open_store
     from models.cache import ModelCache
-    from models.loading import quiet_progress_bars
     from worker.app import create_app
     from worker.batching import WorkerContext
     from worker.tasks import register_tasks
 
-    quiet_progress_bars()
+    # No loading progress bars in worker logs (the cache logs one line per load); set before
+    # transformers or diffusers are imported, and without importing them at start-up.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     label = args.device
     device = "cpu" if label == "cpu" else "cuda:0"
     if device == "cpu":
