@@ -57,10 +57,17 @@ def test_a_gpu_worker_is_spawned_pinned_to_its_device(tmp_path, redis_server):
     try:
         envs, argv = {}, {}
         for child in supervisor.children:
-            pid = child.process.pid
-            raw = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            proc = Path("/proc") / str(child.process.pid)
+            # Popen returns once the child's close-on-exec pipe closes, which the kernel does
+            # before it fills in the new image's argv and environment: wait for them.
+            deadline = time.monotonic() + 30
+            while b"PIXELMILL_BROKER_URL=" not in (raw_env := (proc / "environ").read_bytes()):
+                assert time.monotonic() < deadline, f"{child.device.name} never exec'd"
+                time.sleep(0.01)
+            raw_argv = (proc / "cmdline").read_bytes()
+            raw = raw_env.split(b"\0")
             envs[child.device.name] = dict(x.decode().split("=", 1) for x in raw if b"=" in x)
-            argv[child.device.name] = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            argv[child.device.name] = raw_argv
         assert envs["cuda3"]["CUDA_VISIBLE_DEVICES"] == "3"
         assert envs["cpu"]["CUDA_VISIBLE_DEVICES"] == envs["cpu-1"]["CUDA_VISIBLE_DEVICES"] == ""
         assert b"worker.device_main\0--device\0cuda:3" in argv["cuda3"]
