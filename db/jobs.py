@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -168,6 +168,16 @@ JOBS = cast(Table, Job.__table__)
 UNFINISHED = JOBS.c.status.not_in(FINISHED)
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """A batch's task, model and options: fixed once the batch exists, so a worker may keep
+    them (``claim_jobs(batches=...)``) instead of reading them for every message."""
+
+    task: str
+    model: str
+    options: dict[str, Any]
+
+
 def claim_jobs(
     session: Session,
     job_ids: Sequence[str],
@@ -176,38 +186,26 @@ def claim_jobs(
     device: str,
     lease: float = 300,
     max_attempts: int | None = None,
+    batches: dict[str, BatchInfo] | None = None,
 ) -> list[ClaimedJob]:
     """Mark the still-unfinished jobs among ``job_ids`` running (leased to ``worker`` for
-    ``lease`` seconds) and return them, in order.
+    ``lease`` seconds) and return them, in order, each with its attempts counting this one.
 
     Jobs already done or failed are left alone and not returned: a redelivered message
     changes nothing. A job already started ``max_attempts`` times without finishing (each
-    time its worker died) is failed instead, with that reason. One UPDATE .. RETURNING, then
-    the batches' task, model and options.
+    time its worker died) is failed instead, with that reason. One UPDATE .. RETURNING in the
+    common case; ``batches`` caches the batches' task, model and options between calls.
     """
     if not job_ids:
         return []
     conn = session.connection()
     now = utcnow()
+    wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(job_ids), UNFINISHED]
     if max_attempts is not None:
-        conn.execute(
-            update(JOBS)
-            .where(
-                JOBS.c.id.in_(job_ids),
-                UNFINISHED,
-                JOBS.c.attempts >= max_attempts,
-            )
-            .values(
-                status=JobStatus.failed,
-                error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
-                "stopped (crashed or was killed) each time",
-                finished_at=now,
-                lease_until=None,
-            )
-        )
+        wanted.append(JOBS.c.attempts < max_attempts)
     rows = conn.execute(
         update(JOBS)
-        .where(JOBS.c.id.in_(job_ids), UNFINISHED)
+        .where(*wanted)
         .values(
             status=JobStatus.running,
             attempts=JOBS.c.attempts + 1,
@@ -218,40 +216,40 @@ def claim_jobs(
         )
         .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.input, JOBS.c.params, JOBS.c.attempts)
     ).all()
-    batches = {
-        b.id: b
-        for b in conn.execute(
-            select(Batch.id, Batch.task, Batch.model, Batch.options).where(
-                Batch.id.in_({r.batch_id for r in rows})
+    left = set(job_ids).difference(r.id for r in rows)
+    if max_attempts is not None and left:  # finished already, or out of attempts
+        conn.execute(
+            update(JOBS)
+            .where(JOBS.c.id.in_(left), UNFINISHED, JOBS.c.attempts >= max_attempts)
+            .values(
+                status=JobStatus.failed,
+                error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
+                "stopped (crashed or was killed) each time",
+                finished_at=now,
+                lease_until=None,
             )
         )
-    }
+    known = batches if batches is not None else {}
+    missing = {r.batch_id for r in rows} - known.keys()
+    if missing:
+        for b in conn.execute(
+            select(Batch.id, Batch.task, Batch.model, Batch.options).where(Batch.id.in_(missing))
+        ):
+            known[b.id] = BatchInfo(b.task, b.model, dict(b.options or {}))
     by_id = {
         r.id: ClaimedJob(
             job_id=r.id,
             batch_id=r.batch_id,
             input=r.input,
             params=dict(r.params or {}),
-            task=batches[r.batch_id].task,
-            model=batches[r.batch_id].model,
-            options=dict(batches[r.batch_id].options or {}),
+            task=known[r.batch_id].task,
+            model=known[r.batch_id].model,
+            options=dict(known[r.batch_id].options),
             attempts=r.attempts,
         )
         for r in rows
     }
     return [by_id[j] for j in job_ids if j in by_id]
-
-
-def started_before(session: Session, job_ids: Sequence[str]) -> bool:
-    """Whether any unfinished job among ``job_ids`` was already started once (its worker died
-    or was stopped before finishing it)."""
-    if not job_ids:
-        return False
-    return bool(
-        session.connection()
-        .execute(select(func.max(JOBS.c.attempts)).where(JOBS.c.id.in_(job_ids), UNFINISHED))
-        .scalar()
-    )
 
 
 def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:

@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import (
     ArtifactRecord,
+    BatchInfo,
     ClaimedJob,
     Outcome,
     claim_jobs,
-    started_before,
     write_outcomes,
 )
 from db.store import ObjectStore, StoreError, artifact_key
@@ -90,6 +90,8 @@ class WorkerContext:
     max_attempts: int | None = None  # starts before a job whose worker keeps dying fails
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     isolation: SharedExclusiveLock = field(default_factory=lambda: SharedExclusiveLock())
+    # Batches' task, model and options (they never change), so a claim is one statement.
+    batches: dict[str, BatchInfo] = field(default_factory=dict)
     _pool: ThreadPoolExecutor | None = None
 
     @property
@@ -111,18 +113,31 @@ class BatchReport:
     seconds: float
 
 
+MAX_KNOWN_BATCHES = 1024
+
+
+class _Suspect(Exception):
+    """Raised inside the claim's transaction to undo it: a job was started before."""
+
+
 def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
     """Claim, run and record one message's jobs. A message holding a job that was started
     before and never finished (its worker died: maybe this job killed it) runs alone in this
-    process, so that if it kills this one too, no other job dies with it."""
-    with ctx.sessions() as session:
-        suspect = started_before(session, list(job_ids))
-    with ctx.isolation.exclusive() if suspect else ctx.isolation.shared():
-        return _process(ctx, job_ids)
+    process, so that if it kills this one too, no other job dies with it. The claim is what
+    finds such a job: it is undone and taken again once this process runs nothing else, so an
+    attempt is only counted when the job runs alone."""
+    try:
+        with ctx.isolation.shared():
+            return _process(ctx, job_ids, alone=False)
+    except _Suspect:
+        with ctx.isolation.exclusive():
+            return _process(ctx, job_ids, alone=True)
 
 
-def _process(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
+def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> BatchReport:
     started = time.perf_counter()
+    if len(ctx.batches) > MAX_KNOWN_BATCHES:
+        ctx.batches.clear()
     with ctx.sessions.begin() as session:
         claimed = claim_jobs(
             session,
@@ -131,7 +146,10 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
             device=ctx.device_label,
             lease=ctx.lease,
             max_attempts=ctx.max_attempts,
+            batches=ctx.batches,
         )
+        if not alone and any(job.attempts > 1 for job in claimed):
+            raise _Suspect  # rolls the claim back
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
     outcomes: list[Outcome] = []
