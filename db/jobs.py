@@ -92,6 +92,7 @@ class BatchCounts:
     name: str | None
     total: int
     by_status: dict[str, int] = field(default_factory=dict)
+    created_at: datetime | None = None  # UTC
 
     @property
     def finished(self) -> int:
@@ -460,9 +461,7 @@ def get_batch(session: Session, batch_id: str) -> Batch:
 
 def batch_counts(session: Session, batch_id: str) -> BatchCounts:
     batch = get_batch(session, batch_id)
-    counts = BatchCounts(
-        batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name, total=batch.total
-    )
+    counts = _counts(batch)
     for status, n in session.execute(
         select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
     ):
@@ -470,12 +469,37 @@ def batch_counts(session: Session, batch_id: str) -> BatchCounts:
     return counts
 
 
+def recent_batches(session: Session, limit: int = 20) -> list[BatchCounts]:
+    """The ``limit`` newest batches, newest first, each with its counts per state."""
+    batches = session.scalars(
+        select(Batch).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
+    ).all()
+    counts = {b.id: _counts(b) for b in batches}
+    if counts:
+        for batch_id, status, n in session.execute(
+            select(Job.batch_id, Job.status, func.count())
+            .where(Job.batch_id.in_(counts))
+            .group_by(Job.batch_id, Job.status)
+        ):
+            counts[batch_id].by_status[JobStatus(status).value] = n
+    return list(counts.values())
+
+
+def _counts(batch: Batch) -> BatchCounts:
+    return BatchCounts(batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name,
+                       total=batch.total, created_at=_utc(batch.created_at))  # fmt: skip
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite keeps no zone; what pixelmill writes there is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 def last_finished_at(session: Session, batch_id: str) -> datetime | None:
     """When the batch's last job finished (UTC), as the workers recorded it."""
-    value = session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id))
-    if value is not None and value.tzinfo is None:  # SQLite keeps no zone: it was UTC
-        value = value.replace(tzinfo=UTC)
-    return value
+    return _utc(session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
 
 
 def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tuple[str, int]]:

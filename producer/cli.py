@@ -14,13 +14,20 @@ from pixelmill.clitools import (
     EXIT_JOBS_FAILED,
     EXIT_OK,
     EXIT_SERVICE,
+    EXIT_USAGE,
     fail,
     settings_or_exit,
     user_errors,
 )
 from producer.client import Client
 from producer.inputs import InputError, read_prompts_file
-from producer.output import Progress, counts_json, write_json_lines, write_text_lines
+from producer.output import (
+    Progress,
+    batches_table,
+    counts_json,
+    write_json_lines,
+    write_text_lines,
+)
 
 TASK = click.argument("task", type=click.Choice(TASKS))
 INPUTS = click.argument("inputs", nargs=-1, metavar="[INPUT]...")
@@ -179,8 +186,8 @@ def run(
             sub = client.submit(
                 task, model=model, name=name, batch_size=batch_size, again=again, **args
             )
-            if not as_json:
-                click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{_seen(sub)}", err=True)
+            # stderr, so also with --json: the id that status, results and retry take.
+            click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{_seen(sub)}", err=True)
 
             def check() -> None:
                 if supervisor is None:
@@ -239,12 +246,32 @@ def submit(
 
 
 @click.command()
-@click.argument("batch")
+@click.argument("batch", required=False)
 @JSON
 @click.option("--wait", "wait_", is_flag=True, help="Wait until every job has finished.")
-def status(batch: str, as_json: bool, wait_: bool) -> None:
-    """Counts per state for BATCH, and its failures grouped by reason."""
+@click.option(
+    "--limit", default=20, show_default=True, type=click.IntRange(1),
+    help="Without BATCH: how many of the newest batches to list.",
+)  # fmt: skip
+def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
+    """Counts per state for BATCH, and its failures grouped by reason.
+
+    Without BATCH: the newest batches, newest first, with their counts (--json: one object
+    per line)."""
     settings = settings_or_exit()
+    if batch is None:
+        if wait_:
+            fail("--wait needs a BATCH", EXIT_USAGE)
+        with user_errors(), Client(settings) as client:
+            batches = client.batches(limit)
+        if as_json:
+            for counts in batches:
+                click.echo(json.dumps(counts_json(counts)))
+        elif batches:
+            click.echo(batches_table(batches))
+        else:
+            click.echo("no batches yet", err=True)
+        return
     with user_errors(), Client(settings) as client:
         counts = client.wait(batch) if wait_ else client.status(batch)
         failures = client.failures(batch) if counts.by_status.get("failed") else []

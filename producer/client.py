@@ -28,6 +28,7 @@ from db.jobs import (
     iter_batch_jobs,
     last_finished_at,
     queued_job_ids,
+    recent_batches,
     requeue_failed,
 )
 from db.migrate import upgrade
@@ -252,6 +253,11 @@ class Client:
     def status(self, batch_id: str) -> BatchCounts:
         with self.sessions() as session:
             return batch_counts(session, batch_id)
+
+    def batches(self, limit: int = 20) -> list[BatchCounts]:
+        """The newest batches, newest first, with their counts per state."""
+        with self.sessions() as session:
+            return recent_batches(session, limit)
 
     def finished_at(self, batch_id: str) -> datetime | None:
         """When the batch's last job finished (UTC), or None if none has."""

@@ -57,9 +57,27 @@ def counts_json(counts: BatchCounts) -> dict[str, Any]:
         "name": counts.name,
         "task": counts.task,
         "model": counts.model,
+        "created": counts.created_at.isoformat() if counts.created_at else None,
         "total": counts.total,
-        **{s: counts.by_status.get(s, 0) for s in ("queued", "running", "done", "failed")},
+        **{s: counts.by_status.get(s, 0) for s in STATES},
     }
+
+
+STATES = ("queued", "running", "done", "failed")
+
+
+def batches_table(batches: list[BatchCounts]) -> str:
+    """The newest batches as an aligned table, newest first (local time)."""
+    rows = [("BATCH", "CREATED", "TASK", "MODEL", "JOBS", *(s.upper() for s in STATES), "NAME")]
+    for b in batches:
+        created = b.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if b.created_at else ""
+        counts = (str(b.by_status.get(s, 0)) for s in STATES)
+        rows.append((b.batch_id, created, b.task, b.model, str(b.total), *counts, b.name or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
+        for r in rows
+    )
 
 
 class Progress:

@@ -262,3 +262,19 @@ def test_the_per_message_statements_find_jobs_by_primary_key_however_many_are_op
                 plan,
             )
     engine.dispose()
+
+
+def test_recent_batches_newest_first_with_their_counts(sessions):
+    from db.jobs import recent_batches
+
+    first, second, third = (_batch(sessions, n) for n in (1, 2, 3))
+    with sessions.begin() as s:
+        claim_jobs(s, second.job_ids, worker="w", device="cpu")
+        write_outcomes(s, [Outcome(job_id=second.job_ids[0], result={}),
+                           Outcome(job_id=second.job_ids[1], error="bad")])  # fmt: skip
+    with sessions() as s:
+        listed = recent_batches(s, limit=2)
+    assert [b.batch_id for b in listed] == [third.batch_id, second.batch_id]
+    assert [b.by_status for b in listed] == [{"queued": 3}, {"done": 1, "failed": 1}]
+    assert all(b.created_at is not None and b.created_at.tzinfo is not None for b in listed)
+    assert first.batch_id not in {b.batch_id for b in listed}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import pytest
@@ -56,6 +57,12 @@ def test_run_on_the_embedded_default_classifies_photos_and_fails_only_bad_files(
         assert line["result"] is None and line["input"] in line["error"]
     # Everything it started is stopped again: the embedded broker's socket is gone.
     assert not (tmp_path / "data" / "redis.sock").exists()
+    # The batch id is on stderr, also with --json; status without one lists the batches.
+    batch = re.search(r"batch (\S+): ", proc.stderr).group(1)
+    listed = _lines(pixelmill("status", "--json", env=env).stdout)
+    assert [(b["batch"], b["done"], b["failed"]) for b in listed] == [
+        (batch, len(PHOTOS), len(bad_files))
+    ]
 
 
 def test_run_reads_paths_from_stdin_and_exits_0_when_all_done(tmp_path, photos):
@@ -102,6 +109,9 @@ def test_submit_then_worker_on_postgres_and_redis(
             _assert_photo_labels(line)
     human = pixelmill("status", batch, env=env).stdout
     assert "failed x1" in human and "done 4" in human
+    table = pixelmill("status", env=env).stdout.splitlines()
+    assert table[0].split()[:2] == ["BATCH", "CREATED"] and table[1].startswith(batch)
+    assert table[1].split()[-1] == "nightly"
     # SIGTERM drains and stops the worker cleanly.
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(120) == 0
