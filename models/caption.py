@@ -29,6 +29,15 @@ class Captioner(Runner):
         self.dtype = torch.float32
 
     def _load(self, device: str) -> None:
+        model = self._build()
+        self.precision = resolve_precision(device, self.precision_option)
+        self.dtype = torch_dtype(self.precision)
+        self.model = model.eval().to(device=device, dtype=self.dtype)
+        self.revision = self.revision or revision_of(model.config, self.name)
+
+    def _build(self) -> Any:
+        """The model (returned) and its image processor and tokenizer (set), from the hub or
+        a folder."""
         from transformers import (
             AutoImageProcessor,
             AutoModelForImageTextToText,
@@ -48,10 +57,7 @@ class Captioner(Runner):
                 self.tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             raise load_failure(self.name, "an image-to-text (caption) model", exc) from None
-        self.precision = resolve_precision(device, self.precision_option)
-        self.dtype = torch_dtype(self.precision)
-        self.model = model.eval().to(device=device, dtype=self.dtype)
-        self.revision = revision_of(model.config, self.name)
+        return model
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]

@@ -39,17 +39,8 @@ class ImageGenerator(Runner):
         self.default_size = (512, 512)
 
     def _load(self, device: str) -> None:
-        from diffusers import AutoPipelineForText2Image
-
         self.precision = resolve_precision(device, self.precision_option)
-        try:
-            pipe = AutoPipelineForText2Image.from_pretrained(
-                self.name,
-                dtype=torch_dtype(self.precision),
-                trust_remote_code=self.trust_remote_code,
-            )
-        except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...
-            raise load_failure(self.name, "a diffusers text-to-image pipeline", exc) from None
+        pipe = self._build(torch_dtype(self.precision))
         pipe.set_progress_bar_config(disable=True)
         self.text2image = pipe.to(device)
         if self.compile:  # the denoiser is where the time goes
@@ -69,7 +60,18 @@ class ImageGenerator(Runner):
             kind = "a diffusers image-to-image pipeline"
             self._no_image2image = load_failure(self.name, kind, exc)
         component = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-        self.revision = revision_of(getattr(component, "config", None), self.name)
+        self.revision = self.revision or revision_of(getattr(component, "config", None), self.name)
+
+    def _build(self, dtype: torch.dtype) -> Any:
+        """The text-to-image pipeline, from the hub or a folder."""
+        from diffusers import AutoPipelineForText2Image
+
+        try:
+            return AutoPipelineForText2Image.from_pretrained(
+                self.name, dtype=dtype, trust_remote_code=self.trust_remote_code
+            )
+        except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...
+            raise load_failure(self.name, "a diffusers text-to-image pipeline", exc) from None
 
     @property
     def image2image(self) -> Any:

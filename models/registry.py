@@ -17,12 +17,15 @@ from models.classify import (
 )
 from models.generate import ImageGenerator
 from models.null import NULL_MODEL, NullRunner
+from models.random_weights import RANDOM_BLIP_BASE, RANDOM_SD_TURBO, RandomBlipBase, RandomSDTurbo
 from pixelmill.catalog import DEFAULT_MODELS, TASKS
 from pixelmill.errors import ModelUnavailable
 
 BUILTIN: dict[tuple[str, str], type[Runner]] = {
     ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
     ("classify", RANDOM_VIT_B16): RandomViTB16,
+    ("caption", RANDOM_BLIP_BASE): RandomBlipBase,
+    ("generate", RANDOM_SD_TURBO): RandomSDTurbo,
 }
 # What a hub id or a local folder is loaded as, per task.
 PRETRAINED: dict[str, type[Runner]] = {

@@ -94,3 +94,41 @@ def test_compiled_classifier_gives_the_eager_results(tiny_classifier):
     assert [x["label"] for x in ours[0]["labels"]] == [x["label"] for x in theirs[0]["labels"]]
     assert ours[0]["labels"][0]["score"] == pytest.approx(theirs[0]["labels"][0]["score"], 1e-4)
     assert type(compiled.model).__name__ == "OptimizedModule"
+
+
+@pytest.mark.slow
+def test_random_full_size_caption_and_generate_models_have_the_real_architectures():
+    """The bench's stand-ins for Salesforce/blip-image-captioning-base and stabilityai/sd-turbo
+    cost what the real ones cost because they are the same architectures: same parameter
+    counts, same input size, same defaults; and they run through the ordinary runners."""
+    from models.base import IMAGE
+    from pixelmill.catalog import task_options
+
+    def params(module):
+        return sum(p.numel() for p in module.parameters())
+
+    blip = create_runner("caption", "blip_base_random")
+    blip.load("cpu")
+    assert blip.revision == "random"
+    # BLIP base captioning: 224.0 M distinct parameters (the hub's 247.4 M also counts the LM
+    # head, which shares the word embeddings: 30,524 x 768 = 23.4 M).
+    assert 223.5e6 < params(blip.model) < 224.5e6
+    assert blip.image_processor.size == {"height": 384, "width": 384}
+    photo = Image.open(skimage_data() / "astronaut.png").convert("RGB")
+    out = blip.forward(blip.collate([blip.preprocess(photo)]), {"max_new_tokens": 5})
+    assert len(out[0]["caption"].split()) == 5  # never stops early: the upper bound on cost
+    del blip
+
+    sd = create_runner("generate", "sd_turbo_random")
+    sd.load("cpu")
+    pipe = sd.text2image
+    assert 865e6 < params(pipe.unet) < 866e6  # SD 2.1 / sd-turbo UNet: 865.9 M
+    assert 340e6 < params(pipe.text_encoder) < 341e6  # OpenCLIP ViT-H/14 text tower
+    assert 83e6 < params(pipe.vae) < 84e6
+    assert sd.default_size == (512, 512)
+    opts = task_options("generate", {"width": 64, "height": 64}, "sd_turbo_random")
+    assert (opts.steps, opts.guidance) == (1, 0.0)  # "turbo": 1 step, no guidance
+    options = opts.model_dump(mode="json", exclude_none=True)
+    item = sd.prepare("p", {"prompt": "a lighthouse at dusk", "seed": 1}, options)
+    (result,) = sd.forward(sd.collate([item]), options)
+    assert result[IMAGE].size == (64, 64) and (result["width"], result["height"]) == (64, 64)

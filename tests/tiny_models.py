@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from models.random_weights import blip_tokenizer, byte_level_bpe, clip_tokenizer, never_stop
+
 TINY_LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
 
 
@@ -55,7 +57,6 @@ def build_tiny_blip_captioner(folder: Path) -> Path:
     and depend on the image (a large init scale makes cross attention matter).
     """
     from transformers import (
-        BertTokenizer,
         BlipConfig,
         BlipForConditionalGeneration,
         BlipImageProcessor,
@@ -64,13 +65,8 @@ def build_tiny_blip_captioner(folder: Path) -> Path:
         BlipVisionConfig,
     )
 
-    # Like Salesforce/blip-*: a BERT WordPiece tokenizer with an extra "[DEC]" bos token.
-    # transformers 5: ``BertTokenizer`` is the tokenizers-backed class and takes ``vocab=`` (a
-    # dict or a vocab.txt path); a ``vocab_file=`` keyword is silently ignored (5-token vocab).
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    vocab = {token: i for i, token in enumerate(special + TINY_WORDS)}
-    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]")
-    assert len(tokenizer) == len(vocab), (len(tokenizer), len(vocab))
+    tokenizer = blip_tokenizer(TINY_WORDS)
+    vocab = tokenizer.get_vocab()
 
     torch.manual_seed(0)
     init = 0.2  # default 0.02 (and 1e-10 for the vision tower) gives image-independent captions
@@ -108,10 +104,7 @@ def build_tiny_blip_captioner(folder: Path) -> Path:
         initializer_range=init,
     )
     model = BlipForConditionalGeneration(config).eval()
-    # The LM head bias (``decoder.bias`` is tied to it) rules out every special token, so the
-    # decoder never stops early and never emits only tokens that decoding would skip.
-    with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[tokenizer.all_special_ids] = -1e4
+    never_stop(model, tokenizer)
 
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
@@ -119,37 +112,6 @@ def build_tiny_blip_captioner(folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def _byte_level_bpe(
-    words: list[str], prefix: str = "", suffix: str = ""
-) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
-    """A hand-made byte-level BPE: the 256 byte symbols plus left-to-right merges spelling each
-    ``prefix + word + suffix`` as one token (``"Ġcat"`` for GPT-2, ``"cat</w>"`` for CLIP).
-
-    Returns the vocab, the merges and the whole-word tokens. The transformers 5 tokenizer
-    constructors need merges as tuples (their ``list[str]`` hint is wrong: "a b" strings raise).
-    """
-    from tokenizers import pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
-    if suffix:  # CLIP: every symbol also exists as a word end, e.g. "a</w>"
-        for symbol in alphabet:
-            vocab[symbol + suffix] = len(vocab)
-    merges: list[tuple[str, str]] = []
-    word_tokens = []
-    for word in words:
-        pieces = [*prefix, *word]
-        pieces[-1] += suffix
-        current = pieces[0]
-        for piece in pieces[1:]:
-            if current + piece not in vocab:
-                merges.append((current, piece))
-                vocab[current + piece] = len(vocab)
-            current += piece
-        word_tokens.append(current)
-    return vocab, merges, word_tokens
 
 
 def build_tiny_vit_gpt2_captioner(folder: Path) -> Path:
@@ -169,7 +131,7 @@ def build_tiny_vit_gpt2_captioner(folder: Path) -> Path:
         ViTImageProcessor,
     )
 
-    vocab, merges, word_tokens = _byte_level_bpe(TINY_WORDS, prefix="Ġ")
+    vocab, merges, word_tokens = byte_level_bpe(TINY_WORDS, prefix="Ġ")
     vocab["<|endoftext|>"] = len(vocab)
     # As in GPT-2: <|endoftext|> is bos, eos, unk and (for generation) pad.
     tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
@@ -239,13 +201,10 @@ def build_tiny_stable_diffusion(folder: Path) -> Path:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab, merges, _ = _byte_level_bpe(TINY_WORDS, suffix="</w>")
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
-    assert len(tokenizer) == len(vocab), (len(tokenizer), len(vocab))
+    tokenizer = clip_tokenizer(TINY_WORDS, max_length=16)
+    vocab = tokenizer.get_vocab()
 
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
