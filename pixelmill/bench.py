@@ -206,6 +206,11 @@ class Bench:
         cfg = self.cfg
         n = cfg.images
         runs: dict[str, list[float]] = {}
+        messages = -(-n // cfg.size)
+        if messages < self.workers:
+            self.say(f"note: {n} items at batch size {cfg.size} make {messages} message(s) for "
+                     f"{self.workers} workers, so end to end leaves workers idle; use more "
+                     "--images or a smaller --batch-size")  # fmt: skip
 
         def record(key: str, value: float) -> None:
             runs.setdefault(key, []).append(value)

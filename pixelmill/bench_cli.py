@@ -41,8 +41,10 @@ def _option(text: str) -> tuple[str, Any]:
     "--model",
     "-m",
     default=None,
-    help="Default: the task's default. Also: null, "
-    "vit_b16_random (ViT-B/16 with random weights), a hub id or a folder.",
+    help="Default: the task's default. Also: null, a hub id or a folder, or a full-size "
+    "architecture with random weights (the real model's compute, where its weights cannot be "
+    "downloaded): vit_b16_random (classify), blip_base_random (caption), sd_turbo_random "
+    "(generate).",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option(
@@ -119,6 +121,8 @@ def bench(
     Example:
       pixelmill bench classify --images 256
       pixelmill bench classify --device cuda:0 --model vit_b16_random --batch-size 256
+      pixelmill bench caption --device cuda:0 --model blip_base_random --images 2048
+      pixelmill bench generate --device cuda:0 --model sd_turbo_random --images 256
     """
     from pixelmill.bench import BenchConfig, run_bench
 
