@@ -128,73 +128,94 @@ class RandomSDTurbo(ImageGenerator):
         super().__init__(name, **options)
 
     def _build(self, dtype: torch.dtype) -> Any:
-        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-
         torch.manual_seed(0)
-        tokenizer = clip_tokenizer([], max_length=77)
         with default_dtype(dtype):  # built in the dtype it runs in: no copy, no cast
-            text_encoder, unet, vae = self._parts(tokenizer)
-        scheduler = EulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="trailing",
-            steps_offset=1,
-        )
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+            pipe = sd_pipeline(
+                clip_tokenizer([], max_length=77),
+                text={  # OpenCLIP ViT-H/14's text tower, as in SD 2.x
+                    "vocab_size": 49408,
+                    "hidden_size": 1024,
+                    "intermediate_size": 4096,
+                    "num_hidden_layers": 23,
+                    "num_attention_heads": 16,
+                    "hidden_act": "gelu",
+                    "projection_dim": 512,
+                },
+                unet={
+                    "sample_size": 64,
+                    "layers_per_block": 2,
+                    "block_out_channels": (320, 640, 1280, 1280),
+                    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                    "cross_attention_dim": 1024,
+                    "attention_head_dim": (5, 10, 20, 20),
+                    "use_linear_projection": True,
+                },
+                vae={
+                    "block_out_channels": (128, 256, 512, 512),
+                    "layers_per_block": 2,
+                    "sample_size": 512,
+                },
+                scheduler={"timestep_spacing": "trailing"},
+            )
         self.revision = "random"
         return pipe
 
-    @staticmethod
-    def _parts(tokenizer: Any) -> tuple[Any, Any, Any]:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel
 
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(  # OpenCLIP ViT-H/14's text tower, as in SD 2.x
-                vocab_size=49408,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=23,
-                num_attention_heads=16,
-                max_position_embeddings=77,
-                hidden_act="gelu",
-                projection_dim=512,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+def sd_pipeline(
+    tokenizer: Any,
+    *,
+    text: dict[str, Any],
+    unet: dict[str, Any],
+    vae: dict[str, Any],
+    scheduler: dict[str, Any],
+) -> Any:
+    """A Stable Diffusion pipeline with random weights: a CLIP text model (``text``: its config,
+    positions as long as the tokenizer pads), a UNet and a VAE with 4 blocks (so
+    ``vae_scale_factor`` is 8) and Euler on the SD noise schedule (``scheduler`` adds to it).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            **text,
+            max_position_embeddings=tokenizer.model_max_length,  # prompts are padded to this
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,  # pooled output is taken at the first eos
+            pad_token_id=tokenizer.pad_token_id,
         )
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=1024,
-            attention_head_dim=(5, 10, 20, 20),
-            use_linear_projection=True,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            sample_size=512,
-        )
-        return text_encoder, unet, vae
+    )
+    unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
+    vae_model = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        **vae,
+    )
+    # Euler without churn is deterministic given the generators.
+    euler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,  # 0 triggers a deprecation warning in diffusers
+        **scheduler,
+    )
+    return StableDiffusionPipeline(
+        vae=vae_model,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet_model,
+        scheduler=euler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import torch
 
-from models.random_weights import blip_tokenizer, byte_level_bpe, clip_tokenizer, never_stop
+from models.random_weights import (
+    blip_tokenizer,
+    byte_level_bpe,
+    clip_tokenizer,
+    never_stop,
+    sd_pipeline,
+)
 
 TINY_LABELS = ["apple", "banana", "cherry", "date", "elderberry", "fig", "grape"]
 
@@ -195,72 +201,35 @@ def build_tiny_stable_diffusion(folder: Path) -> Path:
     that; the UNet itself copes with odd latent sizes). Outputs are noise-like but deterministic
     for a given seed.
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer = clip_tokenizer(TINY_WORDS, max_length=16)
-    vocab = tokenizer.get_vocab()
-
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            projection_dim=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,  # prompts are padded to this
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,  # pooled output is taken at the first eos
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4,
-        sample_size=64,
-    )
-    # SD 1.x schedule; Euler without churn is deterministic given the generators.
-    scheduler = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,  # 0 triggers a deprecation warning in diffusers
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = sd_pipeline(
+        tokenizer,
+        text={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "projection_dim": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+        },
+        unet={
+            "sample_size": 8,
+            "layers_per_block": 1,
+            "block_out_channels": (32, 64),
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        },
+        vae={
+            "block_out_channels": (8, 8, 16, 16),
+            "layers_per_block": 1,
+            "norm_num_groups": 4,
+            "sample_size": 64,
+        },
+        scheduler={},  # the SD 1.x schedule
     )
     pipe.save_pretrained(folder)
     return folder
