@@ -60,6 +60,45 @@ def test_a_redelivered_message_does_no_work_twice(ctx, photos):
     assert again.claimed == 0
 
 
+def test_a_job_started_before_runs_alone_and_each_attempt_counts_once(ctx, photos):
+    """A job whose worker died (started once, never finished) is found by the claim, which is
+    undone and taken again with the process to itself: its attempts go 1 -> 2, not 3, and the
+    message's other jobs run too."""
+    from sqlalchemy import select
+
+    from db.jobs import claim_jobs
+    from db.schema import Job
+
+    new = _submit(ctx, sorted(photos.iterdir())[:3], model="null")
+    with ctx.sessions.begin() as s:  # a worker that died after claiming the middle job
+        claim_jobs(s, new.job_ids[1:2], worker="dead@host/1", device="cpu", lease=0)
+    modes = []
+    shared, exclusive = ctx.isolation.shared, ctx.isolation.exclusive
+
+    def spy(mode, real):
+        def enter():
+            modes.append(mode)
+            return real()
+
+        return enter
+
+    ctx.isolation.shared = spy("shared", shared)
+    ctx.isolation.exclusive = spy("exclusive", exclusive)
+    report = process_batch(ctx, new.job_ids)
+    assert (report.claimed, report.done) == (3, 3)
+    assert modes == ["shared", "exclusive"]
+    with ctx.sessions() as s:
+        attempts = dict(s.execute(select(Job.id, Job.attempts)).all())
+    assert [attempts[j] for j in new.job_ids] == [1, 2, 1]
+    # A message of first attempts only never waits for the process to itself.
+    modes.clear()
+    assert (
+        process_batch(ctx, _submit(ctx, sorted(photos.iterdir())[:2], model="null").job_ids).done
+        == 2
+    )
+    assert modes == ["shared"]
+
+
 def test_unavailable_model_fails_its_jobs_with_the_model_name(ctx, photos, tmp_path):
     missing = tmp_path / "no-such-model"
     missing.mkdir()
