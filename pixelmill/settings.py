@@ -81,7 +81,13 @@ class Settings(BaseSettings):
         le=16,
         description="Batches a device worker holds at once: one on the model, the rest decoding.",
     )
-    decode_threads: int = Field(default=2, ge=1, le=64, description="Image decoding threads.")
+    decode_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Image decoding threads per device worker (default: 2 on the CPU; on a GPU, "
+        "the host's cores shared among its GPU workers, 2 to 16).",
+    )
     device_batch_size: int | None = Field(
         default=None,
         ge=1,
@@ -238,6 +244,22 @@ def mask_url(url: str) -> str:
 
 
 CPU_DEVICE_BATCH = 2
+
+
+CPU_DECODE_THREADS = 2
+MAX_GPU_DECODE_THREADS = 16
+
+
+def decode_threads(settings: Settings, device: str, gpu_workers: int = 1) -> int:
+    """The decoding threads of a worker on ``device``. A GPU consumes images far faster than
+    one core decodes them, so GPU workers share the host's cores (``gpu_workers`` of them on
+    this host); a CPU worker's decoding shares its own core with the model."""
+    if settings.decode_threads is not None:
+        return settings.decode_threads
+    if device == "cpu":
+        return CPU_DECODE_THREADS
+    cores = os.cpu_count() or 1
+    return max(CPU_DECODE_THREADS, min(MAX_GPU_DECODE_THREADS, cores // max(1, gpu_workers)))
 
 
 def device_batch_size(settings: Settings, device: str) -> int | None:

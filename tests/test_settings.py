@@ -63,3 +63,18 @@ def test_cli_rejects_invalid_setting_with_exit_2_and_the_variable_name(tmp_path)
     assert proc.returncode == 2
     assert "PIXELMILL_BROKER_URL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_gpu_workers_share_the_hosts_cores_for_decoding(monkeypatch, tmp_path):
+    """Two decoding threads cannot feed a GPU: a GPU worker gets the host's cores divided by
+    the GPU workers on it (2 to 16); a CPU worker keeps 2; the setting overrides both."""
+    from pixelmill.settings import decode_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    settings = load_settings(data_dir=tmp_path)
+    assert decode_threads(settings, "cpu") == 2
+    assert decode_threads(settings, "cuda:0", gpu_workers=1) == 16
+    assert decode_threads(settings, "cuda:0", gpu_workers=4) == 8
+    assert decode_threads(settings, "cuda:0", gpu_workers=32) == 2
+    pinned = load_settings(data_dir=tmp_path, decode_threads=5)
+    assert decode_threads(pinned, "cuda:0", gpu_workers=4) == decode_threads(pinned, "cpu") == 5

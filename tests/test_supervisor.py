@@ -71,6 +71,8 @@ def test_a_gpu_worker_is_spawned_pinned_to_its_device(tmp_path, redis_server):
         assert envs["cuda3"]["CUDA_VISIBLE_DEVICES"] == "3"
         assert envs["cpu"]["CUDA_VISIBLE_DEVICES"] == envs["cpu-1"]["CUDA_VISIBLE_DEVICES"] == ""
         assert b"worker.device_main\0--device\0cuda:3" in argv["cuda3"]
+        assert b"--gpu-workers\x001" in argv["cuda3"]  # one GPU: it decodes on the spare cores
+        assert b"--gpu-workers" not in argv["cpu"]
         assert envs["cuda3"]["PIXELMILL_BROKER_URL"] == redis_server.url
         deadline = time.monotonic() + 120
         log = tmp_path / "logs" / "worker-cuda3.log"

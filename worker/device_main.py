@@ -17,7 +17,7 @@ from typing import Any
 
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
-from pixelmill.settings import device_batch_size, load_settings
+from pixelmill.settings import decode_threads, device_batch_size, load_settings
 
 
 class Heartbeat(threading.Thread):
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (the physical index)")
     parser.add_argument("--slot", type=int, default=0, help="which of several CPU workers")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument(
+        "--gpu-workers", type=int, default=1, help="GPU workers on this host (they share its cores)"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         device_label=label,
         worker_name=holder,
         store=open_store(settings.resolved_store_url(), settings),
-        decode_threads=settings.decode_threads,
+        decode_threads=decode_threads(settings, device, args.gpu_workers),
         device_batch=device_batch_size(settings, device),
         lease=settings.lease_seconds,
         max_attempts=settings.max_attempts,

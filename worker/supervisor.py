@@ -124,6 +124,9 @@ class Supervisor:
                "--slot", str(device.slot)]  # fmt: skip
         if device.threads is not None:
             cmd += ["--threads", str(device.threads)]
+        gpus = sum(1 for d in self.devices if d.visible is not None)
+        if device.visible is not None:
+            cmd += ["--gpu-workers", str(gpus)]
         out: Any = sys.stderr
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
