@@ -230,13 +230,16 @@ def claim_jobs(
                 lease_until=None,
             )
         )
-    known = batches if batches is not None else {}
-    missing = {r.batch_id for r in rows} - known.keys()
+    # Looked up one key at a time into a dict of this call's own: the cache may be shared by
+    # a worker's threads, and cleared by one of them.
+    cache = batches if batches is not None else {}
+    known = {bid: info for bid in {r.batch_id for r in rows} if (info := cache.get(bid))}
+    missing = {r.batch_id for r in rows if r.batch_id not in known}
     if missing:
         for b in conn.execute(
             select(Batch.id, Batch.task, Batch.model, Batch.options).where(Batch.id.in_(missing))
         ):
-            known[b.id] = BatchInfo(b.task, b.model, dict(b.options or {}))
+            known[b.id] = cache[b.id] = BatchInfo(b.task, b.model, dict(b.options or {}))
     by_id = {
         r.id: ClaimedJob(
             job_id=r.id,
