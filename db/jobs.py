@@ -17,6 +17,12 @@ from db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
 from pixelmill.errors import UnknownBatch
 
 INSERT_CHUNK = 2000
+DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch size
+
+
+def message_size(options: dict[str, Any] | None) -> int:
+    """Jobs per message for a batch: the batch size it was submitted with."""
+    return int((options or {}).get("batch_size") or DEFAULT_MESSAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -419,7 +425,7 @@ def take_stranded(
         Stranded(
             batch_id=batch_id,
             job_ids=[job_id for _, job_id in sorted(jobs)],
-            batch_size=int((sizes.get(batch_id) or {}).get("batch_size") or 32),
+            batch_size=message_size(sizes.get(batch_id)),
         )
         for batch_id, jobs in by_batch.items()
     ]

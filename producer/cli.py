@@ -22,6 +22,7 @@ from pixelmill.clitools import (
 from producer.client import Client
 from producer.inputs import InputError, read_prompts_file
 from producer.output import (
+    STATES,
     Progress,
     batches_table,
     counts_json,
@@ -282,9 +283,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
         return
     click.echo(f"batch   {counts.batch_id}" + (f"  ({counts.name})" if counts.name else ""))
     click.echo(f"task    {counts.task}   model {counts.model}")
-    states = "  ".join(
-        f"{s} {counts.by_status.get(s, 0)}" for s in ("queued", "running", "done", "failed")
-    )
+    states = "  ".join(f"{s} {counts.by_status.get(s, 0)}" for s in STATES)
     click.echo(f"jobs    {counts.total}:  {states}")
     for reason, n in failures:
         click.echo(f"  failed x{n}: {reason}")

@@ -27,6 +27,7 @@ from db.jobs import (
     get_batch,
     iter_batch_jobs,
     last_finished_at,
+    message_size,
     queued_job_ids,
     recent_batches,
     requeue_failed,
@@ -204,7 +205,7 @@ class Client:
             if earlier is None:
                 raise
             return earlier
-        self._enqueue(new.job_ids, size)
+        enqueue(self.app, new.job_ids, size)
         return Submission(batch_id=new.batch_id, jobs=len(new.job_ids))
 
     def _resume(self, print_: str) -> Submission | None:
@@ -215,9 +216,9 @@ class Client:
             if batch is None:
                 return None
             queued = queued_job_ids(session, batch.id)
-            size = int(batch.options.get("batch_size") or 32)
+            size = message_size(batch.options)
             found = Submission(batch_id=batch.id, jobs=batch.total, existing=True)
-        self._enqueue(queued, size)
+        enqueue(self.app, queued, size)
         return found
 
     def check_broker(self) -> None:
@@ -234,18 +235,15 @@ class Client:
             )
             raise ServiceUnavailable(f"cannot reach the broker at {where}: {exc}{hint}") from None
 
-    def _enqueue(self, job_ids: list[str], size: int) -> None:
-        enqueue(self.app, job_ids, size)
-
     def retry(self, batch_id: str) -> int:
         """Run the batch's failed jobs again (attempts reset); returns how many."""
         self.check_broker()
         with self.sessions.begin() as session:
-            size = int(get_batch(session, batch_id).options.get("batch_size") or 32)
+            size = message_size(get_batch(session, batch_id).options)
             job_ids = requeue_failed(
                 session, batch_id, queued_lease=self.settings.queued_lease_seconds
             )
-        self._enqueue(job_ids, size)
+        enqueue(self.app, job_ids, size)
         return len(job_ids)
 
     # ---- read ----------------------------------------------------------------------------

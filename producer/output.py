@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from db.jobs import BatchCounts
+from db.schema import JobStatus
 from producer.client import JobResult
 
 
@@ -63,7 +64,7 @@ def counts_json(counts: BatchCounts) -> dict[str, Any]:
     }
 
 
-STATES = ("queued", "running", "done", "failed")
+STATES = tuple(status.value for status in JobStatus)  # in the order a job moves
 
 
 def batches_table(batches: list[BatchCounts]) -> str:

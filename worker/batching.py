@@ -192,7 +192,6 @@ def _run_group(
     # soon as its own items are ready (the first pass does not wait for the last decode).
     pending = [(job, ctx.pool.submit(_prepare, runner, job)) for job in jobs]
     outcomes: dict[str, Outcome] = {}
-    finished: list[tuple[ClaimedJob, dict[str, Any] | BaseException]] = []
 
     def ready_items(chunk: list[tuple[ClaimedJob, Future[Any]]]) -> list[tuple[ClaimedJob, Any]]:
         ready = []
@@ -204,8 +203,7 @@ def _run_group(
                 ready.append((job, item))
         return ready
 
-    for job, res in _forward_isolating_failures(ctx, runner, pending, ready_items, options):
-        finished.append((job, res))
+    finished = _forward_isolating_failures(ctx, runner, pending, ready_items, options)
     stored: list[tuple[ArtifactRecord, ...]] = [()] * len(finished)
     if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
         stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))

@@ -17,7 +17,8 @@ from pixelmill.settings import mask_url
     "--devices",
     default="auto",
     show_default=True,
-    help="auto (one worker per visible GPU, else one CPU worker), cpu, or GPU indices: 0,2",
+    help="auto (one worker per visible GPU, else CPU workers: --cpu-workers), cpu, or GPU "
+    "indices: 0,2",
 )
 @click.option(
     "--cpu-workers",

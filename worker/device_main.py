@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from models.cache import ModelCache
     from worker.app import create_app
     from worker.batching import WorkerContext
+    from worker.supervisor import DeviceSpec
     from worker.tasks import register_tasks
 
     # No loading progress bars in worker logs (the cache logs one line per load); set before
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     engine = make_engine(settings.resolved_database_url())
     upgrade(engine)
-    name = label.replace(":", "") + (f"-{args.slot}" if args.slot else "")
+    name = DeviceSpec(label, None, slot=args.slot).name
     node = f"pixelmill-{name}@{socket.gethostname()}"
     # Jobs are leased to this process, not to the node name: a restarted worker with the same
     # name must not renew the leases of the jobs its dead predecessor held.
