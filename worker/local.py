@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def embedded_broker(settings: Settings) -> Iterator[EmbeddedRedis | None]:
-    """Start the embedded Redis when no broker is configured (reusing one already running on
-    the data dir's socket); stop it on exit if this call started it."""
+    """Use the embedded Redis when no broker is configured: join the one serving the data dir,
+    or start it; leave it on exit (it stops once no pixelmill process uses it)."""
     if not settings.embedded_broker:
         yield None
         return
@@ -36,9 +36,10 @@ def local_workers(
     *,
     drain_timeout: float = 120,
     log_dir: Path | None = None,
+    broker: EmbeddedRedis | None = None,
 ) -> Iterator[Supervisor]:
     specs = parse_devices(devices) if isinstance(devices, str) else devices
-    supervisor = Supervisor(specs, settings=settings, log_dir=log_dir).start()
+    supervisor = Supervisor(specs, settings=settings, log_dir=log_dir, broker=broker).start()
     try:
         yield supervisor
     finally:
@@ -54,9 +55,9 @@ def local_cluster(
     log_dir: Path | None = None,
 ) -> Iterator[Supervisor | None]:
     """Embedded broker if needed, plus one worker per device unless ``workers`` is False."""
-    with embedded_broker(settings):
+    with embedded_broker(settings) as broker:
         if not workers:
             yield None
             return
-        with local_workers(settings, devices, log_dir=log_dir) as supervisor:
+        with local_workers(settings, devices, log_dir=log_dir, broker=broker) as supervisor:
             yield supervisor

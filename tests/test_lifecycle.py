@@ -1,0 +1,342 @@
+"""What `pixelmill run` and `pixelmill worker` start, they own and clean up: signals really sent
+to real processes on the embedded default (embedded Redis, SQLite, local workers)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import signal
+import sqlite3
+import subprocess
+import sys
+import termios
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from PIL import Image
+
+from pixelmill.settings import load_settings
+from tests.conftest import ROOT, pixelmill, pixelmill_env
+from worker.embedded import ping
+
+pytestmark = pytest.mark.slow
+T = TypeVar("T")
+
+FAST = {"lease_seconds": "4", "queued_lease_seconds": "3", "reconcile_interval": "1",
+        "max_attempts": "3"}  # fmt: skip
+
+
+def _until(check: Callable[[], T], what: str, timeout: float = 60) -> T:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+    return value
+
+
+def _env(tmp_path: Path, *, slow: float = 0.0, crash: bool = False, **extra: str) -> dict[str, str]:
+    """The embedded default in ``tmp_path/data``; ``slow``: seconds the null model spends on
+    each item (injected in the real worker processes); ``crash``: an input named crashme*
+    ends its worker process at once, as a native crash would."""
+    env = pixelmill_env(data_dir=str(tmp_path / "data"), **extra)
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""
+        import os, time
+        import models.null as null
+
+        _prepare = null.NullRunner.prepare
+
+        def prepare(self, input, params, options):
+            if {crash!r} and "crashme" in str(input):
+                os._exit(70)
+            time.sleep({slow!r})
+            return _prepare(self, input, params, options)
+
+        null.NullRunner.prepare = prepare
+    """)
+    )
+    env["PYTHONPATH"] = str(hook)
+    return env
+
+
+def _inputs(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(folder / "seed.png")
+    first = folder / "seed.png"
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:04d}.png"
+        os.link(first, path)
+        paths.append(str(path))
+    first.unlink()
+    return paths
+
+
+def _socket(tmp_path: Path) -> Path:
+    return load_settings(data_dir=tmp_path / "data").embedded_socket
+
+
+def _processes(tmp_path: Path) -> dict[int, str]:
+    """Every live process that belongs to this test's data dir: its workers (by their
+    environment), the broker's keeper and redis-server (by their command lines)."""
+    marks = [str(tmp_path / "data").encode(), str(_socket(tmp_path)).encode()]
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state == "Z":
+            continue
+        if any(m in cmdline or m in environ for m in marks):
+            found[int(entry.name)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def _workers(tmp_path: Path) -> dict[int, str]:
+    return {p: c for p, c in _processes(tmp_path).items() if "worker.device_main" in c}
+
+
+def _nothing_left(tmp_path: Path, timeout: float = 30) -> None:
+    _until(lambda: not _processes(tmp_path), f"left running: {_processes(tmp_path)}", timeout)
+
+
+def _start_run(env: dict[str, str], *args: str, **popen: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pixelmill", "run", "classify", *args, "--model", "null",
+         "--devices", "cpu"],
+        env=env, cwd=ROOT, text=True,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen},  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def _jobs(tmp_path: Path) -> dict[str, int]:
+    db = sqlite3.connect(tmp_path / "data" / "pixelmill.db")
+    try:
+        return dict(db.execute("SELECT status, count(*) FROM jobs GROUP BY status").fetchall())
+    finally:
+        db.close()
+
+
+def _started(tmp_path: Path, n: int = 1) -> None:
+    """Wait until the run's workers are taking jobs."""
+    _until(
+        lambda: (tmp_path / "data" / "pixelmill.db").exists() and _jobs_done(tmp_path) >= n,
+        "the run's workers never finished a job",
+        120,
+    )
+
+
+def _jobs_done(tmp_path: Path) -> int:
+    try:
+        return _jobs(tmp_path).get("done", 0)
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_run_stopped_by_sigterm_or_sighup_drains_and_leaves_nothing_running(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    paths = _inputs(tmp_path / "in", 400)
+    env = _env(tmp_path, slow=0.05, batch_size="8")
+    # The run's controlling terminal is a pty: closing its master is what a closed SSH
+    # session does (the kernel sends SIGHUP; writing to the terminal then fails with EIO).
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    run = _start_run(env, *paths, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                     preexec_fn=controlling_terminal)  # fmt: skip
+    os.close(slave)
+    try:
+        _started(tmp_path)
+        workers = _workers(tmp_path)
+        assert len(workers) == 2, workers
+        if sig == signal.SIGHUP:
+            os.close(master)  # the hangup
+        else:
+            run.send_signal(sig)
+        assert run.wait(130) == 128 + sig
+    finally:
+        if run.poll() is None:
+            run.kill()
+        if sig != signal.SIGHUP:
+            os.close(master)
+    _nothing_left(tmp_path)
+    counts = _jobs(tmp_path)
+    assert counts.get("running", 0) == 0, counts  # the running batches were drained
+    assert counts.get("done", 0) > 0 and counts.get("queued", 0) > 0, counts
+
+
+def test_run_killed_with_sigkill_takes_its_workers_and_broker_with_it(tmp_path: Path) -> None:
+    paths = _inputs(tmp_path / "in", 400)
+    env = _env(tmp_path, slow=0.05, batch_size="8")
+    run = _start_run(env, *paths)
+    try:
+        _started(tmp_path)
+        assert len(_workers(tmp_path)) == 2
+        assert ping(_socket(tmp_path))
+        run.kill()
+        run.wait(10)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    # The workers get the parent-death signal; the keeper stops redis-server once no
+    # process uses it.
+    _nothing_left(tmp_path, timeout=60)
+    assert not ping(_socket(tmp_path))
+
+
+def test_a_new_supervisor_waits_for_the_devices_of_one_still_running(tmp_path: Path) -> None:
+    env = _env(tmp_path, slow=0.0)
+    first = subprocess.Popen([sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu",
+                              "--cpu-workers", "2"], env=env, cwd=ROOT)  # fmt: skip
+    second: subprocess.Popen[str] | None = None
+    try:
+        old = _until(lambda: len(w := _workers(tmp_path)) == 2 and w, "first workers", 60)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu", "--cpu-workers",
+             "2"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(8)
+        assert _workers(tmp_path) == old  # never a second worker on a device
+        # The first supervisor killed outright: its workers go with it, then (and only then)
+        # the second one's start.
+        first.kill()
+        first.wait(10)
+        new = _until(
+            lambda: len(w := _workers(tmp_path)) == 2 and not set(w) & set(old) and w,
+            f"second supervisor's workers: {_workers(tmp_path)}",
+            120,
+        )
+        assert not set(new) & set(old)
+        assert second.poll() is None
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(130) == 0
+        assert second.stderr is not None
+        assert "already has a worker" in second.stderr.read()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    _nothing_left(tmp_path)
+
+
+def test_two_overlapping_runs_share_the_embedded_broker(tmp_path: Path) -> None:
+    long_inputs = _inputs(tmp_path / "long", 300)
+    short_inputs = _inputs(tmp_path / "short", 5)
+    env = _env(tmp_path, slow=0.05, batch_size="8")
+    long_run = _start_run(env, *long_inputs, "--json")
+    try:
+        _started(tmp_path)
+        short = pixelmill("run", "classify", *short_inputs, "--model", "null", "--json",
+                          env=env, timeout=180)  # fmt: skip
+        assert short.returncode == 0, short.stderr
+        assert long_run.poll() is None  # still going: the short run left the broker to it
+        out, err = long_run.communicate(timeout=240)
+        assert long_run.returncode == 0, err
+        assert len([json.loads(line) for line in out.splitlines()]) == 300
+    finally:
+        if long_run.poll() is None:
+            long_run.kill()
+    _nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("victim", ["redis-server", "keeper"])
+def test_a_broker_that_dies_mid_run_is_started_again_and_the_run_finishes(
+    tmp_path: Path, victim: str
+) -> None:
+    paths = _inputs(tmp_path / "in", 200)
+    env = _env(tmp_path, slow=0.05, batch_size="8", **FAST)
+    run = _start_run(env, *paths, "--json")
+    try:
+        _started(tmp_path)
+        marker = "redis-server" if victim == "redis-server" else "worker.embedded"
+        (pid,) = [p for p, c in _processes(tmp_path).items() if marker in c]
+        os.kill(pid, signal.SIGKILL)  # what the OOM killer does
+        out, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+        lines = [json.loads(line) for line in out.splitlines()]
+        assert len(lines) == 200 and {x["status"] for x in lines} == {"done"}
+    finally:
+        if run.poll() is None:
+            run.kill()
+    _nothing_left(tmp_path)
+
+
+def test_the_embedded_broker_stays_while_any_process_uses_it(tmp_path: Path) -> None:
+    from worker.embedded import EmbeddedRedis, in_use
+
+    sock, data = _socket(tmp_path), tmp_path / "data"
+    first = EmbeddedRedis(sock, data).start()
+    second = EmbeddedRedis(sock, data).start()
+    assert ping(sock) and in_use(sock)
+    first.stop()
+    time.sleep(2)
+    assert ping(sock)  # the second user still has it
+    second.stop()
+    _until(lambda: not ping(sock), "the broker outlived its last user", 15)
+    _nothing_left(tmp_path)
+
+
+def test_run_timeout_prints_the_results_so_far_and_exits_4(tmp_path: Path) -> None:
+    paths = _inputs(tmp_path / "in", 100)
+    env = _env(tmp_path, slow=1.0, batch_size="4")
+    result = pixelmill("run", "classify", *paths, "--model", "null", "--json", "--timeout",
+                       "12", env=env, timeout=240)  # fmt: skip
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "timed out after 12s" in result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 100
+    states = {x["status"] for x in lines}
+    assert "done" in states and states & {"queued", "running"}, states
+    _nothing_left(tmp_path)
+
+
+def test_run_survives_crashing_workers_and_fails_only_the_input_that_kills_them(
+    tmp_path: Path,
+) -> None:
+    paths = _inputs(tmp_path / "in", 30)
+    crasher = tmp_path / "in" / "crashme.png"
+    os.link(paths[0], crasher)
+    env = _env(tmp_path, crash=True, batch_size="8", **FAST)
+    result = pixelmill("run", "classify", *paths[:10], str(crasher), *paths[10:], "--model",
+                       "null", "--json", env=env, timeout=400)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    failed = [x for x in lines if x["status"] == "failed"]
+    assert [x["input"] for x in failed] == [str(crasher)]
+    assert "gave up after 3 attempts" in failed[0]["error"]
+    assert sum(x["status"] == "done" for x in lines) == 30
+    _nothing_left(tmp_path)
+
+
+def test_run_gives_up_with_exit_3_when_its_workers_cannot_start(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "with open('/proc/self/cmdline', 'rb') as f:\n"
+        "    if b'worker.device_main' in f.read():\n"
+        "        raise SystemExit(9)\n"
+    )
+    paths = _inputs(tmp_path / "in", 3)
+    result = pixelmill("run", "classify", *paths, "--model", "null", "--devices", "cpu",
+                       env=env, timeout=240)  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "before it could take any work" in result.stderr
+    _nothing_left(tmp_path)
