@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.errors import ConfigError
@@ -20,7 +20,12 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, create: bool = True, parents: bool = False) -> Engine:
+    """An engine for ``url``. A SQLite file that does not exist is created (on first use) only
+    with ``create``: commands that only read pass ``create=False`` and get a ConfigError "no
+    database at PATH" instead of a new empty database. Its folder must exist unless
+    ``parents`` (the embedded default: pixelmill owns its data dir); a configured path in a
+    folder that is not there is a ConfigError naming the folder, not a new directory tree."""
     url = normalize_url(url)
     try:
         parsed = make_url(url)
@@ -28,14 +33,37 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"PIXELMILL_DATABASE_URL: cannot parse the URL ({exc})") from None
     kwargs: dict[str, Any] = {"future": True}
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(parsed)
+        if path is not None:
+            _check_sqlite_location(path, create=create, parents=parents)
         kwargs["connect_args"] = {"timeout": 60}
         engine = create_engine(url, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs["pool_pre_ping"] = True
     return create_engine(url, **kwargs)
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The database file of a SQLite URL; None for an in-memory database or a ``uri=true``
+    URL (whose ``database`` is a ``file:`` URI)."""
+    if not url.database or url.database == ":memory:" or url.query.get("uri"):
+        return None
+    return Path(url.database).expanduser()
+
+
+def _check_sqlite_location(path: Path, *, create: bool, parents: bool) -> None:
+    if path.exists():
+        return
+    if not create:
+        raise ConfigError(f"no database at {path} (nothing submitted yet?)")
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise ConfigError(
+            f"PIXELMILL_DATABASE_URL: the folder {path.parent} does not exist (create it, or "
+            "fix the path)"
+        )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -4,7 +4,7 @@ except where noted; the worker writes one batch's outcomes in one transaction.""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -368,14 +368,59 @@ def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600
     return [r.id for r in sorted(rows, key=lambda r: r.seq)]
 
 
-def renew_leases(session: Session, *, worker: str, lease: float) -> int:
-    """The heartbeat: ``worker`` still holds its running jobs for ``lease`` more seconds."""
-    result = session.connection().execute(
-        update(JOBS)
-        .where(JOBS.c.worker == worker, JOBS.c.status == JobStatus.running)
-        .values(lease_until=utcnow() + timedelta(seconds=lease))
-    )
-    return int(getattr(result, "rowcount", 0) or 0)
+def renew_leases(
+    session: Session, job_ids: Collection[str] | None = None, *, worker: str, lease: float
+) -> int:
+    """The heartbeat: ``worker`` still holds these running jobs (``job_ids``: those of the
+    batches it is making progress on) for ``lease`` more seconds. A job another worker took
+    meanwhile, or one already finished, is left alone. ``job_ids=None`` renews every running
+    job the worker holds (tools and tests; a worker names its jobs)."""
+    values = {"lease_until": utcnow() + timedelta(seconds=lease)}
+    held = [JOBS.c.worker == worker, JOBS.c.status == JobStatus.running]
+    conn = session.connection()
+    if job_ids is None:
+        result = conn.execute(update(JOBS).where(*held).values(**values))
+        return int(getattr(result, "rowcount", 0) or 0)
+    ids, renewed = list(job_ids), 0
+    for start in range(0, len(ids), INSERT_CHUNK):
+        chunk = ids[start : start + INSERT_CHUNK]
+        result = conn.execute(update(JOBS).where(JOBS.c.id.in_(chunk), *held).values(**values))
+        renewed += int(getattr(result, "rowcount", 0) or 0)
+    return renewed
+
+
+def fail_jobs(
+    session: Session,
+    job_ids: Collection[str],
+    *,
+    reason: str,
+    worker: str | None = None,
+    device: str | None = None,
+) -> list[str]:
+    """Fail the still-unfinished jobs among ``job_ids`` (with ``worker``: only those it still
+    holds) with ``reason``; returns the ids that moved. What a batch does with the jobs it
+    claimed when it cannot finish them (an unexpected error, a service away for too long)."""
+    ids, moved = list(job_ids), list[str]()
+    conn = session.connection()
+    values: dict[str, Any] = {
+        "status": JobStatus.failed,
+        "error": reason,
+        "finished_at": utcnow(),
+        "lease_until": None,
+    }
+    if device is not None:
+        values["device"] = device
+    for start in range(0, len(ids), INSERT_CHUNK):
+        wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(ids[start : start + INSERT_CHUNK])]
+        wanted.append(UNFINISHED)
+        if worker is not None:
+            wanted.append(JOBS.c.worker == worker)
+        moved.extend(
+            conn.execute(update(JOBS).where(*wanted).values(**values).returning(JOBS.c.id))
+            .scalars()
+            .all()
+        )
+    return moved
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,25 @@ class Artifact(Base):
     precision: Mapped[str | None] = mapped_column(String(16))
     device: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeadLetter(Base):
+    """A message the workers could not take (malformed, oversized, of an unknown task, not
+    JSON): acknowledged, so never redelivered, and kept here to count and inspect."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("ix_dead_letters_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # What was wrong: oversized, undecodable, malformed, unknown-task, refused-content.
+    kind: Mapped[str] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(Text)
+    task: Mapped[str | None] = mapped_column(String(200))
+    queue: Mapped[str | None] = mapped_column(String(200))
+    message_id: Mapped[str | None] = mapped_column(String(200))
+    content_type: Mapped[str | None] = mapped_column(String(100))
+    size: Mapped[int] = mapped_column(BigInteger, default=0)  # the whole body, in bytes
+    body: Mapped[str] = mapped_column(Text, default="")  # its first bytes only (bounded)
+    headers: Mapped[str | None] = mapped_column(Text)  # their repr, bounded
+    worker: Mapped[str | None] = mapped_column(String(200))

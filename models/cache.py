@@ -14,9 +14,19 @@ from typing import Any
 import torch
 
 from models.base import Runner
+from models.loading import load_failure
 from models.registry import create_runner
+from pixelmill.errors import ModelUnavailable
 
 log = logging.getLogger(__name__)
+
+
+# What a model is loaded as, per task, in the reason a load failure gives.
+KINDS = {
+    "classify": "an image-classification model",
+    "caption": "an image-to-text (caption) model",
+    "generate": "a diffusers text-to-image pipeline",
+}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -45,15 +55,22 @@ class ModelCache:
             if runner is not None:
                 self._runners.move_to_end(key)
                 return runner
-            runner = create_runner(task, name, **self.runner_options)
             started = time.perf_counter()
             try:
-                runner.load(self.device)
-            except Exception as exc:
-                # Out of memory while loading: drop every other model, then try once more.
-                if not self.relieve(exc):
-                    raise
-                runner.load(self.device)
+                runner = create_runner(task, name, **self.runner_options)
+                try:
+                    runner.load(self.device)
+                except Exception as exc:
+                    # Out of memory while loading: drop every other model, then try once more.
+                    if not self.relieve(exc):
+                        raise
+                    runner.load(self.device)
+            except ModelUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure to load names the model
+                failure = load_failure(name, KINDS.get(task, f"a {task} model"), exc)
+                log.warning("model cache: %s", failure, exc_info=exc)
+                raise failure from exc
             self.loads += 1
             log.info(
                 "model cache: loaded %s/%s on %s in %.1fs (%s)",

@@ -13,11 +13,41 @@ from pixelmill.errors import ModelUnavailable
 SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 
 
-def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
-    """A ModelUnavailable that names the model and says what to do about it."""
+# A first line longer than this (a state dict's every mismatch on one line) is cut, at a word.
+MAX_REASON = 10_000
+
+
+def is_folder(name: str) -> bool:
+    """Whether ``name`` is an existing path; False when the system refuses to look it up (a
+    name too long, an unknown ``~user``, a folder it may not search)."""
+    try:
+        return Path(name).expanduser().exists()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def reason_of(exc: BaseException) -> str:
+    """An exception's whole first line (its type when it has no message), without a trailing
+    period; cut at a word boundary only past ``MAX_REASON`` characters."""
     text = str(exc).strip()
-    reason = (text.splitlines()[0] if text else type(exc).__name__)[:300].rstrip(". ")
-    if Path(name).exists():
+    line = text.splitlines()[0] if text else type(exc).__name__
+    if len(line) > MAX_REASON:
+        cut = line[:MAX_REASON]
+        line = (cut.rsplit(None, 1)[0] if " " in cut else cut) + " …"
+    return line.rstrip(". ") or type(exc).__name__
+
+
+def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
+    """A ModelUnavailable that names the model, says the real cause and what to do about it."""
+    reason = reason_of(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        hint = (
+            "The device ran out of memory even with every other model dropped: use a smaller "
+            "model or precision, or a device with more memory."
+        )
+    elif isinstance(exc, PermissionError):
+        hint = "Check that the worker's user may read the model's folder and files."
+    elif is_folder(name):
         hint = (
             "Check that the folder holds a model of that kind "
             "(config and weights as saved by save_pretrained)."
@@ -40,7 +70,7 @@ def revision_of(config: Any, name: str) -> str | None:
         path = str(getattr(config, "_name_or_path", "") or "")
     if commit:
         return str(commit)
-    if Path(name).exists():
+    if is_folder(name):
         return "local"
     match = SNAPSHOT.search(path)
     return match.group(1) if match else None

@@ -47,6 +47,28 @@ def check_task(task: str) -> str:
     return task
 
 
+def local_folder(name: str) -> Path | None:
+    """The existing path ``name`` names (``~`` expanded, resolved), or None. A name the system
+    refuses to look up raises ModelUnavailable with the real cause: an unknown ``~user``, a
+    name too long, a folder the worker may not search."""
+    try:
+        path = Path(name).expanduser()
+    except RuntimeError:  # "Could not determine home directory."
+        user = name.split("/", 1)[0]
+        raise ModelUnavailable(
+            f"cannot load model {name!r}: {user!r} is not a user on this worker's host, so the "
+            "path cannot be expanded; pass the folder's absolute path with --model"
+        ) from None
+    try:
+        return path.resolve() if path.exists() else None
+    except (OSError, ValueError) as exc:  # ENAMETOOLONG, EACCES, ELOOP, an embedded NUL...
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ModelUnavailable(
+            f"cannot load model {name!r}: the worker cannot look this path up ({why}); "
+            "pass an existing model folder the worker may read, or a hub id (owner/name)"
+        ) from None
+
+
 def create_runner(task: str, name: str, **options: Any) -> Runner:
     """A runner for ``name`` (not loaded yet); raises ModelUnavailable for an unusable name."""
     check_task(task)
@@ -56,8 +78,9 @@ def create_runner(task: str, name: str, **options: Any) -> Runner:
     if builtin is not None:
         return builtin(name, **options)
     pretrained = PRETRAINED[task]
-    if Path(name).expanduser().exists():
-        return pretrained(str(Path(name).expanduser().resolve()), **options)
+    folder = local_folder(name)
+    if folder is not None:
+        return pretrained(str(folder), **options)
     if HUB_ID.match(name):
         return pretrained(name, **options)
     raise ModelUnavailable(

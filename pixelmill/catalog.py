@@ -28,8 +28,9 @@ DEFAULT_BATCH_SIZES = {"classify": 32, "caption": 16, "generate": 4}
 
 # What a folder scan picks up. A file named explicitly is submitted whatever its extension.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
-)
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm",
+     ".pgm", ".avif", ".heic", ".heif"}
+)  # fmt: skip
 
 
 class TaskOptions(BaseModel):

@@ -3,7 +3,8 @@
 ``pixelmill.bench_cli`` (bench).
 
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or configuration error;
-3 a service (broker, database) unreachable; 130 interrupted.
+3 a service (broker, database) unreachable, or local workers that cannot start; 4 run --timeout
+reached; 128+N stopped by signal N after cleaning up (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pixelmill.clitools import EXIT_INTERRUPTED
 
 EPILOG = """\b
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or
-configuration error; 3 a service (broker, database) unreachable; 130 interrupted.
+configuration error; 3 a service (broker, database) unreachable, or local
+workers that cannot start; 4 run --timeout reached (results so far printed);
+128+N stopped by signal N, after stopping what it started (130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP).
 
 \b
 Configuration (environment, prefix PIXELMILL_; nothing set = embedded default):
@@ -42,10 +46,12 @@ def _register() -> None:
     from pixelmill.bench_cli import bench
     from producer.cli import register as register_producer
     from worker.cli import register as register_worker
+    from worker.deadletter_cli import dead_letters
 
     register_producer(cli)
     register_worker(cli)
     cli.add_command(bench)
+    cli.add_command(dead_letters)
 
 
 _register()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,6 +89,14 @@ class Settings(BaseSettings):
         description="Image decoding threads per device worker (default: 2 on the CPU; on a GPU, "
         "the host's cores shared among its GPU workers, 2 to 16).",
     )
+    decode_memory_mb: int = Field(
+        default=2048,
+        ge=64,
+        le=1 << 20,
+        description="MB a device worker's decoding threads may hold together, each image's "
+        "share estimated from its header before its pixels are decoded; a decode waits for "
+        "its share, and an image that alone needs more is refused.",
+    )
     device_batch_size: int | None = Field(
         default=None,
         ge=1,
@@ -124,6 +133,12 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(
         default=15, ge=0.1, description="Seconds between the reconciler's passes."
     )
+    service_timeout: float = Field(
+        default=300,
+        ge=1,
+        description="How long `pixelmill run` (and Client.wait) waits for a database or "
+        "broker that stopped answering before it gives up (exit 3).",
+    )
     max_attempts: int = Field(
         default=3,
         ge=1,
@@ -135,6 +150,26 @@ class Settings(BaseSettings):
         ge=60,
         description="Redis redelivers an unacknowledged message after this long; longer than "
         "the longest batch (the reconciler recovers dead workers' jobs much sooner).",
+    )
+    read_timeout: float = Field(
+        default=60,
+        gt=0,
+        description="Seconds a worker gives one input to be read, decoded and preprocessed; "
+        "past it (a hung file system) that job fails and its thread is abandoned.",
+    )
+    stall_seconds: float = Field(
+        default=1800,
+        gt=0,
+        description="A batch that makes no progress (no item decoded, no forward pass, no "
+        "artifact stored, no retry) for this long stops renewing its jobs' leases, so the "
+        "reconciler takes them back. Longer than the slowest forward pass.",
+    )
+    transient_retry_seconds: float = Field(
+        default=900,
+        ge=0,
+        description="How long a batch retries a transient error (the database or the object "
+        "store away) in place, with backoff up to 60 s, before it fails its jobs with the "
+        "real reason. Retries count no attempt.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -214,7 +249,7 @@ def _check_scheme(value: str | None, schemes: tuple[str, ...]) -> str | None:
             f"unsupported URL {mask_url(value)!r}; expected one of: "
             + ", ".join(f"{s}://" for s in schemes)
         )
-    return value
+    return encode_userinfo(value)
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -230,17 +265,78 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("invalid setting — " + "; ".join(problems)) from None
 
 
-def mask_url(url: str) -> str:
-    """Hide a password in a URL, for logs and output."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """``url`` as (``scheme://``, its user[:password], what follows the ``@``), or None when it
+    has none. A password may hold anything, raw or percent-encoded, ``#``, ``/``, ``?``, ``@``
+    and ``:`` included: the userinfo runs to the last ``@`` of the authority (up to the first
+    ``/``, ``?`` or ``#``); when the authority has no ``@`` but ``user:pass`` starts it and an
+    ``@`` comes later, the password holds one of ``/?#`` and runs to the URL's last ``@``."""
+    sep = url.find("://")
+    if sep < 0:
+        return None
+    start = sep + 3
+    end = min([i for i in (url.find(c, start) for c in "/?#") if i >= 0], default=len(url))
+    if end == start:  # no authority: sqlite:///path, redis+socket:///path
+        return None
+    at = url.rfind("@", start, end)
+    if at < 0:
+        at = url.rfind("@", end)
+        if at < 0 or ":" not in url[start:end]:
+            return None
+    return url[:start], url[start:at], url[at + 1 :]
+
+
+def _password(url: str) -> str | None:
+    split = _userinfo(url)
+    if split is None or ":" not in split[1]:
+        return None
+    return split[1].partition(":")[2]
+
+
+def encode_userinfo(url: str) -> str:
+    """The URL with its user and password percent-encoded (once: what is encoded already stays
+    as it is), so that a password with ``#``, ``/``, ``?`` or ``@`` reaches Redis and the
+    database intact instead of being read as the URL's fragment, path, query or host."""
+    split = _userinfo(url)
+    if split is None:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    head, userinfo, rest = split
+    user, colon, password = userinfo.partition(":")
+    return f"{head}{_pct(user)}{colon}{_pct(password)}@{rest}"
+
+
+def _pct(text: str) -> str:
+    return quote(unquote(text), safe="")
+
+
+def mask_url(url: str) -> str:
+    """Hide a password in a URL, for logs and output, whatever characters it holds."""
+    split = _userinfo(url)
+    if split is None:
+        return url
+    head, userinfo, rest = split
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url
+    return f"{head}{user}:***@{rest}"
+
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def mask_secrets(text: str, *urls: str | None) -> str:
+    """``text`` (an error message, a log line) with the passwords of ``urls`` hidden wherever
+    they appear in it (as written, percent-encoded or decoded), and the password of any URL in
+    it masked."""
+    for url in urls:
+        password = _password(url) if url else None
+        if not password:
+            continue
+        plain = unquote(password)
+        for form in sorted({password, plain, quote(plain, safe=""), quote(plain)}, key=len)[::-1]:
+            if form:
+                text = text.replace(form, "***")
+    return _URL_IN_TEXT.sub(lambda m: mask_url(m.group(0)), text)
 
 
 CPU_DEVICE_BATCH = 2

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from db.deadletters import dead_letter_count
 from pixelmill.catalog import TASKS, parse_size
 from pixelmill.clitools import (
     EXIT_JOBS_FAILED,
     EXIT_OK,
     EXIT_SERVICE,
+    EXIT_TIMEOUT,
     EXIT_USAGE,
     fail,
     settings_or_exit,
+    stop_signals_raise,
     user_errors,
 )
 from producer.client import Client
@@ -142,7 +146,13 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
     help="Start workers on this host for the run (turn off when a worker fleet serves the "
     "configured broker).",
 )
-@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop waiting after this many seconds: print the results so far and exit 4 (the "
+    "unfinished jobs stay queued).",
+)
 @DOWNLOAD
 def run(
     task: str,
@@ -177,7 +187,8 @@ def run(
     from worker.local import local_cluster
 
     settings = settings_or_exit()
-    with user_errors():
+    timed_out = False
+    with user_errors(), stop_signals_raise():
         args = submission(task, inputs, task_options)
         log_dir = settings.data_dir / "logs"
         with (
@@ -189,29 +200,53 @@ def run(
             )
             # stderr, so also with --json: the id that status, results and retry take.
             click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{_seen(sub)}", err=True)
-
-            def check() -> None:
-                if supervisor is None:
-                    return
-                supervisor.poll()
-                if supervisor.crashes >= 3:
-                    fail(
-                        f"local workers crashed {supervisor.crashes} times; giving up "
-                        f"(batch {sub.batch_id} stays in the database; worker logs in "
-                        f"{log_dir})",
-                        EXIT_SERVICE,
-                    )
-
-            with Progress(sub.jobs) as progress:
-                client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
-                            check=check)  # fmt: skip
+            check = _supervising(supervisor, settings, sub.batch_id, log_dir)
+            try:
+                with Progress(sub.jobs) as progress:
+                    client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
+                                check=check)  # fmt: skip
+            except TimeoutError:
+                timed_out = True
             writer = write_json_lines if as_json else write_text_lines
             done, failed = writer(client.results(sub.batch_id))
             if download:
                 _download(client, sub.batch_id, download)
+        if timed_out:
+            unfinished = sub.jobs - done - failed
+            fail(
+                f"timed out after {timeout:g}s: {done} done, {failed} failed, {unfinished} not "
+                f"finished; batch {sub.batch_id} stays queued for any worker on this broker "
+                f"(`pixelmill status {sub.batch_id}`)",
+                EXIT_TIMEOUT,
+            )
         if not as_json:
             click.echo(f"{done} done, {failed} failed", err=True)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
+
+
+def _supervising(supervisor: Any, settings: Any, batch_id: str, log_dir: Any) -> Callable[[], None]:
+    """What `run` checks while it waits: its local workers restarted when they crash (a job
+    that keeps killing them fails after PIXELMILL_MAX_ATTEMPTS, the rest go on), the embedded
+    broker brought back if it vanished; it gives up (exit 3) only when the workers cannot start
+    at all or the broker stays away for PIXELMILL_SERVICE_TIMEOUT."""
+
+    def check() -> None:
+        if supervisor is None:
+            return
+        supervisor.poll()
+        why = supervisor.failing_to_start
+        if why is not None:
+            fail(f"{why} (batch {batch_id} stays in the database)", EXIT_SERVICE)
+        since = supervisor.broker_down_since
+        if since is not None and time.monotonic() - since > settings.service_timeout:
+            fail(
+                f"the embedded broker has not answered for {settings.service_timeout:g}s "
+                f"(see {settings.data_dir / 'redis.log'}); batch {batch_id} stays in the "
+                "database",
+                EXIT_SERVICE,
+            )
+
+    return check
 
 
 @click.command()
@@ -263,8 +298,9 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     if batch is None:
         if wait_:
             fail("--wait needs a BATCH", EXIT_USAGE)
-        with user_errors(), Client(settings) as client:
+        with user_errors(), Client(settings, create=False) as client:
             batches = client.batches(limit)
+            dead = dead_letter_count(client.sessions)
         if as_json:
             for counts in batches:
                 click.echo(json.dumps(counts_json(counts)))
@@ -272,8 +308,11 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
             click.echo(batches_table(batches))
         else:
             click.echo("no batches yet", err=True)
+        if dead:  # stderr: --json stays one batch per line
+            plural = "s" if dead != 1 else ""
+            click.echo(f"{dead} dead letter{plural} (pixelmill dead-letters)", err=True)
         return
-    with user_errors(), Client(settings) as client:
+    with user_errors(), Client(settings, create=False) as client:
         counts = client.wait(batch) if wait_ else client.status(batch)
         failures = client.failures(batch) if counts.by_status.get("failed") else []
     if as_json:
@@ -299,7 +338,7 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
     Exits 1 if any job failed.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings) as client:
+    with user_errors(), Client(settings, create=False) as client:
         writer = write_json_lines if as_json else write_text_lines
         _done, failed = writer(client.results(batch))
         if download:
@@ -317,7 +356,7 @@ def retry(batch: str, as_json: bool) -> None:
     fixed in place, a worker that crashed. Wait with `pixelmill status BATCH --wait`.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings) as client:
+    with user_errors(), Client(settings, create=False) as client:
         n = client.retry(batch)
     if as_json:
         click.echo(json.dumps({"batch": batch, "retried": n}))

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, make_sessionmaker
@@ -36,7 +36,7 @@ from db.migrate import upgrade
 from db.store import LocalStore, open_store
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
 from pixelmill.errors import PixelmillError, ServiceUnavailable
-from pixelmill.settings import Settings, load_settings, mask_url
+from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
 from producer.inputs import InputError, JobPlan, expand_inputs, plan_jobs, storable
 from worker.app import create_app, enqueue
 
@@ -113,9 +113,16 @@ class JobResult:
 class Client:
     """A producer connected to the configured (or embedded) database and broker."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, *, create: bool = True) -> None:
+        """``create=False`` (for reading: status, results, retry): a SQLite database that does
+        not exist is a ConfigError ("no database at PATH") instead of a new, empty one. A
+        configured SQLite path's folder must exist; the embedded default's is created."""
         self.settings = settings or load_settings()
-        self.engine = make_engine(self.settings.resolved_database_url())
+        self.engine = make_engine(
+            self.settings.resolved_database_url(),
+            create=create,
+            parents=self.settings.database_url is None,
+        )
         upgrade(self.engine)
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
         self._app: Any = None
@@ -226,14 +233,15 @@ class Client:
             with self.app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=5)
         except Exception as exc:  # noqa: BLE001 - kombu raises many kinds here
-            where = mask_url(self.settings.resolved_broker_url())
+            url = self.settings.resolved_broker_url()
+            where, why = mask_url(url), mask_secrets(str(exc), url)
             hint = (
                 " (nothing configured: start `pixelmill worker` for the embedded broker, "
                 "use `pixelmill run`, or set PIXELMILL_BROKER_URL)"
                 if self.settings.embedded_broker
                 else ""
             )
-            raise ServiceUnavailable(f"cannot reach the broker at {where}: {exc}{hint}") from None
+            raise ServiceUnavailable(f"cannot reach the broker at {where}: {why}{hint}") from None
 
     def retry(self, batch_id: str) -> int:
         """Run the batch's failed jobs again (attempts reset); returns how many."""
@@ -277,19 +285,30 @@ class Client:
     ) -> BatchCounts:
         """Block until every job of the batch is done or failed; returns the final counts.
         ``check`` runs each round (e.g. to supervise local workers); ``TimeoutError`` after
-        ``timeout`` seconds."""
+        ``timeout`` seconds. A database that stops answering is waited for (the workers wait
+        for it too) up to PIXELMILL_SERVICE_TIMEOUT, then ``ServiceUnavailable``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        down_since: float | None = None
         while True:
-            counts = self.status(batch_id)
-            if on_progress is not None:
-                on_progress(counts)
-            if counts.complete:
-                return counts
+            try:
+                counts = self.status(batch_id)
+            except OperationalError as exc:
+                now = time.monotonic()
+                down_since = down_since if down_since is not None else now
+                grace = self.settings.service_timeout
+                if now - down_since > grace:
+                    raise ServiceUnavailable(
+                        f"the database has not answered for {grace:g}s "
+                        f"({str(exc.orig).strip()}); batch {batch_id} was not finished"
+                    ) from None
+            else:
+                down_since = None
+                if on_progress is not None:
+                    on_progress(counts)
+                if counts.complete:
+                    return counts
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"batch {batch_id}: {counts.finished}/{counts.total} finished after "
-                    f"{timeout:.0f}s"
-                )
+                raise TimeoutError(f"batch {batch_id}: not finished after {timeout:g}s")
             if check is not None:
                 check()
             time.sleep(interval)

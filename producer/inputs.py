@@ -24,7 +24,11 @@ def expand_inputs(
 ) -> list[str]:
     """Files as given (any extension: a non-image fails its own job with a clear reason),
     folders recursively (image extensions only, sorted), ``-`` reads one path per line.
-    Returns absolute paths, without duplicates, in order."""
+    Returns absolute paths, without duplicates, in order.
+
+    A path typed as an argument that does not exist is a usage error (a typo: InputError).
+    One read from stdin is submitted anyway and fails its own job ("no such file or
+    directory"): one stale line in a list of 100,000 must not refuse the other 99,999."""
     seen: set[str] = set()
     out: list[str] = []
 
@@ -40,7 +44,11 @@ def expand_inputs(
             for line in stream:
                 line = line.rstrip("\n")
                 if line.strip():
-                    _expand_one(Path(line), add)
+                    path = Path(line)
+                    if path.is_dir():
+                        _expand_one(path, add)
+                    else:
+                        add(path)  # missing: its job fails naming it
             continue
         _expand_one(Path(item), add)
     return out

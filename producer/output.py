@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -24,20 +25,34 @@ def write_json_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> 
 
 
 def write_text_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> tuple[int, int]:
-    """One readable line per job: status, input, and the top label or the error."""
+    """One readable line per job: status, input, and the top label or the error. Control
+    characters (a newline in a file name or a caption) are escaped as in the JSON: one job,
+    one line."""
     done = failed = 0
     for r in results:
         if r.status == "done":
             done += 1
             shown = r.artifact.uri if r.artifact else summarize(r.result)
-            out.write(f"done    {r.input}  {shown}\n")
+            out.write(one_line(f"done    {r.input}  {shown}") + "\n")
         elif r.status == "failed":
             failed += 1
-            out.write(f"FAILED  {r.input}  {r.error}\n")
+            out.write(one_line(f"FAILED  {r.input}  {r.error}") + "\n")
         else:
-            out.write(f"{r.status:<7} {r.input}\n")
+            out.write(one_line(f"{r.status:<7} {r.input}") + "\n")
     out.flush()
     return done, failed
+
+
+# What could break a line (or drive the terminal): C0 and C1 controls, DEL, and the separators
+# that str.splitlines() also splits on.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped the way JSON writes them (``\\n``,
+    ``\\u001b``)."""
+    return _CONTROL.sub(lambda m: _SHORT_ESCAPES.get(m[0], f"\\u{ord(m[0]):04x}"), text)
 
 
 def summarize(result: dict[str, Any] | None) -> str:

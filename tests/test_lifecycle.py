@@ -14,6 +14,7 @@ import sys
 import termios
 import textwrap
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -23,6 +24,7 @@ from PIL import Image
 
 from pixelmill.settings import load_settings
 from tests.conftest import ROOT, pixelmill, pixelmill_env
+from tests.services import PostgresServer, RedisServer
 from worker.embedded import ping
 
 pytestmark = pytest.mark.slow
@@ -340,3 +342,61 @@ def test_run_gives_up_with_exit_3_when_its_workers_cannot_start(tmp_path: Path) 
     assert result.returncode == 3, result.stderr
     assert "before it could take any work" in result.stderr
     _nothing_left(tmp_path)
+
+
+def test_run_exits_3_when_the_embedded_broker_cannot_be_brought_back(tmp_path: Path) -> None:
+    from worker.embedded import redis_server_binary
+
+    # A redis-server that starts only while the flag file is there.
+    flag = tmp_path / "redis-may-start"
+    flag.touch()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "redis-server"
+    fake.write_text(f'#!/bin/sh\n[ -e "{flag}" ] || exit 1\nexec "{redis_server_binary()}" "$@"\n')
+    fake.chmod(0o755)
+    paths = _inputs(tmp_path / "in", 200)
+    env = _env(tmp_path, slow=0.05, batch_size="8", service_timeout="5")
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    run = _start_run(env, *paths)
+    try:
+        _started(tmp_path)
+        flag.unlink()
+        (keeper,) = [p for p, c in _processes(tmp_path).items() if "worker.embedded" in c]
+        os.kill(keeper, signal.SIGKILL)  # its redis-server goes with it
+        _out, err = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 3, err
+    assert "the embedded broker has not answered for 5s" in err
+    _nothing_left(tmp_path)
+
+
+def test_run_exits_3_when_the_database_stays_away(
+    tmp_path: Path, redis_server: RedisServer, postgres_server: PostgresServer
+) -> None:
+    url = postgres_server.create_database("t_" + uuid.uuid4().hex[:12])
+    paths = _inputs(tmp_path / "in", 20)
+    env = pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_server.url,
+                        database_url=url, service_timeout="5", queue=uuid.uuid4().hex)  # fmt: skip
+    # No worker serves this queue: the run waits on the database alone.
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pixelmill", "run", "classify", *paths, "--model", "null",
+         "--no-local-workers"],
+        env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert run.stderr is not None
+        assert "20 jobs" in run.stderr.readline()
+        postgres_server.halt()
+        try:
+            _out, err = run.communicate(timeout=120)
+        finally:
+            postgres_server.start()
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 3, err
+    assert "the database has not answered for 5s" in err
+    assert "Traceback" not in err

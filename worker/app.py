@@ -24,6 +24,13 @@ from pixelmill.settings import Settings
 PROCESS_BATCH = "pixelmill.process_batch"
 NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery with it
 
+# The largest message a worker takes; a bigger one is refused as permanent on arrival and
+# dead-lettered (``worker.deadletter``), never retried. Producers never make one: ``enqueue``
+# cuts at MAX_BATCH_IDS (also the largest --batch-size), and job ids are 36-character UUIDs.
+MAX_BATCH_IDS = 4096  # job ids per message
+MAX_JOB_ID_LENGTH = 64  # characters of one job id
+MAX_MESSAGE_BYTES = 1 << 20  # a message body (JSON); 4096 ids take about 164 KB
+
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | None:
     """TLS for a rediss:// broker: the certificate is always verified (against
@@ -71,6 +78,7 @@ def create_app(settings: Settings) -> Celery:
 def enqueue(app: Celery, job_ids: list[str], size: int) -> int:
     """One message per ``size`` job ids, in order; returns the number of messages."""
     messages = 0
+    size = max(1, min(size, MAX_BATCH_IDS))  # a bigger message would be refused
     with app.producer_or_acquire() as producer:
         for start in range(0, len(job_ids), size):
             app.send_task(PROCESS_BATCH, args=[job_ids[start : start + size]], producer=producer)

@@ -4,6 +4,17 @@ Stages: claim (db) -> decode + preprocess (thread pool, overlaps the other batch
 -> forward on the device (one batch, under the device lock) -> images encoded and stored in the
 object store (thread pool), each under its job's deterministic key -> write outcomes and the
 artifact rows that name the stored objects (one transaction).
+
+Unattended runs never hang and never orphan a job (README, Guarantees):
+- the claimed jobs are tracked while the batch works on them, and each stage stamps progress;
+  the heartbeat renews only those (``worker.heartbeat``);
+- each input's read and decode has a deadline (``PIXELMILL_READ_TIMEOUT``); a stuck thread is
+  abandoned and replaced (``worker.decode_pool``);
+- a transient error (the database or the object store away) is retried here, in place, with
+  capped backoff for ``PIXELMILL_TRANSIENT_RETRY_SECONDS``, without claiming again (attempts
+  count worker deaths only); then the jobs fail with the real reason;
+- any other error fails the jobs it hit, with its message; only when even that cannot be
+  written (the database still away) are the jobs left to the reconciler.
 """
 
 from __future__ import annotations
@@ -15,11 +26,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image, PngImagePlugin
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import (
@@ -28,13 +41,16 @@ from db.jobs import (
     ClaimedJob,
     Outcome,
     claim_jobs,
+    fail_jobs,
     write_outcomes,
 )
 from db.store import ObjectStore, StoreError, artifact_key
 from models.base import IMAGE, Runner
 from models.cache import ModelCache
 from pixelmill.catalog import job_path
-from pixelmill.errors import BadInput, ModelUnavailable
+from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
+from worker.decode_pool import DeadlineExceeded, DecodePool
+from worker.heartbeat import InProgress, Tracked
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +104,22 @@ class WorkerContext:
     device_batch: int | None = None  # largest forward pass; None: the whole message
     lease: float = 60  # seconds a claimed job is ours; the heartbeat renews it
     max_attempts: int | None = None  # starts before a job whose worker keeps dying fails
+    read_timeout: float = 60  # seconds one input's read + decode + preprocess may take
+    stall: float = 1800  # a batch without progress this long is no longer renewed
+    transient_retry: float = 900  # seconds a transient error is retried in place
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     isolation: SharedExclusiveLock = field(default_factory=lambda: SharedExclusiveLock())
     # Batches' task, model and options (they never change), so a claim is one statement.
     batches: dict[str, BatchInfo] = field(default_factory=dict)
-    _pool: ThreadPoolExecutor | None = None
+    # The batches in progress, whose jobs the heartbeat renews.
+    progress: InProgress = field(default_factory=InProgress)
+    device_holder: Tracked | None = None  # the batch on the device now
+    _pool: DecodePool | None = None
 
     @property
-    def pool(self) -> ThreadPoolExecutor:
+    def pool(self) -> DecodePool:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+            self._pool = DecodePool(self.decode_threads, name="decode")
         return self._pool
 
     def close(self) -> None:
@@ -138,27 +160,205 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
     started = time.perf_counter()
     if len(ctx.batches) > MAX_KNOWN_BATCHES:
         ctx.batches.clear()
-    with ctx.sessions.begin() as session:
-        claimed = claim_jobs(
-            session,
-            list(job_ids),
-            worker=ctx.worker_name,
-            device=ctx.device_label,
-            lease=ctx.lease,
-            max_attempts=ctx.max_attempts,
-            batches=ctx.batches,
-        )
-        if not alone and any(job.attempts > 1 for job in claimed):
-            raise _Suspect  # rolls the claim back
+    retry = Retrier(ctx.transient_retry)
+
+    def claim() -> list[ClaimedJob]:
+        with ctx.sessions.begin() as session:
+            claimed = claim_jobs(
+                session,
+                list(job_ids),
+                worker=ctx.worker_name,
+                device=ctx.device_label,
+                lease=ctx.lease,
+                max_attempts=ctx.max_attempts,
+                batches=ctx.batches,
+            )
+            if not alone and any(job.attempts > 1 for job in claimed):
+                raise _Suspect  # rolls the claim back
+            return claimed
+
+    try:
+        claimed = retry.call(claim)
+    except GaveUp as exc:  # nothing claimed: the jobs are still queued, for the reconciler
+        raise ServiceUnavailable(f"cannot claim jobs: {exc}") from exc
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
-    outcomes: list[Outcome] = []
-    for jobs in _by_batch(claimed):
-        outcomes.extend(_run_group(ctx, task=jobs[0].task, model=jobs[0].model, jobs=jobs))
-    with ctx.sessions.begin() as session:
-        write_outcomes(session, outcomes)
+    with ctx.progress.track([job.job_id for job in claimed]) as tracked:
+        retry.tracked = tracked
+        try:
+            outcomes: list[Outcome] = []
+            for jobs in _by_batch(claimed):
+                try:
+                    outcomes.extend(_run_group(ctx, tracked, retry, jobs=jobs))
+                except Exception as exc:  # noqa: BLE001 - fails this group's jobs, with why
+                    log.exception("batch of %d on %s failed", len(jobs), jobs[0].model)
+                    outcomes.extend(_group_failed(ctx, jobs, exc))
+            outcomes = _write(ctx, retry, claimed, outcomes)
+        except Exception as exc:  # noqa: BLE001 - never leave the claimed jobs running
+            return _fail_claimed(ctx, retry, claimed, exc, started)
     failed = sum(1 for o in outcomes if o.error is not None)
     return BatchReport(len(claimed), len(outcomes) - failed, failed, time.perf_counter() - started)
+
+
+# ---- transient errors --------------------------------------------------------------------
+
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 60.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database or the object store away (unreachable, restarting, locked, timing out):
+    worth trying again. Anything else (a refused value, a bug) is not."""
+    if isinstance(exc, StoreError | OperationalError | InterfaceError | PoolTimeout):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class GaveUp(PixelmillError):
+    """A transient error outlasted ``PIXELMILL_TRANSIENT_RETRY_SECONDS``; says which service
+    and its last error ("object store: ...", "database: ...")."""
+
+    def __init__(self, exc: BaseException) -> None:
+        service = "object store" if isinstance(exc, StoreError) else "database"
+        super().__init__(f"{service}: {first_line(exc)}")
+
+
+class Retrier:
+    """Calls retried in place on transient errors, with exponential backoff (0.5 s doubling, at
+    most 60 s between tries) until ``window`` seconds of failing in a row; then ``GaveUp``.
+    The window is the batch's, shared by its calls (and threads): once it is spent, a call
+    that fails gives up at once. Each try stamps the batch's progress, so its leases are kept
+    while it waits; nothing is claimed again, so no attempt is counted."""
+
+    def __init__(self, window: float, tracked: Tracked | None = None) -> None:
+        self.window = window
+        self.tracked = tracked
+        self.failing_since: float | None = None
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        delay = FIRST_BACKOFF
+        while True:
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                if self.failing_since is None:
+                    self.failing_since = now
+                left = self.failing_since + self.window - now
+                if left <= 0:
+                    log.error("giving up after %gs of transient errors: %s", self.window, exc)
+                    raise GaveUp(exc) from exc
+                pause = min(delay, left, MAX_BACKOFF)
+                log.warning("transient error (%s); retrying in %.1fs", first_line(exc), pause)
+                self._touch()
+                time.sleep(pause)
+                self._touch()
+                delay = min(delay * 2, MAX_BACKOFF)
+            else:
+                self.failing_since = None
+                return result
+
+    def _touch(self) -> None:
+        if self.tracked is not None:
+            self.tracked.touch()
+
+
+# ---- recording outcomes ------------------------------------------------------------------
+
+
+def _write(
+    ctx: WorkerContext, retry: Retrier, claimed: list[ClaimedJob], outcomes: list[Outcome]
+) -> list[Outcome]:
+    """Record the outcomes in one transaction, retrying transient errors. A non-transient error
+    (a value the database refuses) falls back to one transaction per outcome, so only an
+    outcome that cannot be recorded fails, with why. Returns the outcomes as recorded."""
+
+    def write(batch: list[Outcome]) -> None:
+        with ctx.sessions.begin() as session:
+            write_outcomes(session, batch)
+
+    try:
+        retry.call(write, outcomes)
+        return outcomes
+    except GaveUp:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one outcome the database refuses
+        log.warning("writing %d outcomes failed (%s); one by one", len(outcomes), exc)
+    inputs = {job.job_id: job.input for job in claimed}
+    recorded = []
+    for outcome in outcomes:
+        try:
+            retry.call(write, [outcome])
+        except GaveUp:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            reason = f"{inputs[outcome.job_id]}: cannot record the result (database: "
+            reason += f"{first_line(exc)})"
+            log.warning("%s", reason)
+            outcome = Outcome(
+                job_id=outcome.job_id,
+                error=reason,
+                model=outcome.model,
+                model_revision=outcome.model_revision,
+                device=outcome.device,
+            )
+            try:
+                retry.call(write, [outcome])
+            except GaveUp:
+                raise
+            except Exception:  # noqa: BLE001 - not even the reason: a plain one
+                log.exception("cannot record the failure of %s", outcome.job_id)
+                plain = f"{inputs[outcome.job_id]}: cannot record the result in the database"
+                _fail(ctx, retry, [outcome.job_id], plain)
+                outcome = Outcome(job_id=outcome.job_id, error=plain, model=outcome.model)
+        recorded.append(outcome)
+    return recorded
+
+
+def _fail(ctx: WorkerContext, retry: Retrier, job_ids: list[str], reason: str) -> list[str]:
+    def fail() -> list[str]:
+        with ctx.sessions.begin() as session:
+            return fail_jobs(
+                session, job_ids, reason=reason, worker=ctx.worker_name, device=ctx.device_label
+            )
+
+    result: list[str] = retry.call(fail)
+    return result
+
+
+def _fail_claimed(
+    ctx: WorkerContext,
+    retry: Retrier,
+    claimed: list[ClaimedJob],
+    exc: BaseException,
+    started: float,
+) -> BatchReport:
+    """The batch cannot finish: its jobs still running fail with the reason. If even that
+    cannot be written, they are left to the reconciler (no longer renewed, their lease
+    lapses) and ``ServiceUnavailable`` says so."""
+    if isinstance(exc, GaveUp):
+        reason = str(exc)
+    else:
+        log.error("batch of %d failed", len(claimed), exc_info=exc)
+        reason = f"unexpected error: {type(exc).__name__}: {first_line(exc)}"
+    try:
+        moved = _fail(ctx, retry, [job.job_id for job in claimed], reason)
+    except Exception as again:  # noqa: BLE001
+        raise ServiceUnavailable(
+            f"{reason}; the batch's {len(claimed)} jobs are left to the reconciler "
+            f"(cannot record their failure: {first_line(again)})"
+        ) from exc
+    return BatchReport(len(claimed), 0, len(moved), time.perf_counter() - started)
+
+
+# ---- one group: load, decode, forward, store -----------------------------------------------
 
 
 def _by_batch(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
@@ -169,9 +369,26 @@ def _by_batch(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
     return list(groups.values())
 
 
+def _group_failed(ctx: WorkerContext, jobs: list[ClaimedJob], exc: BaseException) -> list[Outcome]:
+    """Every job of a group that raised, failed with the error's message (and the model)."""
+    model = jobs[0].model
+    if isinstance(exc, GaveUp | ModelUnavailable):
+        why = str(exc)
+    else:
+        why = f"unexpected error with model {model!r}: {type(exc).__name__}: {first_line(exc)}"
+    return [
+        Outcome(
+            job_id=job.job_id, error=f"{job.input}: {why}", model=model, device=ctx.device_label
+        )
+        for job in jobs
+    ]
+
+
 def _run_group(
-    ctx: WorkerContext, *, task: str, model: str, jobs: list[ClaimedJob]
+    ctx: WorkerContext, tracked: Tracked, retry: Retrier, *, jobs: list[ClaimedJob]
 ) -> list[Outcome]:
+    task, model = jobs[0].task, jobs[0].model
+
     def failed(job: ClaimedJob, reason: str, runner: Runner | None = None) -> Outcome:
         return Outcome(
             job_id=job.job_id,
@@ -186,52 +403,84 @@ def _run_group(
     except ModelUnavailable as exc:
         log.warning("%s", exc)
         return [failed(job, str(exc)) for job in jobs]
+    tracked.touch()
 
     options = jobs[0].options
     # Decoding is queued for the whole message at once, in order; each forward pass starts as
     # soon as its own items are ready (the first pass does not wait for the last decode).
-    pending = [(job, ctx.pool.submit(_prepare, runner, job)) for job in jobs]
+    # Each input has its deadline: a read that hangs fails its job, not the batch.
+    pending = [
+        (job, ctx.pool.submit(_prepare, runner, job, tracked, deadline=ctx.read_timeout))
+        for job in jobs
+    ]
     outcomes: dict[str, Outcome] = {}
 
     def ready_items(chunk: list[tuple[ClaimedJob, Future[Any]]]) -> list[tuple[ClaimedJob, Any]]:
         ready = []
         for job, future in chunk:
-            item = future.result()
+            try:
+                item = future.result()
+            except DeadlineExceeded as exc:
+                log.error("%s: abandoned after %gs (a hung read?)", job.input, exc.seconds)
+                item = _Unusable(
+                    f"{job.input}: reading or decoding took longer than {exc.seconds:g} s "
+                    "(a hung file system?)"
+                )
             if isinstance(item, _Unusable):
                 outcomes[job.job_id] = failed(job, item.reason)
             else:
                 ready.append((job, item))
         return ready
 
-    finished = _forward_isolating_failures(ctx, runner, pending, ready_items, options)
-    stored: list[tuple[ArtifactRecord, ...]] = [()] * len(finished)
+    finished = _forward_isolating_failures(ctx, tracked, runner, pending, ready_items, options)
+    stores: list[Future[Any] | None] = [None] * len(finished)
     if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
-        stored = list(ctx.pool.map(lambda pair: _store_images(ctx, runner, *pair), finished))
-    for (job, res), artifacts in zip(finished, stored, strict=True):
+        stores = [
+            ctx.pool.submit(_store_images, ctx, tracked, retry, runner, job, res)
+            for job, res in finished
+        ]
+    for (job, res), store in zip(finished, stores, strict=True):
         if isinstance(res, BaseException):
             outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
-        else:
-            outcomes[job.job_id] = Outcome(
-                job_id=job.job_id,
-                result=res,
-                model=model,
-                model_revision=runner.revision,
-                device=ctx.device_label,
-                artifacts=artifacts,
-            )
+            continue
+        try:
+            artifacts = store.result() if store is not None else ()
+        except GaveUp as exc:  # the object store away for longer than the retry window
+            outcomes[job.job_id] = failed(job, str(exc), runner)
+            continue
+        except Exception as exc:  # noqa: BLE001 - encoding or storing failed: this job only
+            log.warning("%s: cannot store the image", job.input, exc_info=exc)
+            reason = f"{job.input}: cannot store the image ({type(exc).__name__}: {exc})"
+            outcomes[job.job_id] = failed(job, reason, runner)
+            continue
+        outcomes[job.job_id] = Outcome(
+            job_id=job.job_id,
+            result=res,
+            model=model,
+            model_revision=runner.revision,
+            device=ctx.device_label,
+            artifacts=artifacts,
+        )
     return [outcomes[job.job_id] for job in jobs]
 
 
 def _store_images(
-    ctx: WorkerContext, runner: Runner, job: ClaimedJob, res: dict[str, Any] | BaseException
+    ctx: WorkerContext,
+    tracked: Tracked,
+    retry: Retrier,
+    runner: Runner,
+    job: ClaimedJob,
+    res: dict[str, Any] | BaseException,
 ) -> tuple[ArtifactRecord, ...]:
     """Move a result's image to the object store under the job's deterministic key (a retry
-    overwrites the same object) and return the record that names it."""
+    overwrites the same object) and return the record that names it. A store error is retried
+    in place (``retry``); past its window it raises ``GaveUp``."""
     if isinstance(res, BaseException) or not isinstance(res.get(IMAGE), Image.Image):
         return ()
     image: Image.Image = res.pop(IMAGE)
-    if ctx.store is None:
-        raise StoreError("this worker has no object store configured for artifacts")
+    store = ctx.store
+    if store is None:
+        raise PixelmillError("this worker has no object store configured for artifacts")
     provenance = {
         "model": runner.name,
         "model_revision": runner.revision,
@@ -244,7 +493,8 @@ def _store_images(
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     key = artifact_key(batch_id=job.batch_id, job_id=job.job_id)
-    obj = ctx.store.put(key, buf.getvalue(), content_type="image/png")  # StoreError: retried
+    obj = retry.call(lambda: store.put(key, buf.getvalue(), content_type="image/png"))
+    tracked.touch()
     return (
         ArtifactRecord(
             key=obj.key,
@@ -266,7 +516,7 @@ class _Unusable:
     reason: str
 
 
-def _prepare(runner: Runner, job: ClaimedJob) -> Any:
+def _prepare(runner: Runner, job: ClaimedJob, tracked: Tracked) -> Any:
     """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
     try:
         return runner.prepare(job_path(job.input, job.params), job.params, job.options)
@@ -275,10 +525,13 @@ def _prepare(runner: Runner, job: ClaimedJob) -> Any:
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
         log.exception("unexpected error preparing %s", job.input)
         return _Unusable(f"{job.input}: cannot prepare image ({type(exc).__name__}: {exc})")
+    finally:
+        tracked.touch()
 
 
 def _forward_isolating_failures(
     ctx: WorkerContext,
+    tracked: Tracked,
     runner: Runner,
     pending: list[tuple[ClaimedJob, Future[Any]]],
     ready_items: Callable[[list[tuple[ClaimedJob, Future[Any]]]], list[tuple[ClaimedJob, Any]]],
@@ -298,16 +551,34 @@ def _forward_isolating_failures(
         except Exception as exc:
             ctx.cache.relieve(exc, keep=runner)
             raise
+        finally:
+            tracked.touch()
 
     size = ctx.device_batch or len(pending)
     results: list[tuple[ClaimedJob, dict[str, Any] | BaseException]] = []
-    with ctx.device_lock:
+    with _device(ctx, tracked):
         for start in range(0, len(pending), size):
             ready = ready_items(pending[start : start + size])
             if ready:
                 out = _split_on_error(forward, [item for _, item in ready])
                 results.extend(zip([job for job, _ in ready], out, strict=True))
     return results
+
+
+@contextlib.contextmanager
+def _device(ctx: WorkerContext, tracked: Tracked) -> Iterator[None]:
+    """The device, for one batch. Waiting behind a batch that makes progress counts as
+    progress; waiting behind a stalled one does not (both lose their leases)."""
+    while not ctx.device_lock.acquire(timeout=1):
+        holder = ctx.device_holder
+        if holder is not None and time.monotonic() - holder.last_progress <= ctx.stall:
+            tracked.touch()
+    ctx.device_holder = tracked
+    try:
+        yield
+    finally:
+        ctx.device_holder = None
+        ctx.device_lock.release()
 
 
 def _split_on_error(

@@ -30,10 +30,14 @@ from pixelmill.settings import mask_url
 def worker(devices: str, cpu_workers: int | None) -> None:
     """Run device workers until stopped (SIGTERM or Ctrl-C drains them cleanly).
 
-    One process per device, pinned with CUDA_VISIBLE_DEVICES, restarted if it crashes. With no
-    broker configured it serves the embedded Redis in PIXELMILL_DATA_DIR (starting it if needed),
-    so `pixelmill submit` from another shell reaches it.
+    One process per device, pinned with CUDA_VISIBLE_DEVICES, restarted if it crashes; the
+    device processes die with this one (even on SIGKILL), and a device that already has a
+    worker on this host (from another supervisor) is waited for, never shared. SIGTERM, SIGHUP
+    and Ctrl-C drain. With no broker configured it uses the embedded Redis in
+    PIXELMILL_DATA_DIR (shared with every pixelmill process there, started if needed), so
+    `pixelmill submit` from another shell reaches it.
     """
+    from db.engine import make_engine
     from worker.local import embedded_broker
     from worker.supervisor import Supervisor, parse_devices
 
@@ -41,13 +45,16 @@ def worker(devices: str, cpu_workers: int | None) -> None:
     configure_logging(settings.log_level)
     with user_errors():
         specs = parse_devices(devices, cpu=cpu_workers)
+        # A configured SQLite file's folder must exist (exit 2 naming it, not a crash loop).
+        url = settings.resolved_database_url()
+        make_engine(url, parents=settings.database_url is None).dispose()
         click.echo(
             f"pixelmill worker: {', '.join(d.label for d in specs)} on "
             f"{mask_url(settings.resolved_broker_url())}",
             err=True,
         )
-        with embedded_broker(settings):
-            Supervisor(specs, settings=settings).run_forever()
+        with embedded_broker(settings) as broker:
+            Supervisor(specs, settings=settings, broker=broker).run_forever()
 
 
 @click.command()
@@ -56,8 +63,10 @@ def worker(devices: str, cpu_workers: int | None) -> None:
 @click.option(
     "--basic-auth",
     default=None,
-    envvar="PIXELMILL_FLOWER_BASIC_AUTH",
-    help="user:password (or PIXELMILL_FLOWER_BASIC_AUTH). Required unless --address is loopback.",
+    envvar=["PIXELMILL_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH"],
+    help="user:password, or several separated by commas. Better given as "
+    "PIXELMILL_FLOWER_BASIC_AUTH (or FLOWER_BASIC_AUTH), which no `ps` shows; Flower gets it "
+    "through its environment, never its command line. Required unless --address is loopback.",
 )
 def flower(port: int, address: str, basic_auth: str | None) -> None:
     """Flower on pixelmill's broker: workers, task rates, queue lengths.
@@ -65,6 +74,13 @@ def flower(port: int, address: str, basic_auth: str | None) -> None:
     Equivalent to `celery --broker $PIXELMILL_BROKER_URL flower`.
     """
     settings = settings_or_exit()
+    if basic_auth is not None and not _valid_basic_auth(basic_auth):
+        click.echo(
+            "pixelmill flower: --basic-auth must be user:password with a non-empty user and "
+            "password (several separated by commas)",
+            err=True,
+        )
+        sys.exit(2)
     if address not in ("127.0.0.1", "::1", "localhost") and not basic_auth:
         click.echo(
             "pixelmill flower: refusing to listen on a non-loopback address without "
@@ -73,11 +89,24 @@ def flower(port: int, address: str, basic_auth: str | None) -> None:
         )
         sys.exit(2)
     env = dict(os.environ, CELERY_BROKER_URL=settings.resolved_broker_url())
-    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    env.pop("PIXELMILL_FLOWER_BASIC_AUTH", None)
+    # Through the environment (Flower reads FLOWER_BASIC_AUTH), not argv, which `ps` shows.
     if basic_auth:
-        argv.append(f"--basic-auth={basic_auth}")
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    else:
+        env.pop("FLOWER_BASIC_AUTH", None)
+    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
     argv.append("--broker-api=")  # the Redis broker needs no management API
     os.execve(sys.executable, argv, env)
+
+
+def _valid_basic_auth(value: str) -> bool:
+    """Each comma-separated credential (Flower splits on commas) is user:password, both set."""
+    for credential in value.split(","):
+        user, colon, password = credential.partition(":")
+        if not (colon and user and password):
+            return False
+    return True
 
 
 def register(group: click.Group) -> None:

@@ -10,37 +10,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
-import threading
-from typing import Any
+from pathlib import Path
 
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
 from pixelmill.settings import decode_threads, device_batch_size, load_settings
-
-
-class Heartbeat(threading.Thread):
-    """Renews the leases of the jobs this process holds, so the reconciler leaves them be."""
-
-    def __init__(self, ctx: Any, every: float) -> None:
-        super().__init__(name="heartbeat", daemon=True)
-        self.ctx = ctx
-        self.every = every
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        from db.jobs import renew_leases
-
-        while not self._halt.wait(self.every):
-            try:
-                with self.ctx.sessions.begin() as session:
-                    renew_leases(session, worker=self.ctx.worker_name, lease=self.ctx.lease)
-            except Exception:  # noqa: BLE001 - the database away: the next beat tries again
-                logging.getLogger("pixelmill.worker").warning("heartbeat failed", exc_info=True)
-
-    def stop(self) -> None:
-        self._halt.set()
+from worker.heartbeat import Heartbeat
+from worker.lifecycle import DRAIN_SECONDS, ParentWatch, set_parent_death_signal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gpu-workers", type=int, default=1, help="GPU workers on this host (they share its cores)"
     )
+    parser.add_argument("--parent", type=int, default=None, help="die with this process")
+    parser.add_argument("--ready-file", default=None, help="touched once consuming")
     args = parser.parse_args(argv)
+    if args.parent is not None:
+        # Before anything slow: the kernel signals us (SIGTERM: drain) when the supervisor
+        # dies, and the watch below exits for good if draining takes too long.
+        pdeathsig = set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != args.parent:  # it died before the line above
+            return 1
+        ParentWatch(
+            args.parent,
+            on_orphan=None if pdeathsig else lambda: os.kill(os.getpid(), signal.SIGTERM),
+            deadline=DRAIN_SECONDS,
+        ).start()
     try:
         settings = load_settings()
     except PixelmillError as exc:
@@ -66,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from db.migrate import upgrade
     from db.store import open_store
     from models.cache import ModelCache
+    from models.images import configure as configure_decoding
     from worker.app import create_app
     from worker.batching import WorkerContext
     from worker.supervisor import DeviceSpec
@@ -74,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     # No loading progress bars in worker logs (the cache logs one line per load); set before
     # transformers or diffusers are imported, and without importing them at start-up.
     os.environ.setdefault("TQDM_DISABLE", "1")
+    configure_decoding(settings.decode_memory_mb)  # the decode threads' memory budget
     label = args.device
     device = "cpu" if label == "cpu" else "cuda:0"
     if device == "cpu":
         torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    engine = make_engine(settings.resolved_database_url())
+    engine = make_engine(settings.resolved_database_url(), parents=settings.database_url is None)
     upgrade(engine)
     name = DeviceSpec(label, None, slot=args.slot).name
     node = f"pixelmill-{name}@{socket.gethostname()}"
@@ -101,9 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         device_batch=device_batch_size(settings, device),
         lease=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        read_timeout=settings.read_timeout,
+        stall=settings.stall_seconds,
+        transient_retry=settings.transient_retry_seconds,
     )
     app = create_app(settings)
     register_tasks(app, ctx)
+    if args.ready_file:
+        from celery.signals import worker_ready
+
+        ready_file = Path(args.ready_file)
+        worker_ready.connect(lambda **_: ready_file.touch(), weak=False)
     heartbeat = Heartbeat(ctx, settings.lease_seconds / 4)
     heartbeat.start()
     log.info("device worker %s starting on %s (pid %d)", node, label, os.getpid())

@@ -167,11 +167,20 @@ class EmbeddedRedis:
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
             )
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Leave the broker (the keeper stops it once nobody uses it)."""
+    def stop(self, timeout: float = IDLE_GRACE + 3) -> None:
+        """Leave the broker. The keeper stops it once nobody uses it; if this was the last
+        user, wait (up to ``timeout``, less if another user comes meanwhile) until it has, so
+        that a command that was the broker's only user has stopped it when it returns."""
         fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # releases the shared lock
+        if fd is None:
+            return
+        last = _try_lock(fd, fcntl.LOCK_EX)  # nobody else holds it
+        os.close(fd)  # releases the lock
+        if not last:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and ping(self.socket_path):
+            time.sleep(0.05)
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

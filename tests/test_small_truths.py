@@ -1,0 +1,325 @@
+"""Small things an unattended run must get right (issue 9, case 10): no URL password printed,
+whatever it holds; Flower's password off its command line; one stale path on stdin fails one
+job; one job, one line of text; phone photos found and decoded; a reading command that finds
+no database says so and creates nothing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pixelmill.settings import load_settings, mask_url
+from producer.client import JobResult
+from producer.inputs import expand_inputs
+from producer.output import write_text_lines
+from tests.conftest import ROOT, pixelmill, pixelmill_env
+from tests.services import free_port
+
+# Every piece of this password is a word of its own: none may appear in any output.
+PASSWORD = "alpha#bravo/charlie?delta@echo:foxtrot"
+PIECES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
+
+
+def _shows_password(text: str) -> list[str]:
+    return [piece for piece in PIECES if piece in text]
+
+
+@pytest.mark.parametrize(
+    "password",
+    ["alpha#bravo", "alpha/bravo", "alpha?bravo", "alpha@bravo", "alpha:bravo", PASSWORD],
+)
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis://:{pw}@redis.example:6379/0",
+        "rediss://default:{pw}@redis.example:6380/1",
+        "postgresql+psycopg://pixelmill:{pw}@db.example:5432/pixelmill",
+        "redis+socket://:{pw}@/run/redis/redis.sock",
+    ],
+)
+def test_mask_url_hides_any_password(template, password):
+    from pixelmill.settings import mask_secrets
+
+    url = template.format(pw=password)
+    masked = mask_url(url)
+    assert not _shows_password(masked), masked
+    assert "***" in masked
+    assert masked.endswith(template.split("{pw}@", 1)[1])  # host, port and path still shown
+    # The same once the settings have percent-encoded it, and inside any error text.
+    field = "database_url" if url.startswith("postgresql") else "broker_url"
+    encoded = getattr(load_settings(**{field: url}), field)
+    assert encoded != url and not _shows_password(mask_url(encoded))
+    error = f"Cannot connect to {url}: auth failed for {password!r} ({encoded})"
+    assert not _shows_password(mask_secrets(error, url)), mask_secrets(error, url)
+
+
+def test_a_password_with_url_characters_reaches_redis_and_the_database_intact():
+    """Masking aside, such a password is not cut at its '#' or '/' (which made the broker's
+    host and port out of pieces of it, and printed them in the error)."""
+    from kombu.utils.url import parse_url
+    from sqlalchemy.engine import make_url
+
+    settings = load_settings(
+        broker_url=f"redis://:{PASSWORD}@127.0.0.1:6379/0",
+        database_url=f"postgresql://pixelmill:{PASSWORD}@db.example:5432/pixelmill",
+    )
+    broker = parse_url(settings.resolved_broker_url())
+    assert (broker["password"], broker["hostname"], broker["port"]) == (PASSWORD, "127.0.0.1", 6379)
+    database = make_url(settings.resolved_database_url())
+    assert (database.password, database.host, database.database) == (
+        PASSWORD,
+        "db.example",
+        "pixelmill",
+    )
+    # Already percent-encoded stays as it is.
+    again = load_settings(broker_url=settings.resolved_broker_url())
+    assert again.resolved_broker_url() == settings.resolved_broker_url()
+
+
+def _unreachable_broker() -> str:
+    return f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+
+
+@pytest.mark.slow
+def test_the_worker_banner_and_logs_never_show_the_broker_password(tmp_path):
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"),
+        broker_url=_unreachable_broker(),
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+    )
+    log = tmp_path / "worker.err"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu", "--cpu-workers",
+             "1"],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+        )  # fmt: skip
+    try:
+        # Until its device worker has failed to connect at least once (or gave up trying).
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "Cannot connect to" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log.read_text(errors="replace")
+    assert "pixelmill worker:" in text and "redis://:***@127.0.0.1:" in text, text[-3000:]
+    assert "Cannot connect to" in text, text[-3000:]  # connection refused, not a parse error
+    assert not _shows_password(text), _shows_password(text)
+
+
+def test_a_broker_error_never_shows_the_password(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"),
+        broker_url=_unreachable_broker(),
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+    )
+    proc = pixelmill("submit", "classify", str(image), env=env, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot reach the broker at redis://:***@127.0.0.1:" in proc.stderr
+    assert not _shows_password(proc.stderr + proc.stdout), proc.stderr
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "flower exited"
+        with socket.socket() as s:
+            s.settimeout(1)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"flower never listened on port {port}")
+
+
+def _status(url: str, auth: str | None = None) -> int:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.slow
+def test_flower_password_is_not_on_its_command_line(tmp_path, redis_server):
+    env = pixelmill_env(data_dir=str(tmp_path), broker_url=redis_server.url)
+    port = free_port()
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "pixelmill", "flower", f"--port={port}",
+         "--basic-auth=ops:Sekr1t-Flower-Pw"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_listening(port, flower)
+        cmdline = Path(f"/proc/{flower.pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        assert b"flower" in cmdline  # the process that serves (pixelmill exec'd into it)
+        assert b"Sekr1t-Flower-Pw" not in cmdline, cmdline
+        # ... and the password still guards it.
+        url = f"http://127.0.0.1:{port}/workers"
+        assert _status(url) == 401
+        assert _status(url, "ops:wrong") == 401
+        assert _status(url, "ops:Sekr1t-Flower-Pw") == 200
+    finally:
+        flower.terminate()
+        try:
+            flower.wait(30)
+        except subprocess.TimeoutExpired:
+            flower.kill()
+            flower.wait()
+
+
+@pytest.mark.parametrize("auth", [":", "ops:", ":pw", "ops", "ops:pw,:"])
+def test_flower_refuses_an_empty_user_or_password(tmp_path, auth):
+    env = pixelmill_env(data_dir=str(tmp_path))
+    proc = pixelmill("flower", f"--port={free_port()}", f"--basic-auth={auth}", env=env,
+                     timeout=60)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "user:password" in proc.stderr
+
+
+def _images(folder: Path, names: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        path = folder / name
+        Image.new("RGB", (16, 16), (10, 120, 200)).save(path, format="PNG")
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.slow
+def test_a_missing_path_on_stdin_fails_its_job_and_the_rest_run(tmp_path, redis_server):
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"),
+        broker_url=redis_server.url,
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+    )
+    real = _images(tmp_path / "in", ["a.png", "b.png", "c.png"])
+    missing = tmp_path / "in" / "gone.png"
+    lines = [str(real[0]), str(missing), str(real[1]), str(real[2])]
+    proc = pixelmill("run", "classify", "-", "--model", "null", "--devices", "cpu", "--json",
+                     env=env, input="\n".join(lines) + "\n")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # some job failed; the submission was not refused
+    jobs = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [j["input"] for j in jobs] == lines
+    assert {j["input"]: j["status"] for j in jobs if j["status"] == "done"} == {
+        str(p): "done" for p in real
+    }
+    (failed,) = [j for j in jobs if j["status"] == "failed"]
+    assert failed["input"] == str(missing)
+    assert str(missing) in failed["error"]
+    assert "no such file or directory" in failed["error"].lower()
+    # Typed as an argument, a missing path is a typo: refused, naming it, nothing submitted.
+    typo = pixelmill("submit", "classify", str(real[0]), str(missing), "--model", "null",
+                     env=env)  # fmt: skip
+    assert typo.returncode == 2
+    assert f"{missing}: no such file or directory" in typo.stderr
+
+
+@pytest.mark.slow
+def test_text_output_keeps_a_file_name_with_a_newline_on_one_line(tmp_path, redis_server):
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"),
+        broker_url=redis_server.url,
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+    )
+    folder = tmp_path / "in"
+    _images(folder, ["plain.png", "two\nlines.png"])
+    (folder / "broken\nname.jpg").symlink_to(folder / "nowhere.jpg")  # fails, its error naming it
+    proc = pixelmill("run", "classify", str(folder), "--devices", "cpu", "--model", "null",
+                     env=env)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    out = proc.stdout.splitlines()
+    assert len(out) == 3, out
+    assert any(line.startswith("done") and "two\\nlines.png" in line for line in out), out
+    (failed,) = [line for line in out if line.startswith("FAILED")]
+    assert "broken\\nname.jpg" in failed, failed
+
+
+def test_text_lines_escape_control_characters_as_the_json_does():
+    row = JobResult(
+        job="j1", input="/in/a\nb\x1b[31m.jpg", task="classify", status="failed", result=None,
+        error="/in/a\nb\x1b[31m.jpg: not an image file", model="m", device="cpu",
+    )  # fmt: skip
+    out = io.StringIO()
+    assert write_text_lines([row], out) == (0, 1)
+    text = out.getvalue()
+    assert text.count("\n") == 1 and "\x1b" not in text
+    assert "/in/a\\nb\\u001b[31m.jpg" in text
+    assert json.dumps(row.input)[1:-1] in text  # the same escape as the JSON line
+
+
+def test_a_folder_scan_finds_phone_and_modern_formats(tmp_path):
+    names = ["a.avif", "b.heic", "c.HEIF", "d.jfif", "e.jpg"]
+    for name in [*names, "notes.txt"]:
+        (tmp_path / name).write_bytes(b"x")
+    found = [Path(p).name for p in expand_inputs([str(tmp_path)])]
+    assert found == sorted(names)
+
+
+def test_heic_and_avif_decode_to_rgb(tmp_path):
+    from models.images import decode_image  # registers the HEIC opener
+
+    for name, fmt in (("photo.heic", "HEIF"), ("photo.avif", "AVIF")):
+        path = tmp_path / name
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(path, format=fmt, quality=95)
+        image = decode_image(path)
+        assert (image.mode, image.size) == ("RGB", (64, 48)), name
+        r, g, b = image.getpixel((32, 24))
+        assert r > 150 and g < 80 and b < 80, (name, r, g, b)
+
+
+def test_reading_commands_never_create_a_database(tmp_path):
+    missing_dir = tmp_path / "nonexistent" / "dir"
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"), database_url=f"sqlite:///{missing_dir / 'x.db'}"
+    )
+    for args in (["status"], ["status", "some-batch"], ["results", "b1"], ["retry", "b1"]):
+        proc = pixelmill(*args, env=env, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert f"no database at {missing_dir / 'x.db'} (nothing submitted yet?)" in proc.stderr
+    assert not (tmp_path / "nonexistent").exists()
+    assert not (tmp_path / "data").exists()
+    # The embedded default too: no data dir, no database appears.
+    embedded = pixelmill_env(data_dir=str(tmp_path / "fresh"))
+    proc = pixelmill("status", env=embedded, timeout=120)
+    assert proc.returncode == 2 and "no database at" in proc.stderr, proc.stderr
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_a_configured_sqlite_folder_that_is_missing_is_an_error_naming_it(tmp_path):
+    image = _images(tmp_path / "in", ["a.png"])[0]
+    missing_dir = tmp_path / "typo" / "dir"
+    env = pixelmill_env(
+        data_dir=str(tmp_path / "data"),
+        broker_url=_unreachable_broker(),
+        database_url=f"sqlite:///{missing_dir / 'x.db'}",
+    )
+    for args in (["submit", "classify", str(image)], ["worker", "--devices", "cpu"]):
+        proc = pixelmill(*args, env=env, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert str(missing_dir) in proc.stderr and "does not exist" in proc.stderr
+    assert not (tmp_path / "typo").exists()
