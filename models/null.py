@@ -3,15 +3,16 @@ measures what pixelmill itself costs per item (queue, database, file I/O), not t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from models.base import Runner
+from models.images import open_input
 from pixelmill.errors import BadInput
 
 NULL_MODEL = "null"
+READ_CHUNK = 1 << 20
 
 
 class NullRunner(Runner):
@@ -30,10 +31,17 @@ class NullRunner(Runner):
     def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
         if self.for_task == "generate":
             return None
+        # A FIFO or a device is refused before it is opened (opening a FIFO blocks; reading
+        # /dev/urandom never ends); a regular file is read through, a MiB at a time.
+        fp, _ = open_input(input)
+        read = 0
         try:
-            return len(Path(input).read_bytes())
+            with fp:
+                while chunk := fp.read(READ_CHUNK):
+                    read += len(chunk)
         except OSError as exc:
-            raise BadInput(f"{input}: cannot read ({exc.strerror or exc})") from None
+            raise BadInput(f"{input}: cannot read the file ({exc.strerror or exc})") from None
+        return read
 
     def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
         return [{} for _ in batch]
