@@ -33,6 +33,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+# How long a model that failed to load is not tried again by a worker (its jobs fail at once
+# with the same reason); `pixelmill retry BATCH` after that tries it afresh.
+FAILED_LOAD_TTL = 300.0
+
+
 class ModelCache:
     """Loaded runners by (task, model name); the least recently used is dropped past ``size``."""
 
@@ -42,6 +47,9 @@ class ModelCache:
         self.runner_options = runner_options
         self._runners: OrderedDict[tuple[str, str], Runner] = OrderedDict()
         self._lock = threading.RLock()
+        # Models that could not be loaded, with when to try again: the next messages naming
+        # one fail at once instead of paying its load (minutes of hub retries offline) again.
+        self._failed: dict[tuple[str, str], tuple[ModelUnavailable, float]] = {}
         self.loads = 0
         self.evictions = 0
 
@@ -55,6 +63,9 @@ class ModelCache:
             if runner is not None:
                 self._runners.move_to_end(key)
                 return runner
+            failed = self._failed.get(key)
+            if failed is not None and time.monotonic() < failed[1]:
+                raise failed[0]
             started = time.perf_counter()
             try:
                 runner = create_runner(task, name, **self.runner_options)
@@ -65,12 +76,15 @@ class ModelCache:
                     if not self.relieve(exc):
                         raise
                     runner.load(self.device)
-            except ModelUnavailable:
+            except ModelUnavailable as exc:
+                self._failed[key] = (exc, time.monotonic() + FAILED_LOAD_TTL)
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure to load names the model
                 failure = load_failure(name, KINDS.get(task, f"a {task} model"), exc)
                 log.warning("model cache: %s", failure, exc_info=exc)
+                self._failed[key] = (failure, time.monotonic() + FAILED_LOAD_TTL)
                 raise failure from exc
+            self._failed.pop(key, None)
             self.loads += 1
             log.info(
                 "model cache: loaded %s/%s on %s in %.1fs (%s)",

@@ -6,7 +6,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import click
 
@@ -62,29 +62,76 @@ def _detach_from_terminal(fds: list[int]) -> None:
     os.close(null)
 
 
+DEFER_AT_MOST = 5.0  # seconds a stop signal may wait for output in progress to be finished
+
+
+class StopSignals:
+    """SIGTERM and SIGHUP as ``Stopped`` (see ``stop_signals_raise``), and ``deferred()``
+    stretches in which a stop waits (for at most DEFER_AT_MOST seconds) for the output in
+    progress to be written whole."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.terminal = _terminal_fds()
+        self._defer = False
+        self._pending: int | None = None
+
+    def handler(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            _detach_from_terminal(self.terminal)
+        if signum == signal.SIGALRM:  # a deferred stop waited long enough
+            if self._pending is not None:
+                pending, self._pending = self._pending, None
+                raise Stopped(pending)
+            return
+        if self.received:
+            return
+        self.received.append(signum)
+        if self._defer:
+            self._pending = signum
+            signal.setitimer(signal.ITIMER_REAL, DEFER_AT_MOST)
+            return
+        raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer = True
+        try:
+            yield
+        finally:
+            self._defer = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                raise Stopped(pending)
+
+
 @contextlib.contextmanager
-def stop_signals_raise() -> Iterator[None]:
+def stop_signals_raise() -> Iterator[StopSignals]:
     """While inside, SIGTERM and SIGHUP (``timeout``, ``systemctl stop``, a cancelled CI job,
     a closed SSH session) raise ``Stopped`` in the main thread. Later ones are ignored while
     the command stops what it started (SIGINT still interrupts at once)."""
-    received: list[int] = []
-    terminal = _terminal_fds()
-
-    def handler(signum: int, _frame: object) -> None:
-        if signum == signal.SIGHUP:
-            _detach_from_terminal(terminal)
-        if received:
-            return
-        received.append(signum)
-        raise Stopped(signum)
-
-    watched = (signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, handler) for s in watched}
+    stops = StopSignals()
+    watched = (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM)
+    previous = {s: signal.signal(s, stops.handler) for s in watched}
     try:
-        yield
+        yield stops
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def write_until_closed(write: Callable[[], tuple[int, int]]) -> tuple[int, int] | None:
+    """Run ``write`` (printing to stdout); None if the reader went away (`| head`): stdout then
+    goes nowhere, so nothing more fails on it, and the caller decides the exit status."""
+    try:
+        return write()
+    except BrokenPipeError:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        return None
 
 
 def fail(message: str, code: int) -> None:

@@ -22,6 +22,7 @@ from pixelmill.clitools import (
     settings_or_exit,
     stop_signals_raise,
     user_errors,
+    write_until_closed,
 )
 from producer.client import Client
 from producer.inputs import InputError, read_prompts_file
@@ -188,7 +189,7 @@ def run(
 
     settings = settings_or_exit()
     timed_out = False
-    with user_errors(), stop_signals_raise():
+    with user_errors(), stop_signals_raise() as stops:
         args = submission(task, inputs, task_options)
         log_dir = settings.data_dir / "logs"
         with (
@@ -207,8 +208,8 @@ def run(
                                 check=check)  # fmt: skip
             except TimeoutError:
                 timed_out = True
-            writer = write_json_lines if as_json else write_text_lines
-            done, failed = writer(client.results(sub.batch_id))
+            with stops.deferred():  # a stop waits (briefly) for the results to be printed
+                done, failed = _print_results(client, sub.batch_id, as_json)
             if download:
                 _download(client, sub.batch_id, download)
         if timed_out:
@@ -339,8 +340,7 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
     """
     settings = settings_or_exit()
     with user_errors(), Client(settings, create=False) as client:
-        writer = write_json_lines if as_json else write_text_lines
-        _done, failed = writer(client.results(batch))
+        _done, failed = _print_results(client, batch, as_json)
         if download:
             _download(client, batch, download)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
@@ -362,6 +362,17 @@ def retry(batch: str, as_json: bool) -> None:
         click.echo(json.dumps({"batch": batch, "retried": n}))
     else:
         click.echo(f"batch {batch}: {n} failed job(s) queued again")
+
+
+def _print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, int]:
+    """One line per job on stdout; (done, failed). If the reader goes away (`| head`), the
+    counts come from the database, so the exit status still says how the jobs ended."""
+    writer = write_json_lines if as_json else write_text_lines
+    counted = write_until_closed(lambda: writer(client.results(batch_id)))
+    if counted is not None:
+        return counted
+    counts = client.status(batch_id).by_status
+    return counts.get("done", 0), counts.get("failed", 0)
 
 
 def _seen(sub: Any) -> str:

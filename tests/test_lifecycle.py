@@ -198,10 +198,12 @@ def test_run_killed_with_sigkill_takes_its_workers_and_broker_with_it(tmp_path: 
     finally:
         if run.poll() is None:
             run.kill()
-    # The workers get the parent-death signal; the keeper stops redis-server once no
-    # process uses it.
+    # The workers get the parent-death signal and drain; the broker stays while they do (they
+    # use it too), and the keeper stops redis-server once no process uses it.
     _nothing_left(tmp_path, timeout=60)
     assert not ping(_socket(tmp_path))
+    logs = "".join(p.read_text() for p in (tmp_path / "data" / "logs").glob("worker-*.log"))
+    assert "Error 2 connecting" not in logs and "Connection refused" not in logs, logs[-3000:]
 
 
 def test_a_new_supervisor_waits_for_the_devices_of_one_still_running(tmp_path: Path) -> None:
@@ -400,3 +402,23 @@ def test_run_exits_3_when_the_database_stays_away(
     assert run.returncode == 3, err
     assert "the database has not answered for 5s" in err
     assert "Traceback" not in err
+
+
+def test_run_whose_reader_goes_away_still_exits_by_its_jobs(tmp_path: Path) -> None:
+    """`pixelmill run ... | head -1`: the rest of the output is dropped, the exit status still
+    says how the jobs ended (0: all done), and there is no traceback."""
+    paths = _inputs(tmp_path / "in", 2000)
+    env = _env(tmp_path, batch_size="256")
+    run = _start_run(env, *paths, "--json")
+    try:
+        assert run.stdout is not None and run.stderr is not None
+        first = run.stdout.readline()
+        assert json.loads(first)["status"] == "done"
+        run.stdout.close()  # what `head -1` does after its line
+        err = run.stderr.read()
+        assert run.wait(120) == 0, err
+        assert "Traceback" not in err and "BrokenPipe" not in err
+    finally:
+        if run.poll() is None:
+            run.kill()
+    _nothing_left(tmp_path)

@@ -386,6 +386,27 @@ def test_every_load_failure_is_model_unavailable_with_its_whole_first_line(monke
     assert str(errors[-1]).splitlines()[0].rstrip(". ") in message
 
 
+def test_a_model_that_failed_to_load_is_not_loaded_again_for_every_message(monkeypatch):
+    """Offline, each load of a hub id costs minutes of hub retries: a worker remembers the
+    failure (models.cache.FAILED_LOAD_TTL) and fails the next messages' jobs at once."""
+    from models import cache as cache_module
+    from models import registry
+
+    monkeypatch.setitem(registry.BUILTIN, ("classify", "failing"), _Failing)
+    monkeypatch.setattr(_Failing, "errors", [OSError("hub unreachable"), OSError("again")])
+    cache = ModelCache("cpu")
+    with pytest.raises(ModelUnavailable, match="hub unreachable") as first:
+        cache.get("classify", "failing")
+    with pytest.raises(ModelUnavailable) as second:
+        cache.get("classify", "failing")
+    assert second.value is first.value
+    assert len(_Failing.errors) == 1  # the second get did not try to load
+    monkeypatch.setattr(cache_module, "FAILED_LOAD_TTL", 0.0)
+    cache._failed.clear()
+    with pytest.raises(ModelUnavailable, match="again"):
+        cache.get("classify", "failing")  # once the failure has expired, it is tried again
+
+
 # ---- against real processes ---------------------------------------------------------------
 
 

@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         stall=settings.stall_seconds,
         transient_retry=settings.transient_retry_seconds,
     )
+    from worker.embedded import EmbeddedRedis
+
+    # A user of the embedded broker for as long as this process lives: it stays while this
+    # worker drains, even after the supervisor that started it is gone.
+    broker = EmbeddedRedis(settings.embedded_socket, settings.data_dir)
+    if settings.embedded_broker:
+        broker.hold()
     app = create_app(settings)
     register_tasks(app, ctx)
     if args.ready_file:
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     finally:
+        broker.stop(timeout=0)
         heartbeat.stop()
         ctx.close()
         engine.dispose()

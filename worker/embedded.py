@@ -117,14 +117,20 @@ class EmbeddedRedis:
     def log_path(self) -> Path:
         return self.workdir / "redis.log"
 
-    def start(self, timeout: float = 30.0) -> EmbeddedRedis:
+    def hold(self) -> EmbeddedRedis:
+        """Count this process among the broker's users without starting anything (a device
+        worker: the broker stays while it drains, even if its supervisor is gone)."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         if self._fd is None:
             fd = _open_lock(users_lock_path(self.socket_path))
             # Blocks only while a keeper, finding no user, is shutting its broker down.
             fcntl.flock(fd, fcntl.LOCK_SH)
             self._fd = fd
+        return self
+
+    def start(self, timeout: float = 30.0) -> EmbeddedRedis:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hold()
         try:
             self.ensure(timeout)
         except BaseException:

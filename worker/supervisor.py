@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +136,9 @@ class Supervisor:
         self.stopping = False
         self.crashes = 0
         self._reconciler: Any = None
-        self._state = Path(tempfile.mkdtemp(prefix="pixelmill-supervisor-"))
+        # Each worker touches its ready file once it consumes; fixed names in the data dir
+        # (one worker per device slot there), so nothing piles up when a supervisor is killed.
+        self._state = settings.data_dir / "workers"
 
     def lock_path(self, device: DeviceSpec) -> Path:
         if device.visible is not None:  # a GPU: one worker per host, whoever started it
@@ -160,6 +160,7 @@ class Supervisor:
             return False
         child.busy_logged = None
         try:
+            self._state.mkdir(parents=True, exist_ok=True)
             child.ready_file = self._state / f"{device.name}.ready"
             child.ready_file.unlink(missing_ok=True)
             child.process = self._popen(device, lock, child.ready_file)
@@ -323,7 +324,9 @@ class Supervisor:
                 log.warning("worker for %s did not stop in time; killing", child.device.label)
                 child.process.kill()
                 child.process.wait()
-        shutil.rmtree(self._state, ignore_errors=True)
+        for child in running:
+            if child.ready_file is not None:
+                child.ready_file.unlink(missing_ok=True)
 
     def run_forever(self) -> None:
         """Supervise until SIGTERM or SIGINT, then drain."""
