@@ -43,6 +43,8 @@ def expand_inputs(
             stream = stdin if stdin is not None else sys.stdin
             for line in stream:
                 line = line.rstrip("\n")
+                if line.endswith("\r") and not os.path.lexists(line):
+                    line = line[:-1]  # a list written on Windows (CRLF)
                 if line.strip():
                     path = Path(line)
                     if path.is_dir():

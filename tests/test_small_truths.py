@@ -323,3 +323,15 @@ def test_a_configured_sqlite_folder_that_is_missing_is_an_error_naming_it(tmp_pa
         assert proc.returncode == 2, (args, proc.stderr)
         assert str(missing_dir) in proc.stderr and "does not exist" in proc.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_path_list_with_windows_line_endings_names_the_files(tmp_path):
+    import io
+
+    from producer.inputs import expand_inputs
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"x")
+    b.write_bytes(b"x")
+    paths = expand_inputs(["-"], stdin=io.StringIO(f"{a}\r\n{b}\r\n"))
+    assert paths == [str(a), str(b)]
