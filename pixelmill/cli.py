@@ -4,7 +4,8 @@
 
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or configuration error;
 3 a service (broker, database) unreachable, or local workers that cannot start; 4 run --timeout
-reached; 128+N stopped by signal N after cleaning up (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP).
+reached; 128+N run stopped by signal N after cleaning up (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP);
+worker drains and exits 0 on these.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ EPILOG = """\b
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or
 configuration error; 3 a service (broker, database) unreachable, or local
 workers that cannot start; 4 run --timeout reached (results so far printed);
-128+N stopped by signal N, after stopping what it started (130 Ctrl-C,
-143 SIGTERM, 129 SIGHUP).
+128+N run stopped by signal N, after stopping what it started (130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP); worker drains and exits 0 on these.
 
 \b
 Configuration (environment, prefix PIXELMILL_; nothing set = embedded default):
