@@ -368,23 +368,26 @@ def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600
     return [r.id for r in sorted(rows, key=lambda r: r.seq)]
 
 
-def renew_leases(
-    session: Session, job_ids: Collection[str] | None = None, *, worker: str, lease: float
-) -> int:
-    """The heartbeat: ``worker`` still holds these running jobs (``job_ids``: those of the
-    batches it is making progress on) for ``lease`` more seconds. A job another worker took
-    meanwhile, or one already finished, is left alone. ``job_ids=None`` renews every running
-    job the worker holds (tools and tests; a worker names its jobs)."""
-    values = {"lease_until": utcnow() + timedelta(seconds=lease)}
-    held = [JOBS.c.worker == worker, JOBS.c.status == JobStatus.running]
-    conn = session.connection()
-    if job_ids is None:
-        result = conn.execute(update(JOBS).where(*held).values(**values))
-        return int(getattr(result, "rowcount", 0) or 0)
-    ids, renewed = list(job_ids), 0
-    for start in range(0, len(ids), INSERT_CHUNK):
-        chunk = ids[start : start + INSERT_CHUNK]
-        result = conn.execute(update(JOBS).where(JOBS.c.id.in_(chunk), *held).values(**values))
+def _chunks(ids: Collection[str]) -> Iterator[list[str]]:
+    """``ids`` in lists of INSERT_CHUNK, so that no statement holds too many parameters."""
+    items = list(ids)
+    for start in range(0, len(items), INSERT_CHUNK):
+        yield items[start : start + INSERT_CHUNK]
+
+
+def renew_leases(session: Session, job_ids: Collection[str], *, worker: str, lease: float) -> int:
+    """The heartbeat: ``worker`` still holds these running jobs (those of the batches it is
+    making progress on) for ``lease`` more seconds. A job another worker took meanwhile, or one
+    already finished, is left alone."""
+    renewed = 0
+    for chunk in _chunks(job_ids):
+        result = session.connection().execute(
+            update(JOBS)
+            .where(
+                JOBS.c.id.in_(chunk), JOBS.c.worker == worker, JOBS.c.status == JobStatus.running
+            )
+            .values(lease_until=utcnow() + timedelta(seconds=lease))
+        )
         renewed += int(getattr(result, "rowcount", 0) or 0)
     return renewed
 
@@ -400,7 +403,7 @@ def fail_jobs(
     """Fail the still-unfinished jobs among ``job_ids`` (with ``worker``: only those it still
     holds) with ``reason``; returns the ids that moved. What a batch does with the jobs it
     claimed when it cannot finish them (an unexpected error, a service away for too long)."""
-    ids, moved = list(job_ids), list[str]()
+    moved: list[str] = []
     conn = session.connection()
     values: dict[str, Any] = {
         "status": JobStatus.failed,
@@ -410,9 +413,8 @@ def fail_jobs(
     }
     if device is not None:
         values["device"] = device
-    for start in range(0, len(ids), INSERT_CHUNK):
-        wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(ids[start : start + INSERT_CHUNK])]
-        wanted.append(UNFINISHED)
+    for chunk in _chunks(job_ids):
+        wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(chunk), UNFINISHED]
         if worker is not None:
             wanted.append(JOBS.c.worker == worker)
         moved.extend(

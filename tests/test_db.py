@@ -170,7 +170,7 @@ def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
     with sessions.begin() as s:
         claim_jobs(s, new.job_ids[:2], worker="dead/1", device="cpu", lease=0)
         claim_jobs(s, new.job_ids[2:3], worker="alive/2", device="cpu", lease=0)
-        assert renew_leases(s, worker="alive/2", lease=60) == 1
+        assert renew_leases(s, new.job_ids, worker="alive/2", lease=60) == 1
     with sessions.begin() as s:
         (running,) = take_stranded(s, status=JobStatus.running, lease=60)
         (queued,) = take_stranded(s, status=JobStatus.queued, lease=60)

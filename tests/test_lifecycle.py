@@ -86,6 +86,22 @@ def _socket(tmp_path: Path) -> Path:
     return load_settings(data_dir=tmp_path / "data").embedded_socket
 
 
+def in_use(socket_path: Path) -> bool:
+    """Whether any process holds the embedded broker's users lock."""
+    import fcntl as locks
+
+    from worker.embedded import users_lock_path
+
+    fd = os.open(users_lock_path(socket_path), os.O_RDWR)
+    try:
+        locks.flock(fd, locks.LOCK_EX | locks.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _processes(tmp_path: Path) -> dict[int, str]:
     """Every live process that belongs to this test's data dir: its workers (by their
     environment), the broker's keeper and redis-server (by their command lines)."""
@@ -284,7 +300,7 @@ def test_a_broker_that_dies_mid_run_is_started_again_and_the_run_finishes(
 
 
 def test_the_embedded_broker_stays_while_any_process_uses_it(tmp_path: Path) -> None:
-    from worker.embedded import EmbeddedRedis, in_use
+    from worker.embedded import EmbeddedRedis
 
     sock, data = _socket(tmp_path), tmp_path / "data"
     first = EmbeddedRedis(sock, data).start()

@@ -199,8 +199,6 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
     return BatchReport(len(claimed), len(outcomes) - failed, failed, time.perf_counter() - started)
 
 
-# ---- transient errors --------------------------------------------------------------------
-
 # ---- recording outcomes ------------------------------------------------------------------
 
 
@@ -230,27 +228,27 @@ def _write(
         except GaveUp:
             raise
         except Exception as exc:  # noqa: BLE001
-            reason = f"{inputs[outcome.job_id]}: cannot record the result (database: "
-            reason += f"{first_line(exc)})"
-            log.warning("%s", reason)
-            outcome = Outcome(
-                job_id=outcome.job_id,
-                error=reason,
-                model=outcome.model,
-                model_revision=outcome.model_revision,
-                device=outcome.device,
-            )
-            try:
-                retry.call(write, [outcome])
-            except GaveUp:
-                raise
-            except Exception:  # noqa: BLE001 - not even the reason: a plain one
-                log.exception("cannot record the failure of %s", outcome.job_id)
-                plain = f"{inputs[outcome.job_id]}: cannot record the result in the database"
-                _fail(ctx, retry, [outcome.job_id], plain)
-                outcome = Outcome(job_id=outcome.job_id, error=plain, model=outcome.model)
+            outcome = _unrecordable(ctx, retry, outcome, inputs[outcome.job_id], exc)
         recorded.append(outcome)
     return recorded
+
+
+def _unrecordable(
+    ctx: WorkerContext, retry: Retrier, outcome: Outcome, input: str, exc: BaseException
+) -> Outcome:
+    """Fail a job whose outcome the database refuses, with why (or, if even that reason is
+    refused, a plain one)."""
+    reason = f"{input}: cannot record the result (database: {first_line(exc)})"
+    log.warning("%s", reason)
+    try:
+        _fail(ctx, retry, [outcome.job_id], reason)
+    except GaveUp:
+        raise
+    except Exception:  # noqa: BLE001 - not even the reason: a plain one
+        log.exception("cannot record the failure of %s", outcome.job_id)
+        reason = f"{input}: cannot record the result in the database"
+        _fail(ctx, retry, [outcome.job_id], reason)
+    return Outcome(job_id=outcome.job_id, error=reason, model=outcome.model, device=outcome.device)
 
 
 def _fail(ctx: WorkerContext, retry: Retrier, job_ids: list[str], reason: str) -> list[str]:

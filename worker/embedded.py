@@ -88,21 +88,6 @@ def _try_lock(fd: int, kind: int) -> bool:
     return True
 
 
-def in_use(socket_path: Path) -> bool:
-    """Whether any process holds the broker (for tests and diagnostics)."""
-    path = users_lock_path(socket_path)
-    if not path.exists():
-        return False
-    fd = _open_lock(path)
-    try:
-        if _try_lock(fd, fcntl.LOCK_EX):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        return True
-    finally:
-        os.close(fd)
-
-
 class EmbeddedRedis:
     """One process's use of the embedded broker: ``start`` joins it (starting the keeper if no
     broker answers), ``stop`` leaves it. The broker itself stops when its last user leaves."""

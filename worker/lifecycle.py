@@ -21,6 +21,7 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,12 @@ class ParentWatch(threading.Thread):
     there."""
 
     def __init__(
-        self, parent: int, *, on_orphan: object = None, deadline: float = 60.0, every: float = 0.5
+        self,
+        parent: int,
+        *,
+        on_orphan: Callable[[], object] | None = None,
+        deadline: float = 60.0,
+        every: float = 0.5,
     ) -> None:
         super().__init__(name="parent-watch", daemon=True)
         self.parent = parent
@@ -70,7 +76,7 @@ class ParentWatch(threading.Thread):
                 "parent process %d is gone; draining, then exiting within %.0fs",
                 self.parent, self.deadline,
             )  # fmt: skip
-            if callable(self.on_orphan):
+            if self.on_orphan is not None:
                 self.on_orphan()
             if not self._halt.wait(self.deadline):
                 log.error("still running %.0fs after the parent died; exiting", self.deadline)
