@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.schema import DeadLetter, utcnow
+from pixelmill.db.schema import DeadLetter, utcnow
 
 BODY_PREFIX = 2048  # bytes of a refused body that are kept
 HEADERS_PREFIX = 2048  # characters of its headers' repr that are kept

@@ -3,14 +3,17 @@ several worker processes can share one database file."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.errors import ConfigError
+from pixelmill.errors import ConfigError, ServiceUnavailable
 
 
 def normalize_url(url: str) -> str:
@@ -77,3 +80,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """For the commands: a database that cannot be reached is a ``ServiceUnavailable`` (exit
+    3, one line) instead of SQLAlchemy's traceback. Inside, code that retries a lost database
+    catches ``OperationalError`` itself; this is the outermost word on it."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise ServiceUnavailable(f"cannot reach the database: {str(exc.orig).strip()}") from exc

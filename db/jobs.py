@@ -13,16 +13,10 @@ from sqlalchemy import ColumnElement, Table, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
+from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
 from pixelmill.errors import UnknownBatch
 
 INSERT_CHUNK = 2000
-DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch size
-
-
-def message_size(options: dict[str, Any] | None) -> int:
-    """Jobs per message for a batch: the batch size it was submitted with."""
-    return int((options or {}).get("batch_size") or DEFAULT_MESSAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -427,11 +421,12 @@ def fail_jobs(
 
 @dataclass(frozen=True)
 class Stranded:
-    """Jobs of one batch whose lease ran out, to enqueue again in messages of ``batch_size``."""
+    """Jobs of one batch whose lease ran out, to enqueue again; ``options`` are the batch's
+    (its message size is the queue's business: ``pixelmill.wire.message_size``)."""
 
     batch_id: str
     job_ids: list[str]
-    batch_size: int
+    options: dict[str, Any] | None
 
 
 def take_stranded(
@@ -460,7 +455,7 @@ def take_stranded(
         .values(lease_until=now + timedelta(seconds=lease))
         .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.seq)
     ).all()
-    sizes: dict[str, Any] = dict(
+    options: dict[str, Any] = dict(
         conn.execute(
             select(Batch.id, Batch.options).where(Batch.id.in_({r.batch_id for r in rows}))
         ).all()
@@ -472,7 +467,7 @@ def take_stranded(
         Stranded(
             batch_id=batch_id,
             job_ids=[job_id for _, job_id in sorted(jobs)],
-            batch_size=message_size(sizes.get(batch_id)),
+            options=options.get(batch_id),
         )
         for batch_id, jobs in by_batch.items()
     ]

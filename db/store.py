@@ -13,16 +13,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from pixelmill.errors import ConfigError, PixelmillError
+from pixelmill.errors import ConfigError, PixelmillError, StoreError
 
 if TYPE_CHECKING:
     from pixelmill.settings import Settings
 
 KEY_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
-
-
-class StoreError(PixelmillError):
-    """The store failed a read or a write (unreachable, timed out, refused, missing object)."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from PIL import Image
 
-from models.images import decode_image
+from pixelmill.models.images import decode_image
 
 IMAGE = "image"
 

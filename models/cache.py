@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from models.base import Runner
-from models.loading import load_failure
-from models.registry import create_runner
 from pixelmill.errors import ModelUnavailable
+from pixelmill.models.base import Runner
+from pixelmill.models.loading import load_failure
+from pixelmill.models.registry import create_runner
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from models.base import Runner
-from models.device import resolve_precision, torch_dtype
-from models.loading import load_failure, revision_of
 from pixelmill.catalog import CaptionOptions
+from pixelmill.models.base import Runner
+from pixelmill.models.device import resolve_precision, torch_dtype
+from pixelmill.models.loading import load_failure, revision_of
 
 
 class Captioner(Runner):

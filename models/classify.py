@@ -9,10 +9,10 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
-from models.base import Runner
-from models.device import autocast, resolve_precision
-from models.loading import load_failure, revision_of
 from pixelmill.errors import ModelUnavailable
+from pixelmill.models.base import Runner
+from pixelmill.models.device import autocast, resolve_precision
+from pixelmill.models.loading import load_failure, revision_of
 
 BUILTIN_EFFICIENTNET = "efficientnet_lite0"
 RANDOM_VIT_B16 = "vit_b16_random"

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from models.base import IMAGE, Runner
-from models.device import resolve_precision, torch_dtype
-from models.loading import load_failure, revision_of
 from pixelmill.catalog import GenerateOptions
 from pixelmill.errors import BadInput, ModelUnavailable
+from pixelmill.models.base import IMAGE, Runner
+from pixelmill.models.device import resolve_precision, torch_dtype
+from pixelmill.models.loading import load_failure, revision_of
 
 
 @dataclass(frozen=True)

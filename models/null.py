@@ -7,9 +7,9 @@ from typing import Any
 
 from PIL import Image
 
-from models.base import Runner
-from models.images import open_input
 from pixelmill.errors import BadInput
+from pixelmill.models.base import Runner
+from pixelmill.models.images import open_input
 
 NULL_MODEL = "null"
 READ_CHUNK = 1 << 20

@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import torch
 
-from models.caption import Captioner
-from models.generate import ImageGenerator
+from pixelmill.models.caption import Captioner
+from pixelmill.models.generate import ImageGenerator
 
 RANDOM_BLIP_BASE = "blip_base_random"
 RANDOM_SD_TURBO = "sd_turbo_random"

@@ -6,20 +6,25 @@ import re
 from pathlib import Path
 from typing import Any
 
-from models.base import Runner
-from models.caption import Captioner
-from models.classify import (
+from pixelmill.catalog import DEFAULT_MODELS, TASKS
+from pixelmill.errors import ModelUnavailable
+from pixelmill.models.base import Runner
+from pixelmill.models.caption import Captioner
+from pixelmill.models.classify import (
     BUILTIN_EFFICIENTNET,
     RANDOM_VIT_B16,
     EfficientNetLite0,
     HFClassifier,
     RandomViTB16,
 )
-from models.generate import ImageGenerator
-from models.null import NULL_MODEL, NullRunner
-from models.random_weights import RANDOM_BLIP_BASE, RANDOM_SD_TURBO, RandomBlipBase, RandomSDTurbo
-from pixelmill.catalog import DEFAULT_MODELS, TASKS
-from pixelmill.errors import ModelUnavailable
+from pixelmill.models.generate import ImageGenerator
+from pixelmill.models.null import NULL_MODEL, NullRunner
+from pixelmill.models.random_weights import (
+    RANDOM_BLIP_BASE,
+    RANDOM_SD_TURBO,
+    RandomBlipBase,
+    RandomSDTurbo,
+)
 
 BUILTIN: dict[tuple[str, str], type[Runner]] = {
     ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,

@@ -1,8 +1,59 @@
 """pixelmill: an asynchronous job queue for batch image processing.
 
-The shared core lives here: the one settings object (`pixelmill.settings`), the error tree
-(`pixelmill.errors`) and the command line (`pixelmill.cli`). The work itself lives in the
-top-level packages `producer`, `worker`, `db` and `models` (see ARCHITECTURE.md).
+    from pixelmill import Client, load_settings, local_cluster
+
+One import name. The core lives in this folder: the settings object (``pixelmill.settings``),
+the error tree (``pixelmill.errors``), the task catalogue and its options
+(``pixelmill.catalog``), the wire contract (``pixelmill.wire``: the Celery app, task names,
+enqueue, message size) and the command line (``pixelmill.commands``). The components are the
+repository's top-level folders, mapped under this name: ``pixelmill.db``, ``pixelmill.models``,
+``pixelmill.producer`` and ``pixelmill.worker`` (README, "Layout").
+
+The names below are imported when first used, so ``import pixelmill.settings`` stays light (no
+SQL, no Celery worker, no torch).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pixelmill.errors import PixelmillError
+    from pixelmill.producer.client import Client, JobResult, Submission
+    from pixelmill.settings import Settings, load_settings
+    from pixelmill.worker.local import local_cluster
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "Client": "pixelmill.producer.client",
+    "JobResult": "pixelmill.producer.client",
+    "Submission": "pixelmill.producer.client",
+    "Settings": "pixelmill.settings",
+    "load_settings": "pixelmill.settings",
+    "PixelmillError": "pixelmill.errors",
+    "local_cluster": "pixelmill.worker.local",
+}
+
+__all__ = [
+    "Client",
+    "JobResult",
+    "PixelmillError",
+    "Settings",
+    "Submission",
+    "__version__",
+    "load_settings",
+    "local_cluster",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pixelmill' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

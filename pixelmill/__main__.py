@@ -1,3 +1,3 @@
-from pixelmill.cli import main
+from pixelmill.commands import main
 
 main()

@@ -150,16 +150,12 @@ def settings_or_exit() -> Settings:
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn pixelmill's errors into one clear line and the documented exit status."""
-    from sqlalchemy.exc import OperationalError
-
     try:
         yield
     except (ConfigError, BadInput, ModelUnavailable, UnknownBatch) as exc:
         fail(str(exc), EXIT_USAGE)
     except ServiceUnavailable as exc:
         fail(str(exc), EXIT_SERVICE)
-    except OperationalError as exc:
-        fail(f"cannot reach the database: {str(exc.orig).strip()}", EXIT_SERVICE)
     except PixelmillError as exc:
         fail(str(exc), EXIT_USAGE)
     except KeyboardInterrupt:

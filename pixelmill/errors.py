@@ -19,8 +19,17 @@ class ModelUnavailable(PixelmillError):
     """A model cannot be resolved or loaded. Fails the jobs that name it."""
 
 
+class InputError(PixelmillError):
+    """An input argument that names nothing usable (a usage error, not a failed job)."""
+
+
 class ServiceUnavailable(PixelmillError):
     """A service (broker, database, store) cannot be reached."""
+
+
+class StoreError(ServiceUnavailable):
+    """The object store failed a read or a write (unreachable, timed out, refused, missing
+    object). The worker retries it as transient; a command exits 3 on it, as for any service."""
 
 
 class UnknownBatch(PixelmillError):

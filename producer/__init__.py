@@ -1,6 +1,6 @@
 """The client side: submit work, wait for it, read status and results.
 
-    from producer import Client
+    from pixelmill.producer import Client
 
     with Client() as pm:
         batch = pm.submit("classify", ["photos/"])
@@ -11,7 +11,7 @@
 Knows nothing of torch or models.
 """
 
-from producer.client import Client, JobResult, Submission
-from producer.inputs import expand_inputs
+from pixelmill.producer.client import Client, JobResult, Submission
+from pixelmill.producer.inputs import expand_inputs
 
 __all__ = ["Client", "JobResult", "Submission", "expand_inputs"]

@@ -1,34 +1,32 @@
-"""The commands that submit and read: run, submit, status, results."""
+"""The commands that submit and read: submit, status, results, retry (and what `run`, a
+command of the top layer, shares with them: the submit options and the result printing)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
 import click
 
-from db.deadletters import dead_letter_count
 from pixelmill.catalog import TASKS, parse_size
 from pixelmill.clitools import (
     EXIT_JOBS_FAILED,
     EXIT_OK,
-    EXIT_SERVICE,
-    EXIT_TIMEOUT,
     EXIT_USAGE,
     fail,
     settings_or_exit,
-    stop_signals_raise,
     user_errors,
     write_until_closed,
 )
-from producer.client import Client
-from producer.inputs import InputError, read_prompts_file
-from producer.output import (
+from pixelmill.db.deadletters import dead_letter_count
+from pixelmill.db.engine import database_errors
+from pixelmill.errors import InputError
+from pixelmill.producer.client import Client
+from pixelmill.producer.inputs import read_prompts_file
+from pixelmill.producer.output import (
     STATES,
-    Progress,
     batches_table,
     counts_json,
     write_json_lines,
@@ -134,124 +132,6 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
 
 @click.command()
 @submit_options
-@click.option(
-    "--devices",
-    default="auto",
-    show_default=True,
-    help="Local workers: auto (every GPU, else the CPU), cpu, or GPU indices like 0,1.",
-)
-@click.option(
-    "--local-workers/--no-local-workers",
-    default=True,
-    show_default=True,
-    help="Start workers on this host for the run (turn off when a worker fleet serves the "
-    "configured broker).",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=None,
-    help="Stop waiting after this many seconds: print the results so far and exit 4 (the "
-    "unfinished jobs stay queued).",
-)
-@DOWNLOAD
-def run(
-    task: str,
-    inputs: tuple[str, ...],
-    model: str | None,
-    as_json: bool,
-    name: str | None,
-    batch_size: int | None,
-    again: bool,
-    devices: str,
-    local_workers: bool,
-    timeout: float | None,
-    download: str | None,
-    **task_options: Any,
-) -> None:
-    """Submit, process and print, all in one.
-
-    Uses the configured services; with none configured it starts the embedded ones (Redis on
-    a private socket, SQLite and a local-folder store in PIXELMILL_DATA_DIR) and one worker per
-    device, waits with a progress display, prints one line per job and stops what it started.
-
-    INPUT is an image file, a folder (searched recursively for images) or - (paths on stdin).
-    generate takes --prompt instead, and --init INPUT for image-to-image.
-
-    \b
-    Examples:
-      pixelmill run classify photos/ --json > labels.jsonl
-      pixelmill run caption photos/ --num-beams 3
-      pixelmill run generate --prompt "a lighthouse at dusk" --count 4 --seed 7
-      pixelmill run generate --prompt "as a watercolor" --init photos/ --strength 0.6
-    """
-    from worker.local import local_cluster
-
-    settings = settings_or_exit()
-    timed_out = False
-    with user_errors(), stop_signals_raise() as stops:
-        args = submission(task, inputs, task_options)
-        log_dir = settings.data_dir / "logs"
-        with (
-            local_cluster(settings, devices, workers=local_workers, log_dir=log_dir) as supervisor,
-            Client(settings) as client,
-        ):
-            sub = client.submit(
-                task, model=model, name=name, batch_size=batch_size, again=again, **args
-            )
-            # stderr, so also with --json: the id that status, results and retry take.
-            click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{_seen(sub)}", err=True)
-            check = _supervising(supervisor, settings, sub.batch_id, log_dir)
-            try:
-                with Progress(sub.jobs) as progress:
-                    client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
-                                check=check)  # fmt: skip
-            except TimeoutError:
-                timed_out = True
-            with stops.deferred():  # a stop waits (briefly) for the results to be printed
-                done, failed = _print_results(client, sub.batch_id, as_json)
-            if download:
-                _download(client, sub.batch_id, download)
-        if timed_out:
-            unfinished = sub.jobs - done - failed
-            fail(
-                f"timed out after {timeout:g}s: {done} done, {failed} failed, {unfinished} not "
-                f"finished; batch {sub.batch_id} stays queued for any worker on this broker "
-                f"(`pixelmill status {sub.batch_id}`)",
-                EXIT_TIMEOUT,
-            )
-        if not as_json:
-            click.echo(f"{done} done, {failed} failed", err=True)
-    sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
-
-
-def _supervising(supervisor: Any, settings: Any, batch_id: str, log_dir: Any) -> Callable[[], None]:
-    """What `run` checks while it waits: its local workers restarted when they crash (a job
-    that keeps killing them fails after PIXELMILL_MAX_ATTEMPTS, the rest go on), the embedded
-    broker brought back if it vanished; it gives up (exit 3) only when the workers cannot start
-    at all or the broker stays away for PIXELMILL_SERVICE_TIMEOUT."""
-
-    def check() -> None:
-        if supervisor is None:
-            return
-        supervisor.poll()
-        why = supervisor.failing_to_start
-        if why is not None:
-            fail(f"{why} (batch {batch_id} stays in the database)", EXIT_SERVICE)
-        since = supervisor.broker_down_since
-        if since is not None and time.monotonic() - since > settings.service_timeout:
-            fail(
-                f"the embedded broker has not answered for {settings.service_timeout:g}s "
-                f"(see {settings.data_dir / 'redis.log'}); batch {batch_id} stays in the "
-                "database",
-                EXIT_SERVICE,
-            )
-
-    return check
-
-
-@click.command()
-@submit_options
 def submit(
     task: str,
     inputs: tuple[str, ...],
@@ -269,7 +149,7 @@ def submit(
     With --json prints {"batch": "<id>", "jobs": <n>}.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings) as client:
+    with user_errors(), database_errors(), Client(settings) as client:
         args = submission(task, inputs, task_options)
         sub = client.submit(
             task, model=model, name=name, batch_size=batch_size, again=again, **args
@@ -279,7 +159,7 @@ def submit(
     else:
         click.echo(sub.batch_id)
         if sub.existing:
-            click.echo(f"batch {sub.batch_id}{_seen(sub)}", err=True)
+            click.echo(f"batch {sub.batch_id}{seen_before(sub)}", err=True)
 
 
 @click.command()
@@ -299,7 +179,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     if batch is None:
         if wait_:
             fail("--wait needs a BATCH", EXIT_USAGE)
-        with user_errors(), Client(settings, create=False) as client:
+        with user_errors(), database_errors(), Client(settings, create=False) as client:
             batches = client.batches(limit)
             dead = dead_letter_count(client.sessions)
         if as_json:
@@ -313,7 +193,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
             plural = "s" if dead != 1 else ""
             click.echo(f"{dead} dead letter{plural} (pixelmill dead-letters)", err=True)
         return
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
         counts = client.wait(batch) if wait_ else client.status(batch)
         failures = client.failures(batch) if counts.by_status.get("failed") else []
     if as_json:
@@ -339,10 +219,10 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
     Exits 1 if any job failed.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
-        _done, failed = _print_results(client, batch, as_json)
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
+        _done, failed = print_results(client, batch, as_json)
         if download:
-            _download(client, batch, download)
+            download_artifacts(client, batch, download)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
 
 
@@ -356,7 +236,7 @@ def retry(batch: str, as_json: bool) -> None:
     fixed in place, a worker that crashed. Wait with `pixelmill status BATCH --wait`.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
         n = client.retry(batch)
     if as_json:
         click.echo(json.dumps({"batch": batch, "retried": n}))
@@ -364,7 +244,7 @@ def retry(batch: str, as_json: bool) -> None:
         click.echo(f"batch {batch}: {n} failed job(s) queued again")
 
 
-def _print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, int]:
+def print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, int]:
     """One line per job on stdout; (done, failed). If the reader goes away (`| head`), the
     counts come from the database, so the exit status still says how the jobs ended."""
     writer = write_json_lines if as_json else write_text_lines
@@ -375,17 +255,17 @@ def _print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, i
     return counts.get("done", 0), counts.get("failed", 0)
 
 
-def _seen(sub: Any) -> str:
+def seen_before(sub: Any) -> str:
     if not sub.existing:
         return ""
     return " (this exact submit was made before: its batch, nothing done twice; --again for new)"
 
 
-def _download(client: Client, batch: str, folder: str) -> None:
+def download_artifacts(client: Client, batch: str, folder: str) -> None:
     saved = client.download(batch, folder)
     click.echo(f"{len(saved)} artifacts copied to {folder}", err=True)
 
 
 def register(group: click.Group) -> None:
-    for command in (run, submit, status, results, retry):
+    for command in (submit, status, results, retry):
         group.add_command(command)

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.engine import make_engine, make_sessionmaker
-from db.jobs import (
+from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
+from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.jobs import (
     ArtifactRecord,
     BatchCounts,
     JobRow,
@@ -27,18 +28,16 @@ from db.jobs import (
     get_batch,
     iter_batch_jobs,
     last_finished_at,
-    message_size,
     queued_job_ids,
     recent_batches,
     requeue_failed,
 )
-from db.migrate import upgrade
-from db.store import LocalStore, open_store
-from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
-from pixelmill.errors import PixelmillError, ServiceUnavailable
+from pixelmill.db.migrate import upgrade
+from pixelmill.db.store import LocalStore, open_store
+from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
+from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
-from producer.inputs import InputError, JobPlan, expand_inputs, plan_jobs, storable
-from worker.app import create_app, enqueue
+from pixelmill.wire import create_app, enqueue, message_size
 
 
 @dataclass(frozen=True)

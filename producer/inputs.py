@@ -12,11 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from pixelmill.catalog import IMAGE_EXTENSIONS, PATH_BYTES
-from pixelmill.errors import PixelmillError
-
-
-class InputError(PixelmillError):
-    """An input argument that names nothing usable (a usage error, not a failed job)."""
+from pixelmill.errors import InputError
 
 
 def expand_inputs(

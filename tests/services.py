@@ -25,7 +25,7 @@ import redis
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.embedded import redis_server_binary
+from pixelmill.worker.embedded import redis_server_binary
 
 
 def free_port() -> int:

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-from db.engine import make_engine, make_sessionmaker
-from db.jobs import create_batch, iter_batch_jobs
-from db.migrate import upgrade
-from db.schema import JobStatus
-from models.cache import ModelCache
-from worker.batching import WorkerContext, _split_on_error, process_batch
+from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.jobs import create_batch, iter_batch_jobs
+from pixelmill.db.migrate import upgrade
+from pixelmill.db.schema import JobStatus
+from pixelmill.models.cache import ModelCache
+from pixelmill.worker.batching import WorkerContext, _split_on_error, process_batch
 
 
 @pytest.fixture
@@ -66,8 +66,8 @@ def test_a_job_started_before_runs_alone_and_each_attempt_counts_once(ctx, photo
     message's other jobs run too."""
     from sqlalchemy import select
 
-    from db.jobs import claim_jobs
-    from db.schema import Job
+    from pixelmill.db.jobs import claim_jobs
+    from pixelmill.db.schema import Job
 
     new = _submit(ctx, sorted(photos.iterdir())[:3], model="null")
     with ctx.sessions.begin() as s:  # a worker that died after claiming the middle job
@@ -129,7 +129,7 @@ def test_out_of_memory_on_a_batch_frees_other_models_and_splits_it(ctx, photos, 
     """A CUDA out-of-memory error cannot happen on this CPU, so the real model raises the real
     exception type when a batch is larger than 2: the worker drops the other cached model and
     splits the batch until it fits; every job ends done."""
-    from models.classify import EfficientNetLite0
+    from pixelmill.models.classify import EfficientNetLite0
 
     class SmallMemory(EfficientNetLite0):
         def run(self, items, options=None):
@@ -191,7 +191,7 @@ def test_bad_input_corpus_each_done_or_failed_naming_its_file(ctx, photos, tmp_p
     ok, bad = _corpus(tmp_path / "corpus")
     good = sorted(photos.iterdir())
     inputs = [*ok, *bad, *good]
-    from producer.inputs import JobPlan, storable
+    from pixelmill.producer.inputs import JobPlan, storable
 
     plan = storable(JobPlan(inputs=[str(p) for p in inputs]))
     with ctx.sessions.begin() as s:
@@ -221,7 +221,7 @@ def test_the_corpus_keeps_a_worker_small(tmp_path):
     ok, bad = _corpus(tmp_path / "corpus")
     script = (
         "import resource, sys\n"
-        "from models.classify import EfficientNetLite0\n"
+        "from pixelmill.models.classify import EfficientNetLite0\n"
         "from pixelmill.errors import BadInput\n"
         "r = EfficientNetLite0()\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

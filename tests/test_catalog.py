@@ -6,7 +6,7 @@ import pytest
 
 from pixelmill.catalog import GenerateOptions, parse_size, task_options
 from pixelmill.errors import BadInput
-from producer.inputs import InputError, plan_jobs, read_prompts_file
+from pixelmill.producer.inputs import InputError, plan_jobs, read_prompts_file
 
 
 def test_generate_plans_one_job_per_image_with_consecutive_recorded_seeds():
@@ -89,8 +89,8 @@ def test_size_parses_width_then_height():
 def test_a_submission_fingerprint_changes_with_the_files_and_not_the_batch_size(tmp_path):
     import os
 
-    from producer.client import fingerprint
-    from producer.inputs import JobPlan
+    from pixelmill.producer.client import fingerprint
+    from pixelmill.producer.inputs import JobPlan
 
     f = tmp_path / "a.jpg"
     f.write_bytes(b"one")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, inspect, select
 
-from db.engine import make_engine, make_sessionmaker
-from db.jobs import (
+from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.jobs import (
     Outcome,
     batch_counts,
     claim_jobs,
@@ -15,8 +15,8 @@ from db.jobs import (
     iter_batch_jobs,
     write_outcomes,
 )
-from db.migrate import current_revision, head_revision, upgrade
-from db.schema import Job, JobStatus, Result
+from pixelmill.db.migrate import current_revision, head_revision, upgrade
+from pixelmill.db.schema import Job, JobStatus, Result
 from pixelmill.errors import UnknownBatch
 
 
@@ -42,7 +42,7 @@ def test_migrations_match_the_models(database_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from db.schema import Base
+    from pixelmill.db.schema import Base
 
     engine = make_engine(database_url)
     upgrade(engine)
@@ -118,8 +118,8 @@ def test_unknown_batch_is_a_clear_error(sessions):
 
 
 def test_artifact_rows_are_upserted_by_key_and_listed_with_their_job(sessions):
-    from db.jobs import ArtifactRecord
-    from db.schema import Artifact
+    from pixelmill.db.jobs import ArtifactRecord
+    from pixelmill.db.schema import Artifact
 
     with sessions.begin() as s:
         new = create_batch(
@@ -162,7 +162,8 @@ def test_artifact_rows_are_upserted_by_key_and_listed_with_their_job(sessions):
 
 
 def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
-    from db.jobs import renew_leases, take_stranded
+    from pixelmill.db.jobs import renew_leases, take_stranded
+    from pixelmill.wire import message_size
 
     with sessions.begin() as s:
         new = create_batch(s, task="classify", model="m", inputs=[f"/in/{i}.jpg" for i in range(4)],
@@ -176,7 +177,7 @@ def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
         (queued,) = take_stranded(s, status=JobStatus.queued, lease=60)
         # Taken once: a second reconciler right after finds nothing.
         assert take_stranded(s, status=JobStatus.running, lease=60) == []
-    assert (running.job_ids, running.batch_size) == (new.job_ids[:2], 2)
+    assert (running.job_ids, message_size(running.options)) == (new.job_ids[:2], 2)
     assert queued.job_ids == new.job_ids[3:]
 
 
@@ -200,7 +201,7 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(sessions):
 
 
 def test_retry_puts_only_failed_jobs_back_with_fresh_attempts(sessions):
-    from db.jobs import requeue_failed
+    from pixelmill.db.jobs import requeue_failed
 
     new = _batch(sessions, 3)
     with sessions.begin() as s:
@@ -265,7 +266,7 @@ def test_the_per_message_statements_find_jobs_by_primary_key_however_many_are_op
 
 
 def test_recent_batches_newest_first_with_their_counts(sessions):
-    from db.jobs import recent_batches
+    from pixelmill.db.jobs import recent_batches
 
     first, second, third = (_batch(sessions, n) for n in (1, 2, 3))
     with sessions.begin() as s:

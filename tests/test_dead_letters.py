@@ -23,16 +23,16 @@ from kombu import Message
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
-from db.deadletters import DeadLetterRecord, recent_dead_letters, record_dead_letter
-from db.engine import make_engine, make_sessionmaker
-from db.migrate import upgrade
-from db.schema import DeadLetter
+from pixelmill.db.deadletters import DeadLetterRecord, recent_dead_letters, record_dead_letter
+from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.migrate import upgrade
+from pixelmill.db.schema import DeadLetter
+from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from producer import Client
+from pixelmill.wire import MAX_BATCH_IDS, MAX_MESSAGE_BYTES, NOOP, PROCESS_BATCH, create_app
+from pixelmill.wire import queue_length as broker_queue_length
+from pixelmill.worker.deadletter import DeadLetters, Refusal, check_message
 from tests.conftest import ROOT, pixelmill, settings_env
-from worker.app import MAX_BATCH_IDS, MAX_MESSAGE_BYTES, NOOP, PROCESS_BATCH, create_app
-from worker.app import queue_length as broker_queue_length
-from worker.deadletter import DeadLetters, Refusal, check_message
 
 
 def _message(

@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models import images
-from models.images import MB, DecodeBudget, decode_image
-from models.null import NullRunner
 from pixelmill.errors import BadInput
+from pixelmill.models import images
+from pixelmill.models.images import MB, DecodeBudget, decode_image
+from pixelmill.models.null import NullRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -289,7 +289,7 @@ def _png(path: Path, color_type: int, depth: int) -> None:
 
 _MEASURE = """
 import resource, sys
-from models import images
+from pixelmill.models import images
 def grown():
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
 path = sys.argv[1]
@@ -334,7 +334,7 @@ def test_decoding_a_9400_square_png_stays_within_its_bound(tmp_path, kind):
 _POOL = """
 import resource, sys
 from concurrent.futures import ThreadPoolExecutor
-from models import images
+from pixelmill.models import images
 images.configure(int(sys.argv[2]))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 def prepare(path):  # as a worker does: decode, then keep only what the model takes

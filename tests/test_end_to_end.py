@@ -8,11 +8,11 @@ import signal
 
 import pytest
 
+from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from producer import Client
+from pixelmill.worker.local import local_cluster
 from tests.conftest import PHOTOS, pixelmill, pixelmill_env
 from tests.tiny_models import TINY_LABELS, build_tiny_vit_classifier
-from worker.local import local_cluster
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ from typing import TypeVar
 import pytest
 from PIL import Image
 
+from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from producer import Client
 from tests.conftest import PHOTOS, pixelmill, pixelmill_env, skimage_data
 
 pytestmark = pytest.mark.slow
@@ -128,7 +128,7 @@ def test_an_input_that_kills_every_worker_fails_after_max_attempts(tmp_path, red
     (hook / "sitecustomize.py").write_text(
         textwrap.dedent("""
         import os
-        import models.images as images
+        import pixelmill.models.images as images
 
         _decode = images.decode_image
 

@@ -11,10 +11,10 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image
 
+from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from producer import Client
+from pixelmill.worker.local import local_cluster
 from tests.conftest import PHOTOS, pixelmill, pixelmill_env
-from worker.local import local_cluster
 
 pytestmark = pytest.mark.slow
 

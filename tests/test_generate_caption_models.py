@@ -11,20 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
-from db.engine import make_engine, make_sessionmaker
-from db.jobs import create_batch, iter_batch_jobs
-from db.migrate import upgrade
-from db.schema import Artifact
-from db.store import LocalStore
-from models.base import IMAGE
-from models.cache import ModelCache
-from models.caption import Captioner
-from models.generate import ImageGenerator
-from models.registry import create_runner
 from pixelmill.catalog import task_options
+from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.jobs import create_batch, iter_batch_jobs
+from pixelmill.db.migrate import upgrade
+from pixelmill.db.schema import Artifact
+from pixelmill.db.store import LocalStore
 from pixelmill.errors import ModelUnavailable
+from pixelmill.models.base import IMAGE
+from pixelmill.models.cache import ModelCache
+from pixelmill.models.caption import Captioner
+from pixelmill.models.generate import ImageGenerator
+from pixelmill.models.registry import create_runner
+from pixelmill.worker.batching import WorkerContext, process_batch
 from tests.conftest import skimage_data
-from worker.batching import WorkerContext, process_batch
 
 PHOTO_NAMES = ["chelsea.png", "coffee.png", "rocket.jpg"]
 

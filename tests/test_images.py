@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.images import BACKGROUND, decode_image
 from pixelmill.errors import BadInput
+from pixelmill.models.images import BACKGROUND, decode_image
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from pixelmill.settings import load_settings
+from pixelmill.worker.embedded import ping
 from tests.conftest import ROOT, pixelmill, pixelmill_env
 from tests.services import PostgresServer, RedisServer
-from worker.embedded import ping
 
 pytestmark = pytest.mark.slow
 T = TypeVar("T")
@@ -52,7 +52,7 @@ def _env(tmp_path: Path, *, slow: float = 0.0, crash: bool = False, **extra: str
     (hook / "sitecustomize.py").write_text(
         textwrap.dedent(f"""
         import os, time
-        import models.null as null
+        import pixelmill.models.null as null
 
         _prepare = null.NullRunner.prepare
 
@@ -90,7 +90,7 @@ def in_use(socket_path: Path) -> bool:
     """Whether any process holds the embedded broker's users lock."""
     import fcntl as locks
 
-    from worker.embedded import users_lock_path
+    from pixelmill.worker.embedded import users_lock_path
 
     fd = os.open(users_lock_path(socket_path), os.O_RDWR)
     try:
@@ -300,7 +300,7 @@ def test_a_broker_that_dies_mid_run_is_started_again_and_the_run_finishes(
 
 
 def test_the_embedded_broker_stays_while_any_process_uses_it(tmp_path: Path) -> None:
-    from worker.embedded import EmbeddedRedis
+    from pixelmill.worker.embedded import EmbeddedRedis
 
     sock, data = _socket(tmp_path), tmp_path / "data"
     first = EmbeddedRedis(sock, data).start()
@@ -363,7 +363,7 @@ def test_run_gives_up_with_exit_3_when_its_workers_cannot_start(tmp_path: Path) 
 
 
 def test_run_exits_3_when_the_embedded_broker_cannot_be_brought_back(tmp_path: Path) -> None:
-    from worker.embedded import redis_server_binary
+    from pixelmill.worker.embedded import redis_server_binary
 
     # A redis-server that starts only while the flag file is there.
     flag = tmp_path / "redis-may-start"

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pixelmill.producer.client import JobResult
+from pixelmill.producer.inputs import expand_inputs
+from pixelmill.producer.output import write_text_lines
 from pixelmill.settings import load_settings, mask_url
-from producer.client import JobResult
-from producer.inputs import expand_inputs
-from producer.output import write_text_lines
 from tests.conftest import ROOT, pixelmill, pixelmill_env
 from tests.services import free_port
 
@@ -281,7 +281,7 @@ def test_a_folder_scan_finds_phone_and_modern_formats(tmp_path):
 
 
 def test_heic_and_avif_decode_to_rgb(tmp_path):
-    from models.images import decode_image  # registers the HEIC opener
+    from pixelmill.models.images import decode_image  # registers the HEIC opener
 
     for name, fmt in (("photo.heic", "HEIF"), ("photo.avif", "AVIF")):
         path = tmp_path / name
@@ -328,7 +328,7 @@ def test_a_configured_sqlite_folder_that_is_missing_is_an_error_naming_it(tmp_pa
 def test_a_path_list_with_windows_line_endings_names_the_files(tmp_path):
     import io
 
-    from producer.inputs import expand_inputs
+    from pixelmill.producer.inputs import expand_inputs
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     a.write_bytes(b"x")

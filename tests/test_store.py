@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from db.store import LocalStore, S3Store, StoreError, artifact_key, open_store
+from pixelmill.db.store import LocalStore, S3Store, StoreError, artifact_key, open_store
 from pixelmill.errors import ConfigError, PixelmillError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pixelmill.errors import ConfigError
-from worker.supervisor import DeviceSpec, parse_devices
+from pixelmill.worker.supervisor import DeviceSpec, parse_devices
 
 
 def test_explicit_gpu_indices_are_pinned_one_per_worker():
@@ -48,7 +48,7 @@ def test_a_gpu_worker_is_spawned_pinned_to_its_device(tmp_path, redis_server):
     (CUDA_VISIBLE_DEVICES=3), is a fresh process (spawned, not forked) and names itself
     pixelmill-cuda3 for Flower; the CPU workers see no GPU at all."""
     from pixelmill.settings import load_settings
-    from worker.supervisor import Supervisor
+    from pixelmill.worker.supervisor import Supervisor
 
     settings = load_settings(data_dir=tmp_path, broker_url=redis_server.url,
                              database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")  # fmt: skip
@@ -88,7 +88,7 @@ def test_precision_is_half_on_a_gpu_and_fp32_on_the_cpu(monkeypatch):
     """The CUDA device is the edge we cannot run here: only its bf16 query is stubbed."""
     import torch
 
-    from models.device import autocast, resolve_precision, torch_dtype
+    from pixelmill.models.device import autocast, resolve_precision, torch_dtype
 
     assert resolve_precision("cpu") == "fp32" and resolve_precision("cpu", "bf16") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

@@ -25,18 +25,18 @@ import torch
 from PIL import Image
 from sqlalchemy import event, select
 
-from db.engine import make_engine, make_sessionmaker
-from db.jobs import claim_jobs, create_batch, iter_batch_jobs
-from db.migrate import upgrade
-from db.schema import Job, JobStatus
-from models.base import IMAGE
-from models.cache import ModelCache
-from models.null import NullRunner
+from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.jobs import claim_jobs, create_batch, iter_batch_jobs
+from pixelmill.db.migrate import upgrade
+from pixelmill.db.schema import Job, JobStatus
 from pixelmill.errors import ModelUnavailable
+from pixelmill.models.base import IMAGE
+from pixelmill.models.cache import ModelCache
+from pixelmill.models.null import NullRunner
+from pixelmill.worker.batching import WorkerContext, process_batch
+from pixelmill.worker.heartbeat import Heartbeat
 from tests.conftest import pixelmill, pixelmill_env
 from tests.test_faults import _client, _env, _inputs, _until
-from worker.batching import WorkerContext, process_batch
-from worker.heartbeat import Heartbeat
 
 # ---- in process ---------------------------------------------------------------------------
 
@@ -228,7 +228,7 @@ def test_an_unexpected_error_in_a_whole_group_fails_its_jobs_with_its_message(ct
 def test_an_unexpected_error_after_the_forward_pass_fails_the_jobs_not_orphans_them(ctx, tmp_path):
     """A result image that cannot be encoded (here: a mode PNG cannot hold) raised out of the
     batch and left its jobs running for good."""
-    from db.store import LocalStore
+    from pixelmill.db.store import LocalStore
 
     ctx.store = LocalStore(tmp_path / "store")
     cmyk = lambda item: {IMAGE: Image.new("CMYK", (8, 8))}  # noqa: E731
@@ -375,7 +375,7 @@ class _Failing(NullRunner):
     ],
 )
 def test_every_load_failure_is_model_unavailable_with_its_whole_first_line(monkeypatch, errors):
-    from models import registry
+    from pixelmill.models import registry
 
     monkeypatch.setitem(registry.BUILTIN, ("classify", "failing"), _Failing)
     monkeypatch.setattr(_Failing, "errors", list(errors))
@@ -389,8 +389,8 @@ def test_every_load_failure_is_model_unavailable_with_its_whole_first_line(monke
 def test_a_model_that_failed_to_load_is_not_loaded_again_for_every_message(monkeypatch):
     """Offline, each load of a hub id costs minutes of hub retries: a worker remembers the
     failure (models.cache.FAILED_LOAD_TTL) and fails the next messages' jobs at once."""
-    from models import cache as cache_module
-    from models import registry
+    from pixelmill.models import cache as cache_module
+    from pixelmill.models import registry
 
     monkeypatch.setitem(registry.BUILTIN, ("classify", "failing"), _Failing)
     monkeypatch.setattr(_Failing, "errors", [OSError("hub unreachable"), OSError("again")])
@@ -485,7 +485,7 @@ def test_a_hung_read_in_a_worker_fails_its_job_and_the_rest_finish(tmp_path, red
     (hook / "sitecustomize.py").write_text(
         textwrap.dedent("""
         import threading
-        import models.images as images
+        import pixelmill.models.images as images
 
         _decode = images.decode_image
 

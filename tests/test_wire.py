@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
+from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from producer import Client
+from pixelmill.wire import PROCESS_BATCH, create_app
 from tests.conftest import PHOTOS, pixelmill, pixelmill_env, settings_env
-from worker.app import PROCESS_BATCH, create_app
 
 pytestmark = pytest.mark.slow
 

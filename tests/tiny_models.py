@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models.random_weights import (
+from pixelmill.models.random_weights import (
     blip_tokenizer,
     byte_level_bpe,
     clip_tokenizer,

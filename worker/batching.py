@@ -33,7 +33,8 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.jobs import (
+from pixelmill.catalog import job_path
+from pixelmill.db.jobs import (
     ArtifactRecord,
     BatchInfo,
     ClaimedJob,
@@ -42,14 +43,13 @@ from db.jobs import (
     fail_jobs,
     write_outcomes,
 )
-from db.store import ObjectStore, artifact_key
-from models.base import IMAGE, Runner
-from models.cache import ModelCache
-from pixelmill.catalog import job_path
+from pixelmill.db.store import ObjectStore, artifact_key
 from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
-from worker.decode_pool import DeadlineExceeded, DecodePool
-from worker.heartbeat import InProgress, Tracked
-from worker.retrying import GaveUp, Retrier, first_line
+from pixelmill.models.base import IMAGE, Runner
+from pixelmill.models.cache import ModelCache
+from pixelmill.worker.decode_pool import DeadlineExceeded, DecodePool
+from pixelmill.worker.heartbeat import InProgress, Tracked
+from pixelmill.worker.retrying import GaveUp, Retrier, first_line
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import sys
 import click
 
 from pixelmill.clitools import settings_or_exit, user_errors
+from pixelmill.db.engine import database_errors
 from pixelmill.logs import configure_logging
 from pixelmill.settings import mask_url
 
@@ -37,13 +38,13 @@ def worker(devices: str, cpu_workers: int | None) -> None:
     PIXELMILL_DATA_DIR (shared with every pixelmill process there, started if needed), so
     `pixelmill submit` from another shell reaches it.
     """
-    from db.engine import make_engine
-    from worker.local import embedded_broker
-    from worker.supervisor import Supervisor, parse_devices
+    from pixelmill.db.engine import make_engine
+    from pixelmill.worker.local import embedded_broker
+    from pixelmill.worker.supervisor import Supervisor, parse_devices
 
     settings = settings_or_exit()
     configure_logging(settings.log_level)
-    with user_errors():
+    with user_errors(), database_errors():
         specs = parse_devices(devices, cpu=cpu_workers)
         # A configured SQLite file's folder must exist (exit 2 naming it, not a crash loop).
         url = settings.resolved_database_url()

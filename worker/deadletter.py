@@ -26,8 +26,13 @@ from celery.worker.consumer import Consumer
 from kombu.utils.encoding import safe_repr
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.deadletters import HEADERS_PREFIX, DeadLetterRecord, body_prefix, record_dead_letter
-from worker.app import MAX_BATCH_IDS, MAX_JOB_ID_LENGTH, MAX_MESSAGE_BYTES, NOOP, PROCESS_BATCH
+from pixelmill.db.deadletters import (
+    HEADERS_PREFIX,
+    DeadLetterRecord,
+    body_prefix,
+    record_dead_letter,
+)
+from pixelmill.wire import MAX_BATCH_IDS, MAX_JOB_ID_LENGTH, MAX_MESSAGE_BYTES, NOOP, PROCESS_BATCH
 
 log = logging.getLogger("pixelmill.deadletter")
 

@@ -7,6 +7,7 @@ import json
 import click
 
 from pixelmill.clitools import settings_or_exit, user_errors
+from pixelmill.db.engine import database_errors
 
 
 @click.command("dead-letters")
@@ -22,12 +23,12 @@ def dead_letters(as_json: bool, limit: int) -> None:
     job ids, 1 MiB) is acknowledged (never redelivered) and recorded with its reason and the
     first 2 KB of its body. --json: {"count": N, "dead_letters": [...]}.
     """
-    from db.deadletters import count_dead_letters, recent_dead_letters
-    from db.engine import make_engine, make_sessionmaker
-    from db.migrate import upgrade
+    from pixelmill.db.deadletters import count_dead_letters, recent_dead_letters
+    from pixelmill.db.engine import make_engine, make_sessionmaker
+    from pixelmill.db.migrate import upgrade
 
     settings = settings_or_exit()
-    with user_errors():
+    with user_errors(), database_errors():
         engine = make_engine(
             settings.resolved_database_url(),
             create=False,

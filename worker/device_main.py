@@ -1,4 +1,4 @@
-"""One device worker process: ``python -m worker.device_main --device cpu|cuda:N``.
+"""One device worker process: ``python -m pixelmill.worker.device_main --device cpu|cuda:N``.
 
 Started by the supervisor (never forked from a process that touched CUDA). The supervisor pins
 ``CUDA_VISIBLE_DEVICES`` to the one GPU, so inside this process the device is ``cuda:0`` while
@@ -18,8 +18,8 @@ from pathlib import Path
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
 from pixelmill.settings import decode_threads, device_batch_size, load_settings
-from worker.heartbeat import Heartbeat
-from worker.lifecycle import DRAIN_SECONDS, ParentWatch, set_parent_death_signal
+from pixelmill.worker.heartbeat import Heartbeat
+from pixelmill.worker.lifecycle import DRAIN_SECONDS, ParentWatch, set_parent_death_signal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,15 +54,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from db.engine import make_engine, make_sessionmaker
-    from db.migrate import upgrade
-    from db.store import open_store
-    from models.cache import ModelCache
-    from models.images import configure as configure_decoding
-    from worker.app import create_app
-    from worker.batching import WorkerContext
-    from worker.supervisor import DeviceSpec
-    from worker.tasks import register_tasks
+    from pixelmill.db.engine import make_engine, make_sessionmaker
+    from pixelmill.db.migrate import upgrade
+    from pixelmill.db.store import open_store
+    from pixelmill.models.cache import ModelCache
+    from pixelmill.models.images import configure as configure_decoding
+    from pixelmill.wire import create_app
+    from pixelmill.worker.batching import WorkerContext
+    from pixelmill.worker.supervisor import DeviceSpec
+    from pixelmill.worker.tasks import register_tasks
 
     # No loading progress bars in worker logs (the cache logs one line per load); set before
     # transformers or diffusers are imported, and without importing them at start-up.
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         stall=settings.stall_seconds,
         transient_retry=settings.transient_retry_seconds,
     )
-    from worker.embedded import EmbeddedRedis
+    from pixelmill.worker.embedded import EmbeddedRedis
 
     # A user of the embedded broker for as long as this process lives: it stays while this
     # worker drains, even after the supervisor that started it is gone.

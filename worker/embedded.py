@@ -5,7 +5,8 @@ It belongs to no single pixelmill process. Every process that uses it (``pixelmi
 ``pixelmill worker``, a script's ``local_cluster``) holds a *shared* lock on
 ``<socket>.users.lock`` for as long as it uses it; the kernel drops that lock when the process
 ends, however it ends (SIGKILL included). One small keeper process
-(``python -m worker.embedded``, holding ``<socket>.keeper.lock``) owns the redis-server: it
+(``python -m pixelmill.worker.embedded``,
+holding ``<socket>.keeper.lock``) owns the redis-server: it
 restarts it when it dies (an OOM kill), and stops it once no process has held the users lock
 for a moment. So two overlapping cron runs share one broker and neither stops it under the
 other, and nothing is left behind when the last user goes, even if every user was killed.
@@ -32,7 +33,7 @@ from pathlib import Path
 import redis
 
 from pixelmill.errors import ServiceUnavailable
-from worker.lifecycle import set_parent_death_signal
+from pixelmill.worker.lifecycle import set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class EmbeddedRedis:
     def _spawn_keeper(self) -> subprocess.Popen[bytes]:
         """A keeper for this socket. If one is already running it exits at once (0)."""
         self.restarts += 1
-        cmd = [sys.executable, "-m", "worker.embedded", "--socket", str(self.socket_path),
+        cmd = [sys.executable, "-m", "pixelmill.worker.embedded", "--socket", str(self.socket_path),
                "--workdir", str(self.workdir)]  # fmt: skip
         with open(self.workdir / "redis-keeper.log", "ab") as out:
             # Its own session: no terminal signal reaches it, and it outlives the user that
@@ -302,7 +303,7 @@ def keep(socket_path: Path, workdir: Path, *, wait: float = 30.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.embedded")
+    parser = argparse.ArgumentParser(prog="python -m pixelmill.worker.embedded")
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--workdir", required=True, type=Path)
     args = parser.parse_args(argv)

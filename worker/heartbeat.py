@@ -88,7 +88,7 @@ class Heartbeat(threading.Thread):
 
     def beat(self) -> int:
         """One renewal; returns the number of leases renewed."""
-        from db.jobs import renew_leases
+        from pixelmill.db.jobs import renew_leases
 
         ids = self.ctx.progress.job_ids(stall=self.ctx.stall)
         stalled = self.ctx.progress.stalled(self.ctx.stall)

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pixelmill.settings import Settings
-from worker.embedded import EmbeddedRedis
-from worker.supervisor import DeviceSpec, Supervisor, parse_devices
+from pixelmill.worker.embedded import EmbeddedRedis
+from pixelmill.worker.supervisor import DeviceSpec, Supervisor, parse_devices
 
 log = logging.getLogger(__name__)
 

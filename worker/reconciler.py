@@ -23,10 +23,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.jobs import take_stranded
-from db.schema import JobStatus
+from pixelmill.db.jobs import take_stranded
+from pixelmill.db.schema import JobStatus
 from pixelmill.settings import Settings
-from worker.app import enqueue, queue_length
+from pixelmill.wire import enqueue, message_size, queue_length
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Reconciler:
             # A running job whose worker died may be what killed it: each goes alone, so the
             # jobs that shared its batch finish and only a job that kills every worker
             # accumulates attempts (and fails at PIXELMILL_MAX_ATTEMPTS).
-            size = 1 if status == JobStatus.running else group.batch_size
+            size = 1 if status == JobStatus.running else message_size(group.options)
             enqueue(self.app, group.job_ids, size)
             count += len(group.job_ids)
             log.warning(

@@ -13,9 +13,8 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from db.store import StoreError
-from pixelmill.errors import PixelmillError
-from worker.heartbeat import Tracked
+from pixelmill.errors import PixelmillError, StoreError
+from pixelmill.worker.heartbeat import Tracked
 
 log = logging.getLogger("worker.batching")
 

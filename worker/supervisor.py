@@ -15,8 +15,8 @@ from typing import Any
 
 from pixelmill.errors import ConfigError, ServiceUnavailable
 from pixelmill.settings import ENV_PREFIX, Settings
-from worker.embedded import EmbeddedRedis
-from worker.lifecycle import DRAIN_SECONDS, DeviceBusy, DeviceLock, default_lock_dir
+from pixelmill.worker.embedded import EmbeddedRedis
+from pixelmill.worker.lifecycle import DRAIN_SECONDS, DeviceBusy, DeviceLock, default_lock_dir
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = device.visible
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "worker.device_main", "--device", device.label,
+        cmd = [sys.executable, "-m", "pixelmill.worker.device_main", "--device", device.label,
                "--slot", str(device.slot), "--parent", str(os.getpid()),
                "--ready-file", str(ready_file)]  # fmt: skip
         if device.threads is not None:
@@ -287,10 +287,10 @@ class Supervisor:
     def reconcile(self) -> int:
         """Enqueue again the jobs whose holder is gone (``worker.reconciler``)."""
         if self._reconciler is None:
-            from db.engine import make_engine, make_sessionmaker
-            from db.migrate import upgrade
-            from worker.app import create_app
-            from worker.reconciler import Reconciler
+            from pixelmill.db.engine import make_engine, make_sessionmaker
+            from pixelmill.db.migrate import upgrade
+            from pixelmill.wire import create_app
+            from pixelmill.worker.reconciler import Reconciler
 
             try:
                 engine = make_engine(

@@ -13,9 +13,9 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Reject
 
-from worker.app import NOOP, PROCESS_BATCH
-from worker.batching import WorkerContext, process_batch
-from worker.deadletter import DeadLetters, dead_letter_consumer
+from pixelmill.wire import NOOP, PROCESS_BATCH
+from pixelmill.worker.batching import WorkerContext, process_batch
+from pixelmill.worker.deadletter import DeadLetters, dead_letter_consumer
 
 log = logging.getLogger(__name__)
 

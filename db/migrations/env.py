@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from db.schema import Base
+from pixelmill.db.schema import Base
 
 config = context.config
 target_metadata = Base.metadata
@@ -17,7 +17,7 @@ def run_migrations() -> None:
     if connection is not None:
         _run(connection)
         return
-    from db.engine import make_engine
+    from pixelmill.db.engine import make_engine
     from pixelmill.settings import load_settings
 
     url = context.get_x_argument(as_dictionary=True).get("url")

@@ -1,6 +1,7 @@
-"""The ``pixelmill`` command line. Commands live with the package that owns them:
-``producer.cli`` (run, submit, status, results), ``worker.cli`` (worker, flower) and
-``pixelmill.bench_cli`` (bench).
+"""The ``pixelmill`` command line, the top layer. Commands that touch one component live with it:
+``pixelmill.producer.cli`` (submit, status, results, retry), ``pixelmill.worker.cli`` (worker,
+flower, dead-letters); the ones that join producer and worker live here: ``run``
+(``pixelmill.commands.run``) and ``bench`` (``pixelmill.commands.bench_cli``).
 
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or configuration error;
 3 a service (broker, database) unreachable, or local workers that cannot start; 4 run --timeout
@@ -44,13 +45,15 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from pixelmill.bench_cli import bench
-    from producer.cli import register as register_producer
-    from worker.cli import register as register_worker
-    from worker.deadletter_cli import dead_letters
+    from pixelmill.commands.bench_cli import bench
+    from pixelmill.commands.run import run
+    from pixelmill.producer.cli import register as register_producer
+    from pixelmill.worker.cli import register as register_worker
+    from pixelmill.worker.deadletter_cli import dead_letters
 
     register_producer(cli)
     register_worker(cli)
+    cli.add_command(run)
     cli.add_command(bench)
     cli.add_command(dead_letters)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
 from pixelmill.settings import device_batch_size, load_settings
-from worker.supervisor import cpu_workers
+from pixelmill.worker.supervisor import cpu_workers
 
 NULL_ITEMS = 16384
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
@@ -170,7 +170,7 @@ class Bench:
     def noop_tps(self, client: Any) -> float:
         """Plain Celery no-op tasks per second: n no-ops, then one null job behind them in the
         same queue; when that job is done, the no-ops before it have run."""
-        from worker.app import NOOP
+        from pixelmill.wire import NOOP
 
         n = self.cfg.noop_tasks
         start = time.time()
@@ -185,9 +185,9 @@ class Bench:
 
     @contextmanager
     def cluster(self, workers: int) -> Iterator[Any]:
-        from producer import Client
-        from worker.local import local_cluster
-        from worker.supervisor import DeviceSpec, parse_devices
+        from pixelmill.producer import Client
+        from pixelmill.worker.local import local_cluster
+        from pixelmill.worker.supervisor import DeviceSpec, parse_devices
 
         cfg = self.cfg
         specs: list[DeviceSpec] = (
@@ -291,7 +291,7 @@ def _model_only(
     beforehand; and the precision it ran in."""
     import torch
 
-    from models.registry import create_runner
+    from pixelmill.models.registry import create_runner
 
     if threads:
         torch.set_num_threads(threads)

@@ -30,6 +30,12 @@ NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery
 MAX_BATCH_IDS = 4096  # job ids per message
 MAX_JOB_ID_LENGTH = 64  # characters of one job id
 MAX_MESSAGE_BYTES = 1 << 20  # a message body (JSON); 4096 ids take about 164 KB
+DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch size
+
+
+def message_size(options: dict[str, Any] | None) -> int:
+    """Jobs per message for a batch: the batch size it was submitted with."""
+    return int((options or {}).get("batch_size") or DEFAULT_MESSAGE_SIZE)
 
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""``pixelmill bench``: the command. The measuring is in ``pixelmill.bench``."""
+"""``pixelmill bench``: the command. The measuring is in ``pixelmill.commands.bench``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import click
 
 from pixelmill.catalog import TASKS, parse_size
 from pixelmill.clitools import user_errors
+from pixelmill.db.engine import database_errors
 
 ROWS = [
     ("model_only_ips", "model only (items/s): the ceiling"),
@@ -124,9 +125,9 @@ def bench(
       pixelmill bench caption --device cuda:0 --model blip_base_random --images 2048
       pixelmill bench generate --device cuda:0 --model sd_turbo_random --images 256
     """
-    from pixelmill.bench import BenchConfig, run_bench
+    from pixelmill.commands.bench import BenchConfig, run_bench
 
-    with user_errors():
+    with user_errors(), database_errors():
         cfg = BenchConfig(
             task=task,
             model=model,

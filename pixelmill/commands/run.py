@@ -1,0 +1,151 @@
+"""`pixelmill run`: submit, start local workers, wait with a progress display, print the
+results and stop what it started. A command of the top layer: it is the one place where the
+producer and the worker meet."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pixelmill.clitools import (
+    EXIT_JOBS_FAILED,
+    EXIT_OK,
+    EXIT_SERVICE,
+    EXIT_TIMEOUT,
+    fail,
+    settings_or_exit,
+    stop_signals_raise,
+    user_errors,
+)
+from pixelmill.db.engine import database_errors
+from pixelmill.producer.cli import (
+    DOWNLOAD,
+    download_artifacts,
+    print_results,
+    seen_before,
+    submission,
+    submit_options,
+)
+from pixelmill.producer.client import Client
+from pixelmill.producer.output import Progress
+from pixelmill.worker.local import local_cluster
+
+
+@click.command()
+@submit_options
+@click.option(
+    "--devices",
+    default="auto",
+    show_default=True,
+    help="Local workers: auto (every GPU, else the CPU), cpu, or GPU indices like 0,1.",
+)
+@click.option(
+    "--local-workers/--no-local-workers",
+    default=True,
+    show_default=True,
+    help="Start workers on this host for the run (turn off when a worker fleet serves the "
+    "configured broker).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop waiting after this many seconds: print the results so far and exit 4 (the "
+    "unfinished jobs stay queued).",
+)
+@DOWNLOAD
+def run(
+    task: str,
+    inputs: tuple[str, ...],
+    model: str | None,
+    as_json: bool,
+    name: str | None,
+    batch_size: int | None,
+    again: bool,
+    devices: str,
+    local_workers: bool,
+    timeout: float | None,
+    download: str | None,
+    **task_options: Any,
+) -> None:
+    """Submit, process and print, all in one.
+
+    Uses the configured services; with none configured it starts the embedded ones (Redis on
+    a private socket, SQLite and a local-folder store in PIXELMILL_DATA_DIR) and one worker per
+    device, waits with a progress display, prints one line per job and stops what it started.
+
+    INPUT is an image file, a folder (searched recursively for images) or - (paths on stdin).
+    generate takes --prompt instead, and --init INPUT for image-to-image.
+
+    \b
+    Examples:
+      pixelmill run classify photos/ --json > labels.jsonl
+      pixelmill run caption photos/ --num-beams 3
+      pixelmill run generate --prompt "a lighthouse at dusk" --count 4 --seed 7
+      pixelmill run generate --prompt "as a watercolor" --init photos/ --strength 0.6
+    """
+    settings = settings_or_exit()
+    timed_out = False
+    with user_errors(), database_errors(), stop_signals_raise() as stops:
+        args = submission(task, inputs, task_options)
+        log_dir = settings.data_dir / "logs"
+        with (
+            local_cluster(settings, devices, workers=local_workers, log_dir=log_dir) as supervisor,
+            Client(settings) as client,
+        ):
+            sub = client.submit(
+                task, model=model, name=name, batch_size=batch_size, again=again, **args
+            )
+            # stderr, so also with --json: the id that status, results and retry take.
+            click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{seen_before(sub)}", err=True)
+            check = _supervising(supervisor, settings, sub.batch_id, log_dir)
+            try:
+                with Progress(sub.jobs) as progress:
+                    client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
+                                check=check)  # fmt: skip
+            except TimeoutError:
+                timed_out = True
+            with stops.deferred():  # a stop waits (briefly) for the results to be printed
+                done, failed = print_results(client, sub.batch_id, as_json)
+            if download:
+                download_artifacts(client, sub.batch_id, download)
+        if timed_out:
+            unfinished = sub.jobs - done - failed
+            fail(
+                f"timed out after {timeout:g}s: {done} done, {failed} failed, {unfinished} not "
+                f"finished; batch {sub.batch_id} stays queued for any worker on this broker "
+                f"(`pixelmill status {sub.batch_id}`)",
+                EXIT_TIMEOUT,
+            )
+        if not as_json:
+            click.echo(f"{done} done, {failed} failed", err=True)
+    sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
+
+
+def _supervising(supervisor: Any, settings: Any, batch_id: str, log_dir: Any) -> Callable[[], None]:
+    """What `run` checks while it waits: its local workers restarted when they crash (a job
+    that keeps killing them fails after PIXELMILL_MAX_ATTEMPTS, the rest go on), the embedded
+    broker brought back if it vanished; it gives up (exit 3) only when the workers cannot start
+    at all or the broker stays away for PIXELMILL_SERVICE_TIMEOUT."""
+
+    def check() -> None:
+        if supervisor is None:
+            return
+        supervisor.poll()
+        why = supervisor.failing_to_start
+        if why is not None:
+            fail(f"{why} (batch {batch_id} stays in the database)", EXIT_SERVICE)
+        since = supervisor.broker_down_since
+        if since is not None and time.monotonic() - since > settings.service_timeout:
+            fail(
+                f"the embedded broker has not answered for {settings.service_timeout:g}s "
+                f"(see {settings.data_dir / 'redis.log'}); batch {batch_id} stays in the "
+                "database",
+                EXIT_SERVICE,
+            )
+
+    return check

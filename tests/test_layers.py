@@ -1,0 +1,36 @@
+"""The arrows of the design point one way (ARCHITECTURE.md, "Components"), checked by
+import-linter with the contracts in pyproject.toml."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def _lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=cwd, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(pythonpath)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_no_import_points_up_a_layer_or_at_a_forbidden_library(tmp_path: Path) -> None:
+    result = _lint_imports(tmp_path, ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 5 kept, 0 broken." in result.stdout
+
+
+def test_the_check_fails_on_an_arrow_that_points_up(tmp_path: Path) -> None:
+    # A copy of the package (its links followed) with one import up a layer: db -> worker.
+    shutil.copytree(ROOT / "pixelmill", tmp_path / "pixelmill", symlinks=False,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    (tmp_path / "pixelmill" / "db" / "upwards.py").write_text("import pixelmill.worker.local\n")
+    result = _lint_imports(tmp_path, tmp_path)
+    assert result.returncode != 0
+    assert "pixelmill.db.upwards -> pixelmill.worker.local" in result.stdout
