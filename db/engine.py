@@ -1,12 +1,14 @@
-"""Engine and session factory. SQLite gets WAL and a busy timeout so that a producer and
-several worker processes can share one database file."""
+"""Engine and session factory; ``open_database`` (``configured_database``: the settings' one)
+makes both, on a database migrated to the newest schema. SQLite gets WAL and a busy timeout so
+that a producer and several worker processes can share one database file."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
@@ -14,6 +16,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.errors import ConfigError, ServiceUnavailable
+
+if TYPE_CHECKING:
+    from pixelmill.settings import Settings
 
 
 def normalize_url(url: str) -> str:
@@ -80,6 +85,55 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@dataclass(frozen=True)
+class Database:
+    """An engine and its session factory; ``dispose()`` (or leaving a ``with``) closes the
+    engine's connections."""
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.dispose()
+
+
+def open_database(
+    url: str, *, create: bool = True, parents: bool = False, migrate: bool = True
+) -> Database:
+    """The database at ``url`` (``create`` and ``parents`` as for ``make_engine``), brought to
+    the newest schema first unless ``migrate=False`` (then nothing connects yet: only a SQLite
+    file's location is checked). The engine is disposed of if the migration fails."""
+    engine = make_engine(url, create=create, parents=parents)
+    if migrate:
+        from pixelmill.db.migrate import upgrade  # Alembic loads only when it is needed
+
+        try:
+            upgrade(engine)
+        except BaseException:
+            engine.dispose()
+            raise
+    return Database(engine, make_sessionmaker(engine))
+
+
+def configured_database(
+    settings: Settings, *, create: bool = True, migrate: bool = True
+) -> Database:
+    """``open_database`` on the settings' database: PIXELMILL_DATABASE_URL (whose SQLite
+    folder must exist), or the embedded default in the data dir (its folder created)."""
+    return open_database(
+        settings.resolved_database_url(),
+        create=create,
+        parents=settings.database_url is None,
+        migrate=migrate,
+    )
 
 
 @contextlib.contextmanager

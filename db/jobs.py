@@ -1,106 +1,40 @@
 """The few functions that change job state. Each takes a Session and leaves commit to the caller,
-except where noted; the worker writes one batch's outcomes in one transaction."""
+except where noted; the worker writes one batch's outcomes in one transaction. The records they
+take and return are in ``pixelmill.db.records``, the reads in ``pixelmill.db.reads``."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime, timedelta
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, func, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Row, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from pixelmill.db.reads import get_batch
+from pixelmill.db.records import (
+    ArtifactRecord,
+    BatchInfo,
+    ClaimedJob,
+    NewBatch,
+    Outcome,
+    Stranded,
+)
 from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
-from pixelmill.errors import UnknownBatch
 
 INSERT_CHUNK = 2000
 
-
-@dataclass(frozen=True)
-class NewBatch:
-    batch_id: str
-    job_ids: list[str]
-
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    """What a worker needs to run one job."""
-
-    job_id: str
-    batch_id: str
-    input: str
-    params: dict[str, Any]
-    task: str
-    model: str
-    options: dict[str, Any]
-    attempts: int
-
-
-@dataclass(frozen=True)
-class ArtifactRecord:
-    """A stored object a job produced, with its provenance. Stored before it is recorded."""
-
-    key: str
-    uri: str
-    content_type: str
-    size: int
-    sha256: str
-    index: int = 0
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    steps: int | None = None
-    precision: str | None = None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One job's end: a result, or an error. Exactly one of the two is set."""
-
-    job_id: str
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    model: str = ""
-    model_revision: str | None = None
-    device: str = "cpu"
-    artifacts: tuple[ArtifactRecord, ...] = ()
-
-
-@dataclass(frozen=True)
-class JobRow:
-    job_id: str
-    seq: int
-    input: str
-    task: str
-    status: JobStatus
-    result: dict[str, Any] | None
-    error: str | None
-    model: str
-    device: str | None
-    attempts: int
-    artifact: ArtifactRecord | None = None
-
-
-@dataclass
-class BatchCounts:
-    batch_id: str
-    task: str
-    model: str
-    name: str | None
-    total: int
-    by_status: dict[str, int] = field(default_factory=dict)
-    created_at: datetime | None = None  # UTC
-
-    @property
-    def finished(self) -> int:
-        return self.by_status.get("done", 0) + self.by_status.get("failed", 0)
-
-    @property
-    def complete(self) -> bool:
-        return self.finished >= self.total
+# "Not finished yet", written so that no index can serve it: on SQLite, `status IN (queued,
+# running)` beside `id IN (...)` made the planner walk the (status, lease_until) index over
+# every open job, once per message (quadratic in the batch's size); `NOT IN` leaves it the
+# primary key. A job's status is never NULL, so the two say the same.
+FINISHED = (JobStatus.done, JobStatus.failed)
+GAVE_UP = "gave up after"
+JOBS = cast(Table, Job.__table__)
+UNFINISHED = JOBS.c.status.not_in(FINISHED)
 
 
 def new_id() -> str:
@@ -159,26 +93,6 @@ def create_batch(
     return NewBatch(batch_id=batch_id, job_ids=job_ids)
 
 
-# "Not finished yet", written so that no index can serve it: on SQLite, `status IN (queued,
-# running)` beside `id IN (...)` made the planner walk the (status, lease_until) index over
-# every open job, once per message (quadratic in the batch's size); `NOT IN` leaves it the
-# primary key. A job's status is never NULL, so the two say the same.
-FINISHED = (JobStatus.done, JobStatus.failed)
-GAVE_UP = "gave up after"
-JOBS = cast(Table, Job.__table__)
-UNFINISHED = JOBS.c.status.not_in(FINISHED)
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """A batch's task, model and options: fixed once the batch exists, so a worker may keep
-    them (``claim_jobs(batches=...)``) instead of reading them for every message."""
-
-    task: str
-    model: str
-    options: dict[str, Any]
-
-
 def claim_jobs(
     session: Session,
     job_ids: Sequence[str],
@@ -187,7 +101,7 @@ def claim_jobs(
     device: str,
     lease: float = 300,
     max_attempts: int | None = None,
-    batches: dict[str, BatchInfo] | None = None,
+    known: Mapping[str, BatchInfo] | None = None,
 ) -> list[ClaimedJob]:
     """Mark the still-unfinished jobs among ``job_ids`` running (leased to ``worker`` for
     ``lease`` seconds) and return them, in order, each with its attempts counting this one.
@@ -195,16 +109,50 @@ def claim_jobs(
     Jobs already done or failed are left alone and not returned: a redelivered message
     changes nothing. A job already started ``max_attempts`` times without finishing (each
     time its worker died) is failed instead, with that reason. One UPDATE .. RETURNING in the
-    common case; ``batches`` caches the batches' task, model and options between calls.
+    common case; the batches' task, model and options come from ``known`` (the caller's own
+    cache, only read here) or, for a batch not in it, from the database.
     """
     if not job_ids:
         return []
     conn = session.connection()
     now = utcnow()
+    rows = _start_jobs(
+        conn, job_ids, worker=worker, device=device, lease=lease, max_attempts=max_attempts, now=now
+    )
+    left = set(job_ids).difference(r.id for r in rows)
+    if max_attempts is not None and left:  # finished already, or out of attempts
+        _give_up(conn, left, max_attempts=max_attempts, now=now)
+    infos = _batch_infos(conn, {r.batch_id for r in rows}, known or {})
+    by_id = {
+        r.id: ClaimedJob(
+            job_id=r.id,
+            batch_id=r.batch_id,
+            input=r.input,
+            params=dict(r.params or {}),
+            batch=infos[r.batch_id],
+            attempts=r.attempts,
+        )
+        for r in rows
+    }
+    return [by_id[j] for j in job_ids if j in by_id]
+
+
+def _start_jobs(
+    conn: Connection,
+    job_ids: Sequence[str],
+    *,
+    worker: str,
+    device: str,
+    lease: float,
+    max_attempts: int | None,
+    now: datetime,
+) -> Sequence[Row[Any]]:
+    """The claim itself: the unfinished jobs among ``job_ids`` (with attempts left) move to
+    running, leased to ``worker``, in one UPDATE .. RETURNING."""
     wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(job_ids), UNFINISHED]
     if max_attempts is not None:
         wanted.append(JOBS.c.attempts < max_attempts)
-    rows = conn.execute(
+    return conn.execute(
         update(JOBS)
         .where(*wanted)
         .values(
@@ -217,43 +165,40 @@ def claim_jobs(
         )
         .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.input, JOBS.c.params, JOBS.c.attempts)
     ).all()
-    left = set(job_ids).difference(r.id for r in rows)
-    if max_attempts is not None and left:  # finished already, or out of attempts
-        conn.execute(
-            update(JOBS)
-            .where(JOBS.c.id.in_(left), UNFINISHED, JOBS.c.attempts >= max_attempts)
-            .values(
-                status=JobStatus.failed,
-                error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
-                "stopped (crashed or was killed) each time",
-                finished_at=now,
-                lease_until=None,
-            )
+
+
+def _give_up(
+    conn: Connection, job_ids: Collection[str], *, max_attempts: int, now: datetime
+) -> None:
+    """Fail the unfinished jobs among ``job_ids`` already started ``max_attempts`` times."""
+    conn.execute(
+        update(JOBS)
+        .where(JOBS.c.id.in_(job_ids), UNFINISHED, JOBS.c.attempts >= max_attempts)
+        .values(
+            status=JobStatus.failed,
+            error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
+            "stopped (crashed or was killed) each time",
+            finished_at=now,
+            lease_until=None,
         )
-    # Looked up one key at a time into a dict of this call's own: the cache may be shared by
+    )
+
+
+def _batch_infos(
+    conn: Connection, batch_ids: set[str], known: Mapping[str, BatchInfo]
+) -> dict[str, BatchInfo]:
+    """The task, model and options of ``batch_ids``: from ``known`` where it has them, read
+    where not. ``known`` is not changed: what to keep is the caller's business."""
+    # Looked up one key at a time into a dict of this call's own: ``known`` may be shared by
     # a worker's threads, and cleared by one of them.
-    cache = batches if batches is not None else {}
-    known = {bid: info for bid in {r.batch_id for r in rows} if (info := cache.get(bid))}
-    missing = {r.batch_id for r in rows if r.batch_id not in known}
+    infos = {bid: info for bid in batch_ids if (info := known.get(bid))}
+    missing = batch_ids.difference(infos)
     if missing:
         for b in conn.execute(
             select(Batch.id, Batch.task, Batch.model, Batch.options).where(Batch.id.in_(missing))
         ):
-            known[b.id] = cache[b.id] = BatchInfo(b.task, b.model, dict(b.options or {}))
-    by_id = {
-        r.id: ClaimedJob(
-            job_id=r.id,
-            batch_id=r.batch_id,
-            input=r.input,
-            params=dict(r.params or {}),
-            task=known[r.batch_id].task,
-            model=known[r.batch_id].model,
-            options=dict(known[r.batch_id].options),
-            attempts=r.attempts,
-        )
-        for r in rows
-    }
-    return [by_id[j] for j in job_ids if j in by_id]
+            infos[b.id] = BatchInfo(b.task, b.model, dict(b.options or {}))
+    return infos
 
 
 def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
@@ -266,8 +211,19 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     """
     if not outcomes:
         return
-    conn = session.connection()
     now = utcnow()
+    moved = _finish_jobs(session.connection(), outcomes, now=now)
+    results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
+    if results:
+        _upsert(session, Result, [_result_row(o, now) for o in results], key=Result.job_id)
+    artifacts = [_artifact_row(o, a, now) for o in results for a in o.artifacts]
+    if artifacts:
+        _upsert(session, Artifact, artifacts, key=Artifact.key)
+
+
+def _finish_jobs(conn: Connection, outcomes: Sequence[Outcome], *, now: datetime) -> set[str]:
+    """Move the outcomes' still-unfinished jobs to failed (one UPDATE each, with its error)
+    and then to done (one UPDATE per device); returns the ids that moved."""
     moved: set[str] = set()
     done_by_device: dict[str, list[str]] = {}
     for o in outcomes:
@@ -303,38 +259,29 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
                 .returning(JOBS.c.id)
             ).scalars()
         )
-    results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
-    if results:
-        _upsert(
-            session,
-            Result,
-            [
-                {
-                    "job_id": o.job_id,
-                    "data": o.result,
-                    "model": o.model,
-                    "model_revision": o.model_revision,
-                    "device": o.device,
-                    "created_at": now,
-                }
-                for o in results
-            ],
-            key=Result.job_id,
-        )
-    artifacts = [
-        {
-            "job_id": o.job_id,
-            "model": o.model,
-            "model_revision": o.model_revision,
-            "device": o.device,
-            "created_at": now,
-            **asdict(a),
-        }
-        for o in results
-        for a in o.artifacts
-    ]
-    if artifacts:
-        _upsert(session, Artifact, artifacts, key=Artifact.key)
+    return moved
+
+
+def _result_row(o: Outcome, now: datetime) -> dict[str, Any]:
+    return {
+        "job_id": o.job_id,
+        "data": o.result,
+        "model": o.model,
+        "model_revision": o.model_revision,
+        "device": o.device,
+        "created_at": now,
+    }
+
+
+def _artifact_row(o: Outcome, a: ArtifactRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "job_id": o.job_id,
+        "model": o.model,
+        "model_revision": o.model_revision,
+        "device": o.device,
+        "created_at": now,
+        **asdict(a),
+    }
 
 
 def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600) -> list[str]:
@@ -419,16 +366,6 @@ def fail_jobs(
     return moved
 
 
-@dataclass(frozen=True)
-class Stranded:
-    """Jobs of one batch whose lease ran out, to enqueue again; ``options`` are the batch's
-    (its message size is the queue's business: ``pixelmill.wire.message_size``)."""
-
-    batch_id: str
-    job_ids: list[str]
-    options: dict[str, Any] | None
-
-
 def take_stranded(
     session: Session, *, status: JobStatus, lease: float, limit: int = 10000
 ) -> list[Stranded]:
@@ -487,114 +424,3 @@ def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: An
     )
     # executemany with one cached statement (a multi-row VALUES would be compiled each time).
     session.connection().execute(stmt, rows)
-
-
-def batch_by_fingerprint(session: Session, fingerprint: str) -> Batch | None:
-    return session.scalar(select(Batch).where(Batch.fingerprint == fingerprint))
-
-
-def queued_job_ids(session: Session, batch_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(Job.batch_id == batch_id, Job.status == JobStatus.queued)
-            .order_by(Job.seq)
-        )
-    )
-
-
-def get_batch(session: Session, batch_id: str) -> Batch:
-    batch = session.get(Batch, batch_id)
-    if batch is None:
-        raise UnknownBatch(f"no batch with id {batch_id!r} in this database")
-    return batch
-
-
-def batch_counts(session: Session, batch_id: str) -> BatchCounts:
-    batch = get_batch(session, batch_id)
-    counts = _counts(batch)
-    for status, n in session.execute(
-        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
-    ):
-        counts.by_status[JobStatus(status).value] = n
-    return counts
-
-
-def recent_batches(session: Session, limit: int = 20) -> list[BatchCounts]:
-    """The ``limit`` newest batches, newest first, each with its counts per state."""
-    batches = session.scalars(
-        select(Batch).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
-    ).all()
-    counts = {b.id: _counts(b) for b in batches}
-    if counts:
-        for batch_id, status, n in session.execute(
-            select(Job.batch_id, Job.status, func.count())
-            .where(Job.batch_id.in_(counts))
-            .group_by(Job.batch_id, Job.status)
-        ):
-            counts[batch_id].by_status[JobStatus(status).value] = n
-    return list(counts.values())
-
-
-def _counts(batch: Batch) -> BatchCounts:
-    return BatchCounts(batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name,
-                       total=batch.total, created_at=_utc(batch.created_at))  # fmt: skip
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite keeps no zone; what pixelmill writes there is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def last_finished_at(session: Session, batch_id: str) -> datetime | None:
-    """When the batch's last job finished (UTC), as the workers recorded it."""
-    return _utc(session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
-
-
-def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tuple[str, int]]:
-    rows = session.execute(
-        select(Job.error, func.count())
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.failed)
-        .group_by(Job.error)
-        .order_by(func.count().desc())
-        .limit(limit)
-    ).all()
-    return [(r[0] or "", r[1]) for r in rows]
-
-
-def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterator[JobRow]:
-    """Every job of a batch in submission order, with its result, a page at a time."""
-    batch = get_batch(session, batch_id)
-    last = -1
-    while True:
-        rows = session.execute(
-            select(Job, Result, Artifact)
-            .outerjoin(Result, Result.job_id == Job.id)
-            .outerjoin(Artifact, (Artifact.job_id == Job.id) & (Artifact.index == 0))
-            .where(Job.batch_id == batch_id, Job.seq > last)
-            .order_by(Job.seq)
-            .limit(page)
-        ).all()
-        if not rows:
-            return
-        for job, result, artifact in rows:
-            yield JobRow(
-                job_id=job.id,
-                seq=job.seq,
-                input=job.input,
-                task=batch.task,
-                status=JobStatus(job.status),
-                result=result.data if result is not None else None,
-                error=job.error,
-                model=result.model if result is not None else batch.model,
-                device=job.device,
-                attempts=job.attempts,
-                artifact=_artifact_record(artifact) if artifact is not None else None,
-            )
-            last = job.seq
-
-
-def _artifact_record(a: Artifact) -> ArtifactRecord:
-    return ArtifactRecord(**{f.name: getattr(a, f.name) for f in fields(ArtifactRecord)})

@@ -31,8 +31,6 @@ class JobStatus(enum.StrEnum):
     failed = "failed"
 
 
-TERMINAL = (JobStatus.done, JobStatus.failed)
-
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",

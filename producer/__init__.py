@@ -11,7 +11,8 @@
 Knows nothing of torch or models.
 """
 
-from pixelmill.producer.client import Client, JobResult, Submission
+from pixelmill.db.records import JobResult
+from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.inputs import expand_inputs
 
 __all__ = ["Client", "JobResult", "Submission", "expand_inputs"]

@@ -16,23 +16,19 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
-from pixelmill.db.engine import make_engine, make_sessionmaker
-from pixelmill.db.jobs import (
-    ArtifactRecord,
-    BatchCounts,
-    JobRow,
+from pixelmill.db.engine import configured_database
+from pixelmill.db.jobs import create_batch, requeue_failed
+from pixelmill.db.reads import (
     batch_by_fingerprint,
     batch_counts,
-    create_batch,
     failure_reasons,
     get_batch,
     iter_batch_jobs,
     last_finished_at,
     queued_job_ids,
     recent_batches,
-    requeue_failed,
 )
-from pixelmill.db.migrate import upgrade
+from pixelmill.db.records import BatchCounts, JobResult
 from pixelmill.db.store import LocalStore, open_store
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
 from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
@@ -69,46 +65,6 @@ def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class JobResult:
-    job: str
-    input: str
-    task: str
-    status: str
-    result: dict[str, Any] | None
-    error: str | None
-    model: str
-    device: str | None
-    artifact: ArtifactRecord | None = None
-
-    @classmethod
-    def from_row(cls, row: JobRow) -> JobResult:
-        return cls(
-            job=row.job_id,
-            input=row.input,
-            task=row.task,
-            status=row.status.value,
-            result=row.result,
-            error=row.error,
-            model=row.model,
-            device=row.device,
-            artifact=row.artifact,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "input": self.input,
-            "task": self.task,
-            "status": self.status,
-            "result": self.result,
-            "error": self.error,
-            "model": self.model,
-            "device": self.device,
-            "artifact": self.artifact.uri if self.artifact else None,
-        }
-
-
 class Client:
     """A producer connected to the configured (or embedded) database and broker."""
 
@@ -117,13 +73,9 @@ class Client:
         not exist is a ConfigError ("no database at PATH") instead of a new, empty one. A
         configured SQLite path's folder must exist; the embedded default's is created."""
         self.settings = settings or load_settings()
-        self.engine = make_engine(
-            self.settings.resolved_database_url(),
-            create=create,
-            parents=self.settings.database_url is None,
-        )
-        upgrade(self.engine)
-        self.sessions: sessionmaker[Session] = make_sessionmaker(self.engine)
+        database = configured_database(self.settings, create=create)
+        self.engine = database.engine
+        self.sessions: sessionmaker[Session] = database.sessions
         self._app: Any = None
 
     @property
@@ -314,8 +266,7 @@ class Client:
 
     def results(self, batch_id: str) -> Iterator[JobResult]:
         with self.sessions() as session:
-            for row in iter_batch_jobs(session, batch_id):
-                yield JobResult.from_row(row)
+            yield from iter_batch_jobs(session, batch_id)
 
     def download(self, batch_id: str, folder: str | os.PathLike[str]) -> list[Path]:
         """Copy the batch's artifacts from the object store into ``folder`` (named by their

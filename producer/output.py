@@ -8,9 +8,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from pixelmill.db.jobs import BatchCounts
+from pixelmill.db.records import BatchCounts, JobResult
 from pixelmill.db.schema import JobStatus
-from pixelmill.producer.client import JobResult
 
 
 def write_json_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> tuple[int, int]:

@@ -6,16 +6,10 @@ import pytest
 from sqlalchemy import func, inspect, select
 
 from pixelmill.db.engine import make_engine, make_sessionmaker
-from pixelmill.db.jobs import (
-    Outcome,
-    batch_counts,
-    claim_jobs,
-    create_batch,
-    failure_reasons,
-    iter_batch_jobs,
-    write_outcomes,
-)
+from pixelmill.db.jobs import claim_jobs, create_batch, write_outcomes
 from pixelmill.db.migrate import current_revision, head_revision, upgrade
+from pixelmill.db.reads import batch_counts, failure_reasons, iter_batch_jobs
+from pixelmill.db.records import Outcome
 from pixelmill.db.schema import Job, JobStatus, Result
 from pixelmill.errors import UnknownBatch
 
@@ -118,7 +112,7 @@ def test_unknown_batch_is_a_clear_error(sessions):
 
 
 def test_artifact_rows_are_upserted_by_key_and_listed_with_their_job(sessions):
-    from pixelmill.db.jobs import ArtifactRecord
+    from pixelmill.db.records import ArtifactRecord
     from pixelmill.db.schema import Artifact
 
     with sessions.begin() as s:
@@ -266,7 +260,7 @@ def test_the_per_message_statements_find_jobs_by_primary_key_however_many_are_op
 
 
 def test_recent_batches_newest_first_with_their_counts(sessions):
-    from pixelmill.db.jobs import recent_batches
+    from pixelmill.db.reads import recent_batches
 
     first, second, third = (_batch(sessions, n) for n in (1, 2, 3))
     with sessions.begin() as s:

@@ -38,17 +38,17 @@ def worker(devices: str, cpu_workers: int | None) -> None:
     PIXELMILL_DATA_DIR (shared with every pixelmill process there, started if needed), so
     `pixelmill submit` from another shell reaches it.
     """
-    from pixelmill.db.engine import make_engine
+    from pixelmill.db.engine import configured_database
+    from pixelmill.worker.devices import parse_devices
     from pixelmill.worker.local import embedded_broker
-    from pixelmill.worker.supervisor import Supervisor, parse_devices
+    from pixelmill.worker.supervisor import Supervisor
 
     settings = settings_or_exit()
     configure_logging(settings.log_level)
     with user_errors(), database_errors():
         specs = parse_devices(devices, cpu=cpu_workers)
         # A configured SQLite file's folder must exist (exit 2 naming it, not a crash loop).
-        url = settings.resolved_database_url()
-        make_engine(url, parents=settings.database_url is None).dispose()
+        configured_database(settings, migrate=False).dispose()
         click.echo(
             f"pixelmill worker: {', '.join(d.label for d in specs)} on "
             f"{mask_url(settings.resolved_broker_url())}",

@@ -24,23 +24,17 @@ def dead_letters(as_json: bool, limit: int) -> None:
     first 2 KB of its body. --json: {"count": N, "dead_letters": [...]}.
     """
     from pixelmill.db.deadletters import count_dead_letters, recent_dead_letters
-    from pixelmill.db.engine import make_engine, make_sessionmaker
-    from pixelmill.db.migrate import upgrade
+    from pixelmill.db.engine import configured_database
 
     settings = settings_or_exit()
-    with user_errors(), database_errors():
-        engine = make_engine(
-            settings.resolved_database_url(),
-            create=False,
-            parents=settings.database_url is None,
-        )
-        try:
-            upgrade(engine)
-            with make_sessionmaker(engine)() as session:
-                count = count_dead_letters(session)
-                records = recent_dead_letters(session, limit) if limit else []
-        finally:
-            engine.dispose()
+    with (
+        user_errors(),
+        database_errors(),
+        configured_database(settings, create=False) as database,
+        database.sessions() as session,
+    ):
+        count = count_dead_letters(session)
+        records = recent_dead_letters(session, limit) if limit else []
     if as_json:
         click.echo(json.dumps({"count": count, "dead_letters": [r.to_json() for r in records]}))
         return

@@ -54,14 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from pixelmill.db.engine import make_engine, make_sessionmaker
-    from pixelmill.db.migrate import upgrade
+    from pixelmill.db.engine import configured_database
     from pixelmill.db.store import open_store
     from pixelmill.models.cache import ModelCache
     from pixelmill.models.images import configure as configure_decoding
     from pixelmill.wire import create_app
     from pixelmill.worker.batching import WorkerContext
-    from pixelmill.worker.supervisor import DeviceSpec
+    from pixelmill.worker.devices import DeviceSpec
     from pixelmill.worker.tasks import register_tasks
 
     # No loading progress bars in worker logs (the cache logs one line per load); set before
@@ -72,15 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if label == "cpu" else "cuda:0"
     if device == "cpu":
         torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    engine = make_engine(settings.resolved_database_url(), parents=settings.database_url is None)
-    upgrade(engine)
+    database = configured_database(settings)
     name = DeviceSpec(label, None, slot=args.slot).name
     node = f"pixelmill-{name}@{socket.gethostname()}"
     # Jobs are leased to this process, not to the node name: a restarted worker with the same
     # name must not renew the leases of the jobs its dead predecessor held.
     holder = f"{node}/{os.getpid()}"
     ctx = WorkerContext(
-        sessions=make_sessionmaker(engine),
+        sessions=database.sessions,
         cache=ModelCache(
             device,
             size=settings.model_cache_size,
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop(timeout=0)
         heartbeat.stop()
         ctx.close()
-        engine.dispose()
+        database.dispose()
     return 0
 
 
