@@ -15,6 +15,7 @@ import torch
 
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import Runner
+from pixelmill.models.classify import DEFAULT_TOP_K
 from pixelmill.models.loading import load_failure
 from pixelmill.models.registry import create_runner
 
@@ -39,13 +40,26 @@ FAILED_LOAD_TTL = 300.0
 
 
 class ModelCache:
-    """Loaded runners by (task, model name); the least recently used is dropped past ``size``."""
+    """Loaded runners by (task, model name); the least recently used is dropped past ``size``.
+    The other options go to every runner it creates (``registry.create_runner``)."""
 
-    def __init__(self, device: str, *, size: int = 2, **runner_options: Any) -> None:
+    def __init__(
+        self,
+        device: str,
+        *,
+        size: int = 2,
+        top_k: int = DEFAULT_TOP_K,
+        precision: str = "auto",
+        trust_remote_code: bool = False,
+        compile: bool = False,
+    ) -> None:
         self.device = device
         self.size = size
-        self.runner_options = runner_options
-        self._runners: OrderedDict[tuple[str, str], Runner] = OrderedDict()
+        self.top_k = top_k
+        self.precision = precision
+        self.trust_remote_code = trust_remote_code
+        self.compile = compile
+        self._runners: OrderedDict[tuple[str, str], Runner[Any]] = OrderedDict()
         self._lock = threading.RLock()
         # Models that could not be loaded, with when to try again: the next messages naming
         # one fail at once instead of paying its load (minutes of hub retries offline) again.
@@ -56,7 +70,7 @@ class ModelCache:
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._runners
 
-    def get(self, task: str, name: str) -> Runner:
+    def get(self, task: str, name: str) -> Runner[Any]:
         key = (task, name)
         with self._lock:
             runner = self._runners.get(key)
@@ -68,7 +82,14 @@ class ModelCache:
                 raise failed[0]
             started = time.perf_counter()
             try:
-                runner = create_runner(task, name, **self.runner_options)
+                runner = create_runner(
+                    task,
+                    name,
+                    top_k=self.top_k,
+                    precision=self.precision,
+                    trust_remote_code=self.trust_remote_code,
+                    compile=self.compile,
+                )
                 try:
                     runner.load(self.device)
                 except Exception as exc:
@@ -95,7 +116,7 @@ class ModelCache:
                 self._drop(next(iter(self._runners)), "least recently used")
             return runner
 
-    def relieve(self, exc: BaseException, *, keep: Runner | None = None) -> bool:
+    def relieve(self, exc: BaseException, *, keep: Runner[Any] | None = None) -> bool:
         """After an out-of-memory error, free every loaded model but ``keep``; True if the
         error was one and memory was given back (so a retry may succeed)."""
         if not is_out_of_memory(exc):

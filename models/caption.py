@@ -7,22 +7,22 @@ Batched: one ``generate`` call per batch, greedy or beam search, with an optiona
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image
 
 from pixelmill.catalog import CaptionOptions
-from pixelmill.models.base import Runner
+from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
 from pixelmill.models.loading import load_failure, revision_of
 
 
-class Captioner(Runner):
+class Captioner(Runner[CaptionOptions]):
     task = "caption"
 
-    def __init__(self, name: str, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, name: str, loading: LoadOptions | None = None) -> None:
+        super().__init__(name, loading)
         self.model: Any = None
         self.image_processor: Any = None
         self.tokenizer: Any = None
@@ -30,7 +30,7 @@ class Captioner(Runner):
 
     def _load(self, device: str) -> None:
         model = self._build()
-        self.precision = resolve_precision(device, self.precision_option)
+        self.precision = resolve_precision(device, self.loading.precision)
         self.dtype = torch_dtype(self.precision)
         self.model = model.eval().to(device=device, dtype=self.dtype)
         self.revision = self.revision or revision_of(model.config, self.name)
@@ -45,36 +45,36 @@ class Captioner(Runner):
             AutoTokenizer,
         )
 
-        remote = {"trust_remote_code": self.trust_remote_code}
+        remote = {"trust_remote_code": self.loading.trust_remote_code}
         try:
             model = AutoModelForImageTextToText.from_pretrained(self.name, **remote)
-            processor = AutoProcessor.from_pretrained(self.name, **remote)
+            processor = AutoProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):
                 self.image_processor = processor.image_processor
                 self.tokenizer = processor.tokenizer
             else:  # VisionEncoderDecoder folders carry the two parts without a processor class
-                self.image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)
+                self.image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
                 self.tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             raise load_failure(self.name, "an image-to-text (caption) model", exc) from None
         return model
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return cast(torch.Tensor, pixels)
 
     def collate(self, items: list[Any]) -> torch.Tensor:
         return torch.stack(items).to(self.device, dtype=self.dtype, non_blocking=True)
 
-    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
-        opts = CaptionOptions.model_validate(options)
+    def forward(self, batch: Any, options: CaptionOptions) -> list[dict[str, Any]]:
         kwargs: dict[str, Any] = {
             "pixel_values": batch,
-            "max_new_tokens": opts.max_new_tokens,
-            "num_beams": opts.num_beams,
+            "max_new_tokens": options.max_new_tokens,
+            "num_beams": options.num_beams,
             "do_sample": False,
         }
-        if opts.prefix:
-            kwargs.update(self._prefix(opts.prefix, len(batch)))
+        if options.prefix:
+            kwargs.update(self._prefix(options.prefix, len(batch)))
         with torch.inference_mode():
             tokens = self.model.generate(**kwargs)
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)

@@ -9,22 +9,26 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
+from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import ModelUnavailable
-from pixelmill.models.base import Runner
+from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.device import autocast, resolve_precision
 from pixelmill.models.loading import load_failure, revision_of
 
 BUILTIN_EFFICIENTNET = "efficientnet_lite0"
 RANDOM_VIT_B16 = "vit_b16_random"
+DEFAULT_TOP_K = 5
 
 
-class Classifier(Runner):
+class Classifier(Runner[ClassifyOptions]):
     """Shared batch forward and top-k for every classifier."""
 
     task = "classify"
 
-    def __init__(self, name: str, *, top_k: int = 5, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(
+        self, name: str, loading: LoadOptions | None = None, *, top_k: int = DEFAULT_TOP_K
+    ) -> None:
+        super().__init__(name, loading)
         self.top_k = top_k
         self.labels: list[str] = []
         self.model: torch.nn.Module | None = None
@@ -33,17 +37,17 @@ class Classifier(Runner):
         self.scale_shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _place(self, model: torch.nn.Module, device: str) -> torch.nn.Module:
-        self.precision = resolve_precision(device, self.precision_option)
+        self.precision = resolve_precision(device, self.loading.precision)
         model = model.eval().to(device)
         if self.channels_last and device.startswith("cuda"):
             model = model.to(memory_format=torch.channels_last)
-        if self.compile:
+        if self.loading.compile:
             model = cast(torch.nn.Module, torch.compile(model))
         return model
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.model is not None
-        return self.model(batch)
+        return cast(torch.Tensor, self.model(batch))
 
     def collate(self, items: list[Any]) -> torch.Tensor:
         """One tensor for the batch, on the device (uint8 when the runner normalises on the
@@ -57,7 +61,7 @@ class Classifier(Runner):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
-    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def forward(self, batch: Any, options: ClassifyOptions) -> list[dict[str, Any]]:
         with torch.inference_mode(), autocast(self.device or "cpu", self.precision):
             if self.scale_shift is not None:
                 scale, shift = self.scale_shift
@@ -89,8 +93,14 @@ class EfficientNetLite0(Classifier):
     SIZE = 224
     RESIZE = 256
 
-    def __init__(self, name: str = BUILTIN_EFFICIENTNET, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
+    def __init__(
+        self,
+        name: str = BUILTIN_EFFICIENTNET,
+        loading: LoadOptions | None = None,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> None:
+        super().__init__(name, loading, top_k=top_k)
         self.channels_last = True
         from torchvision.transforms import v2
 
@@ -116,7 +126,7 @@ class EfficientNetLite0(Classifier):
 
     def _load(self, device: str) -> None:
         import timm
-        from timm.data import ImageNetInfo
+        from timm.data.imagenet_info import ImageNetInfo
 
         path = self.weights_path()
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -150,25 +160,26 @@ class EfficientNetLite0(Classifier):
             side = min(w, h)
             left, top = (w - side) // 2, (h - side) // 2
             image = image.crop((left, top, left + side, top + side))
-        return self.transform(image)
+        return cast(torch.Tensor, self.transform(image))
 
 
 class HFClassifier(Classifier):
     """Any ``AutoModelForImageClassification`` with its image processor: hub id or local path."""
 
-    def __init__(self, name: str, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(
+        self, name: str, loading: LoadOptions | None = None, *, top_k: int = DEFAULT_TOP_K
+    ) -> None:
+        super().__init__(name, loading, top_k=top_k)
         self.processor: Any = None
 
     def _load(self, device: str) -> None:
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
         try:
-            processor = AutoImageProcessor.from_pretrained(
-                self.name, trust_remote_code=self.trust_remote_code
-            )
+            remote = self.loading.trust_remote_code
+            processor = AutoImageProcessor.from_pretrained(self.name, trust_remote_code=remote)  # type: ignore[no-untyped-call]
             model = AutoModelForImageClassification.from_pretrained(
-                self.name, trust_remote_code=self.trust_remote_code
+                self.name, trust_remote_code=remote
             )
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             raise load_failure(self.name, "an image-classification model", exc) from None
@@ -180,19 +191,25 @@ class HFClassifier(Classifier):
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         assert self.model is not None
-        return self.model(pixel_values=batch).logits
+        return cast(torch.Tensor, self.model(pixel_values=batch).logits)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         out = self.processor(images=image, return_tensors="pt")
-        return out["pixel_values"][0]
+        return cast(torch.Tensor, out["pixel_values"][0])
 
 
 class RandomViTB16(HFClassifier):
     """ViT-B/16 at 224 px with random weights: the compute of the real model, for throughput
     measurements where real weights cannot be downloaded. Its labels mean nothing."""
 
-    def __init__(self, name: str = RANDOM_VIT_B16, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(
+        self,
+        name: str = RANDOM_VIT_B16,
+        loading: LoadOptions | None = None,
+        *,
+        top_k: int = DEFAULT_TOP_K,
+    ) -> None:
+        super().__init__(name, loading, top_k=top_k)
 
     def _load(self, device: str) -> None:
         from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor

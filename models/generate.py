@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 
 from pixelmill.catalog import GenerateOptions
 from pixelmill.errors import BadInput, ModelUnavailable
-from pixelmill.models.base import IMAGE, Runner
+from pixelmill.models.base import IMAGE, LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
 from pixelmill.models.loading import load_failure, revision_of
 
@@ -28,22 +28,22 @@ class GenerateItem:
     init: Image.Image | None = None
 
 
-class ImageGenerator(Runner):
+class ImageGenerator(Runner[GenerateOptions]):
     task = "generate"
 
-    def __init__(self, name: str, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, name: str, loading: LoadOptions | None = None) -> None:
+        super().__init__(name, loading)
         self.text2image: Any = None
         self._image2image: Any = None
         self._no_image2image: ModelUnavailable | None = None
         self.default_size = (512, 512)
 
     def _load(self, device: str) -> None:
-        self.precision = resolve_precision(device, self.precision_option)
+        self.precision = resolve_precision(device, self.loading.precision)
         pipe = self._build(torch_dtype(self.precision))
         pipe.set_progress_bar_config(disable=True)
         self.text2image = pipe.to(device)
-        if self.compile:  # the denoiser is where the time goes
+        if self.loading.compile:  # the denoiser is where the time goes
             for part in ("unet", "transformer"):
                 if getattr(pipe, part, None) is not None:
                     setattr(pipe, part, torch.compile(getattr(pipe, part)))
@@ -67,8 +67,8 @@ class ImageGenerator(Runner):
         from diffusers import AutoPipelineForText2Image
 
         try:
-            return AutoPipelineForText2Image.from_pretrained(
-                self.name, dtype=dtype, trust_remote_code=self.trust_remote_code
+            return AutoPipelineForText2Image.from_pretrained(  # type: ignore[no-untyped-call]
+                self.name, dtype=dtype, trust_remote_code=self.loading.trust_remote_code
             )
         except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...
             raise load_failure(self.name, "a diffusers text-to-image pipeline", exc) from None
@@ -88,38 +88,39 @@ class ImageGenerator(Runner):
     def preprocess(self, image: Image.Image) -> Image.Image:
         return image
 
-    def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
-        opts = GenerateOptions.model_validate(options)
+    def prepare(self, input: str, params: dict[str, Any], options: GenerateOptions) -> Any:
         prompt = params.get("prompt")
         seed = params.get("seed")
         if not isinstance(prompt, str) or not isinstance(seed, int):
             raise BadInput(f"{input}: generate job without a prompt and a seed")
         init = None
-        if opts.init:
+        if options.init:
             self.image2image  # noqa: B018 - fails the job now if the model has no img2img
             # Centre-crop to the output's aspect ratio, then scale to the output size.
             init = ImageOps.fit(
-                self.decode(input), self.size(opts), Image.Resampling.LANCZOS, centering=(0.5, 0.5)
+                self.decode(input),
+                self.size(options),
+                Image.Resampling.LANCZOS,
+                centering=(0.5, 0.5),
             )
         return GenerateItem(prompt=prompt, seed=seed, init=init)
 
-    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def forward(self, batch: Any, options: GenerateOptions) -> list[dict[str, Any]]:
         items: list[GenerateItem] = batch
-        opts = GenerateOptions.model_validate(options)
-        width, height = self.size(opts)
+        width, height = self.size(options)
         kwargs: dict[str, Any] = {
             "prompt": [item.prompt for item in items],
-            "num_inference_steps": opts.steps,
-            "guidance_scale": opts.guidance,
+            "num_inference_steps": options.steps,
+            "guidance_scale": options.guidance,
             "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in items],
             "output_type": "pil",
         }
-        if opts.negative_prompt:
-            kwargs["negative_prompt"] = [opts.negative_prompt] * len(items)
+        if options.negative_prompt:
+            kwargs["negative_prompt"] = [options.negative_prompt] * len(items)
         with torch.inference_mode():
-            if opts.init:
+            if options.init:
                 out = self.image2image(
-                    image=[item.init for item in items], strength=opts.strength, **kwargs
+                    image=[item.init for item in items], strength=options.strength, **kwargs
                 )
             else:
                 out = self.text2image(height=height, width=width, **kwargs)
@@ -128,14 +129,14 @@ class ImageGenerator(Runner):
             result: dict[str, Any] = {
                 "prompt": item.prompt,
                 "seed": item.seed,
-                "steps": opts.steps,
-                "guidance": opts.guidance,
+                "steps": options.steps,
+                "guidance": options.guidance,
                 "width": image.width,
                 "height": image.height,
                 IMAGE: image,
             }
-            if opts.init:
-                result["strength"] = opts.strength
+            if options.init:
+                result["strength"] = options.strength
             outputs.append(result)
         return outputs
 

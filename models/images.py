@@ -59,7 +59,7 @@ TILE_BYTES_PER_PIXEL = 64
 # in the environment still wins.)
 PILLOW_BLOCK_SIZE = 64 * MB
 if "PILLOW_BLOCK_SIZE" not in os.environ:
-    Image.core.set_block_size(PILLOW_BLOCK_SIZE)
+    Image.core.set_block_size(PILLOW_BLOCK_SIZE)  # type: ignore[attr-defined]  # C core, untyped
 # What glibc still keeps per decode thread for reuse after large decodes (measured: 20 to 25 MB
 # a thread), on top of the budget. MALLOC_ARENA_MAX=2 in a worker's environment removes most.
 ALLOCATOR_SLACK_MB = 32

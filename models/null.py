@@ -7,19 +7,22 @@ from typing import Any
 
 from PIL import Image
 
+from pixelmill.catalog import TaskOptions
 from pixelmill.errors import BadInput
-from pixelmill.models.base import Runner
+from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.images import open_input
 
 NULL_MODEL = "null"
 READ_CHUNK = 1 << 20
 
 
-class NullRunner(Runner):
+class NullRunner(Runner[TaskOptions]):
     task = "any"
 
-    def __init__(self, name: str = NULL_MODEL, *, task: str = "classify", **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(
+        self, name: str = NULL_MODEL, loading: LoadOptions | None = None, *, task: str = "classify"
+    ) -> None:
+        super().__init__(name, loading)
         self.for_task = task
 
     def _load(self, device: str) -> None:
@@ -28,7 +31,7 @@ class NullRunner(Runner):
     def preprocess(self, image: Image.Image) -> Any:
         return None
 
-    def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
+    def prepare(self, input: str, params: dict[str, Any], options: TaskOptions) -> Any:
         if self.for_task == "generate":
             return None
         # A FIFO or a device is refused before it is opened (opening a FIFO blocks; reading
@@ -43,5 +46,5 @@ class NullRunner(Runner):
             raise BadInput(f"{input}: cannot read the file ({exc.strerror or exc})") from None
         return read
 
-    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def forward(self, batch: Any, options: TaskOptions) -> list[dict[str, Any]]:
         return [{} for _ in batch]

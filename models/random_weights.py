@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 
+from pixelmill.models.base import LoadOptions
 from pixelmill.models.caption import Captioner
 from pixelmill.models.generate import ImageGenerator
 
@@ -102,8 +103,8 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class RandomBlipBase(Captioner):
-    def __init__(self, name: str = RANDOM_BLIP_BASE, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, name: str = RANDOM_BLIP_BASE, loading: LoadOptions | None = None) -> None:
+        super().__init__(name, loading)
 
     def _build(self) -> Any:
         from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
@@ -124,8 +125,8 @@ class RandomBlipBase(Captioner):
 
 
 class RandomSDTurbo(ImageGenerator):
-    def __init__(self, name: str = RANDOM_SD_TURBO, **options: Any) -> None:
-        super().__init__(name, **options)
+    def __init__(self, name: str = RANDOM_SD_TURBO, loading: LoadOptions | None = None) -> None:
+        super().__init__(name, loading)
 
     def _build(self, dtype: torch.dtype) -> Any:
         torch.manual_seed(0)
@@ -191,8 +192,8 @@ def sd_pipeline(
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)
-    vae_model = AutoencoderKL(
+    unet_model = UNet2DConditionModel(in_channels=4, out_channels=4, **unet)  # type: ignore[no-untyped-call]
+    vae_model = AutoencoderKL(  # type: ignore[no-untyped-call]
         in_channels=3,
         out_channels=3,
         latent_channels=4,
@@ -201,7 +202,7 @@ def sd_pipeline(
         **vae,
     )
     # Euler without churn is deterministic given the generators.
-    euler = EulerDiscreteScheduler(
+    euler = EulerDiscreteScheduler(  # type: ignore[no-untyped-call]
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -209,7 +210,7 @@ def sd_pipeline(
         steps_offset=1,  # 0 triggers a deprecation warning in diffusers
         **scheduler,
     )
-    return StableDiffusionPipeline(
+    return StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=vae_model,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

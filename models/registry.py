@@ -6,13 +6,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pixelmill.catalog import DEFAULT_MODELS, TASKS
+from pixelmill.catalog import TASKS
 from pixelmill.errors import ModelUnavailable
-from pixelmill.models.base import Runner
+from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.caption import Captioner
 from pixelmill.models.classify import (
     BUILTIN_EFFICIENTNET,
+    DEFAULT_TOP_K,
     RANDOM_VIT_B16,
+    Classifier,
     EfficientNetLite0,
     HFClassifier,
     RandomViTB16,
@@ -26,24 +28,19 @@ from pixelmill.models.random_weights import (
     RandomSDTurbo,
 )
 
-BUILTIN: dict[tuple[str, str], type[Runner]] = {
+BUILTIN: dict[tuple[str, str], type[Runner[Any]]] = {
     ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
     ("classify", RANDOM_VIT_B16): RandomViTB16,
     ("caption", RANDOM_BLIP_BASE): RandomBlipBase,
     ("generate", RANDOM_SD_TURBO): RandomSDTurbo,
 }
 # What a hub id or a local folder is loaded as, per task.
-PRETRAINED: dict[str, type[Runner]] = {
+PRETRAINED: dict[str, type[Runner[Any]]] = {
     "classify": HFClassifier,
     "caption": Captioner,
     "generate": ImageGenerator,
 }
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-
-
-def default_model(task: str) -> str:
-    check_task(task)
-    return DEFAULT_MODELS[task]
 
 
 def check_task(task: str) -> str:
@@ -74,20 +71,39 @@ def local_folder(name: str) -> Path | None:
         ) from None
 
 
-def create_runner(task: str, name: str, **options: Any) -> Runner:
-    """A runner for ``name`` (not loaded yet); raises ModelUnavailable for an unusable name."""
+def create_runner(
+    task: str,
+    name: str,
+    *,
+    top_k: int = DEFAULT_TOP_K,
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+    compile: bool = False,
+) -> Runner[Any]:
+    """A runner for ``name`` (not loaded yet); raises ModelUnavailable for an unusable name.
+    ``top_k`` applies to classifiers; the others are ``LoadOptions`` for every runner. An
+    unknown option is a TypeError."""
     check_task(task)
+    loading = LoadOptions(precision=precision, trust_remote_code=trust_remote_code, compile=compile)
     if name == NULL_MODEL:
-        return NullRunner(task=task, **options)
+        return NullRunner(loading=loading, task=task)
+    cls, path = _resolve(task, name)
+    if issubclass(cls, Classifier):
+        return cls(path, loading, top_k=top_k)
+    return cls(path, loading)
+
+
+def _resolve(task: str, name: str) -> tuple[type[Runner[Any]], str]:
+    """The runner class for ``name`` and the name or path it loads from."""
     builtin = BUILTIN.get((task, name))
     if builtin is not None:
-        return builtin(name, **options)
+        return builtin, name
     pretrained = PRETRAINED[task]
     folder = local_folder(name)
     if folder is not None:
-        return pretrained(str(folder), **options)
+        return pretrained, str(folder)
     if HUB_ID.match(name):
-        return pretrained(name, **options)
+        return pretrained, name
     raise ModelUnavailable(
         f"model {name!r} is neither a built-in model "
         f"({', '.join(n for _, n in BUILTIN)}, {NULL_MODEL}), "

@@ -19,8 +19,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pixelmill.db.records import JobResult
     from pixelmill.errors import PixelmillError
-    from pixelmill.producer.client import Client, JobResult, Submission
+    from pixelmill.producer.client import Client, Submission
     from pixelmill.settings import Settings, load_settings
     from pixelmill.worker.local import local_cluster
 
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "Client": "pixelmill.producer.client",
-    "JobResult": "pixelmill.producer.client",
+    "JobResult": "pixelmill.db.records",
     "Submission": "pixelmill.producer.client",
     "Settings": "pixelmill.settings",
     "load_settings": "pixelmill.settings",

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from pixelmill.db.engine import make_engine, make_sessionmaker
-from pixelmill.db.jobs import create_batch, iter_batch_jobs
+from pixelmill.db.jobs import create_batch
 from pixelmill.db.migrate import upgrade
+from pixelmill.db.reads import iter_batch_jobs
 from pixelmill.db.schema import JobStatus
 from pixelmill.models.cache import ModelCache
 from pixelmill.worker.batching import WorkerContext, _split_on_error, process_batch
@@ -107,6 +108,23 @@ def test_unavailable_model_fails_its_jobs_with_the_model_name(ctx, photos, tmp_p
     assert report.failed == 2
     with ctx.sessions() as s:
         assert all(str(missing) in r.error for r in iter_batch_jobs(s, new.batch_id))
+
+
+def test_bad_stored_options_fail_every_job_of_the_batch_naming_the_option(ctx, photos):
+    """Options are validated once per batch, before the model loads (a producer validates
+    them too; these were written past it)."""
+    inputs = [str(p) for p in sorted(photos.iterdir())[:2]]
+    with ctx.sessions.begin() as s:
+        new = create_batch(s, task="caption", model="null", inputs=inputs,
+                           options={"num_beams": 99})  # fmt: skip
+    report = process_batch(ctx, new.job_ids)
+    assert (report.done, report.failed) == (0, 2)
+    assert ctx.cache.loads == 0
+    with ctx.sessions() as s:
+        rows = list(iter_batch_jobs(s, new.batch_id))
+    for row, path in zip(rows, inputs, strict=True):
+        assert row.status == JobStatus.failed
+        assert row.error.startswith(f"{path}: invalid caption options: --num-beams: ")
 
 
 def test_a_failing_forward_is_split_until_only_the_poisonous_item_fails():
@@ -221,6 +239,7 @@ def test_the_corpus_keeps_a_worker_small(tmp_path):
     ok, bad = _corpus(tmp_path / "corpus")
     script = (
         "import resource, sys\n"
+        "from pixelmill.catalog import ClassifyOptions\n"
         "from pixelmill.models.classify import EfficientNetLite0\n"
         "from pixelmill.errors import BadInput\n"
         "r = EfficientNetLite0()\n"
@@ -228,7 +247,7 @@ def test_the_corpus_keeps_a_worker_small(tmp_path):
         "for _ in range(3):\n"
         "    for path in sys.argv[1:]:\n"
         "        try:\n"
-        "            r.prepare(path, {}, {})\n"
+        "            r.prepare(path, {}, ClassifyOptions())\n"
         "        except BadInput:\n"
         "            pass\n"
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"

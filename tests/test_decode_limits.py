@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import BadInput
 from pixelmill.models import images
 from pixelmill.models.images import MB, DecodeBudget, decode_image
@@ -120,7 +121,7 @@ def test_null_model_refuses_special_files_before_opening(tmp_path, kind):
 
     def work() -> None:
         try:
-            runner.prepare(str(path), {}, {})
+            runner.prepare(str(path), {}, ClassifyOptions())
         except BaseException as exc:  # noqa: BLE001 - handed to the test
             errors.append(exc)
         done.set()
@@ -140,13 +141,13 @@ def test_symlink_to_a_regular_file_is_fine_and_empty_stays_empty(tmp_path):
     link = tmp_path / "link.png"
     link.symlink_to(real)
     assert decode_image(link).size == (8, 6)
-    assert NullRunner().prepare(str(link), {}, {}) == real.stat().st_size
+    assert NullRunner().prepare(str(link), {}, ClassifyOptions()) == real.stat().st_size
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     with pytest.raises(BadInput, match=r"empty file \(0 bytes\)"):
         decode_image(empty)
     with pytest.raises(BadInput, match="No such file or directory"):
-        NullRunner().prepare(str(tmp_path / "missing.jpg"), {}, {})
+        NullRunner().prepare(str(tmp_path / "missing.jpg"), {}, ClassifyOptions())
 
 
 # ---- reducing and converting in tiles -----------------------------------------------------------

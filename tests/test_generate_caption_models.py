@@ -13,8 +13,9 @@ from PIL import Image
 
 from pixelmill.catalog import task_options
 from pixelmill.db.engine import make_engine, make_sessionmaker
-from pixelmill.db.jobs import create_batch, iter_batch_jobs
+from pixelmill.db.jobs import create_batch
 from pixelmill.db.migrate import upgrade
+from pixelmill.db.reads import iter_batch_jobs
 from pixelmill.db.schema import Artifact
 from pixelmill.db.store import LocalStore
 from pixelmill.errors import ModelUnavailable
@@ -34,6 +35,7 @@ def _photo(name: str) -> str:
 
 
 def _opts(task: str, model: str, **options):
+    """The options as a batch stores them."""
     return task_options(task, options, model).model_dump(mode="json", exclude_none=True)
 
 
@@ -54,7 +56,7 @@ def sd(tiny_sd):
 
 
 def _caption(runner, names, **options):
-    opts = _opts("caption", runner.name, **options)
+    opts = task_options("caption", options, runner.name)
     items = [runner.prepare(_photo(n), {}, opts) for n in names]
     return [out["caption"] for out in runner.run(items, opts)]
 
@@ -94,7 +96,7 @@ def test_a_model_of_the_wrong_kind_is_unavailable_naming_it(tiny_blip, tiny_sd):
 
 
 def _generate(runner, prompts_seeds, **options):
-    opts = _opts("generate", runner.name, **options)
+    opts = task_options("generate", options, runner.name)
     items = [runner.prepare(p, {"prompt": p, "seed": s}, opts) for p, s in prompts_seeds]
     return runner.run(items, opts)
 
@@ -119,7 +121,8 @@ def test_text_to_image_is_reproducible_by_seed_at_the_requested_size(sd):
 
 
 def test_image_to_image_depends_on_its_input_image(sd):
-    opts = _opts("generate", sd.name, init=True, steps=4, strength=0.6, width=32, height=32)
+    given = {"init": True, "steps": 4, "strength": 0.6, "width": 32, "height": 32}
+    opts = task_options("generate", given, sd.name)
     outs = sd.run(
         [sd.prepare(_photo(n), {"prompt": "as a watercolor", "seed": 5}, opts)
          for n in ("chelsea.png", "coffee.png", "chelsea.png")],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.cache import ModelCache
 from pixelmill.models.classify import EfficientNetLite0, HFClassifier
@@ -29,7 +30,7 @@ def tiny_classifier(tmp_path_factory):
 def test_default_classifier_names_the_subject_of_real_photographs(lite0):
     names = list(PHOTOS)
     items = [lite0.preprocess(lite0.decode(str(skimage_data() / n))) for n in names]
-    outputs = lite0.run(items)
+    outputs = lite0.run(items, ClassifyOptions())
     assert len(outputs) == len(names)
     for name, out in zip(names, outputs, strict=True):
         labels = [x["label"] for x in out["labels"]]
@@ -41,8 +42,8 @@ def test_default_classifier_names_the_subject_of_real_photographs(lite0):
 
 def test_batch_results_equal_one_at_a_time_results(lite0):
     images = [lite0.decode(str(skimage_data() / n)) for n in PHOTOS]
-    together = lite0.run([lite0.preprocess(im) for im in images])
-    alone = [lite0.run([lite0.preprocess(im)])[0] for im in images]
+    together = lite0.run([lite0.preprocess(im) for im in images], ClassifyOptions())
+    alone = [lite0.run([lite0.preprocess(im)], ClassifyOptions())[0] for im in images]
     for a, b in zip(together, alone, strict=True):
         assert [x["label"] for x in a["labels"]] == [x["label"] for x in b["labels"]]
         assert a["labels"][0]["score"] == pytest.approx(b["labels"][0]["score"], abs=1e-4)
@@ -55,7 +56,7 @@ def test_hf_classifier_from_a_local_folder_matches_transformers_pipeline(tiny_cl
     assert isinstance(runner, HFClassifier)
     runner.load("cpu")
     image = Image.open(skimage_data() / "coffee.png").convert("RGB")
-    ours = runner.run([runner.preprocess(image)])[0]["labels"]
+    ours = runner.run([runner.preprocess(image)], ClassifyOptions())[0]["labels"]
     reference = pipeline("image-classification", model=str(tiny_classifier), device="cpu")
     theirs = reference(image, top_k=3)
     assert [x["label"] for x in ours] == [x["label"] for x in theirs]
@@ -90,7 +91,7 @@ def test_compiled_classifier_gives_the_eager_results(tiny_classifier):
     compiled.load("cpu")
     image = Image.open(skimage_data() / "coffee.png").convert("RGB")
     items = [eager.preprocess(image)] * 3
-    ours, theirs = compiled.run(items), eager.run(items)
+    ours, theirs = compiled.run(items, ClassifyOptions()), eager.run(items, ClassifyOptions())
     assert [x["label"] for x in ours[0]["labels"]] == [x["label"] for x in theirs[0]["labels"]]
     assert ours[0]["labels"][0]["score"] == pytest.approx(theirs[0]["labels"][0]["score"], 1e-4)
     assert type(compiled.model).__name__ == "OptimizedModule"
@@ -115,7 +116,8 @@ def test_random_full_size_caption_and_generate_models_have_the_real_architecture
     assert 223.5e6 < params(blip.model) < 224.5e6
     assert blip.image_processor.size == {"height": 384, "width": 384}
     photo = Image.open(skimage_data() / "astronaut.png").convert("RGB")
-    out = blip.forward(blip.collate([blip.preprocess(photo)]), {"max_new_tokens": 5})
+    five = task_options("caption", {"max_new_tokens": 5}, "blip_base_random")
+    out = blip.forward(blip.collate([blip.preprocess(photo)]), five)
     assert len(out[0]["caption"].split()) == 5  # never stops early: the upper bound on cost
     del blip
 
@@ -128,7 +130,6 @@ def test_random_full_size_caption_and_generate_models_have_the_real_architecture
     assert sd.default_size == (512, 512)
     opts = task_options("generate", {"width": 64, "height": 64}, "sd_turbo_random")
     assert (opts.steps, opts.guidance) == (1, 0.0)  # "turbo": 1 step, no guidance
-    options = opts.model_dump(mode="json", exclude_none=True)
-    item = sd.prepare("p", {"prompt": "a lighthouse at dusk", "seed": 1}, options)
-    (result,) = sd.forward(sd.collate([item]), options)
+    item = sd.prepare("p", {"prompt": "a lighthouse at dusk", "seed": 1}, opts)
+    (result,) = sd.forward(sd.collate([item]), opts)
     assert result[IMAGE].size == (64, 64) and (result["width"], result["height"]) == (64, 64)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pixelmill.errors import ConfigError
-from pixelmill.worker.supervisor import DeviceSpec, parse_devices
+from pixelmill.worker.devices import DeviceSpec, parse_devices
 
 
 def test_explicit_gpu_indices_are_pinned_one_per_worker():

@@ -25,9 +25,11 @@ import torch
 from PIL import Image
 from sqlalchemy import event, select
 
+from pixelmill.catalog import TaskOptions
 from pixelmill.db.engine import make_engine, make_sessionmaker
-from pixelmill.db.jobs import claim_jobs, create_batch, iter_batch_jobs
+from pixelmill.db.jobs import claim_jobs, create_batch
 from pixelmill.db.migrate import upgrade
+from pixelmill.db.reads import iter_batch_jobs
 from pixelmill.db.schema import Job, JobStatus
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import IMAGE
@@ -80,12 +82,12 @@ class Scripted(NullRunner):
         self.forwarding = threading.Event()
         self.result = result or (lambda item: {"size": item})
 
-    def prepare(self, input: str, params: dict[str, Any], options: dict[str, Any]) -> Any:
+    def prepare(self, input: str, params: dict[str, Any], options: TaskOptions) -> Any:
         if "hang" in input:
             self.release.wait(120)
         return len(input)
 
-    def forward(self, batch: Any, options: dict[str, Any]) -> list[dict[str, Any]]:
+    def forward(self, batch: Any, options: TaskOptions) -> list[dict[str, Any]]:
         self.forwarding.set()
         assert self.go.wait(120)
         return [self.result(item) for item in batch]

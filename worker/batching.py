@@ -20,8 +20,6 @@ Unattended runs never hang and never orphan a job (README, Guarantees):
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import logging
 import threading
 import time
@@ -30,21 +28,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import job_path
-from pixelmill.db.jobs import (
-    ArtifactRecord,
-    BatchInfo,
-    ClaimedJob,
-    Outcome,
-    claim_jobs,
-    fail_jobs,
-    write_outcomes,
-)
+from pixelmill.catalog import TaskOptions, job_path, task_options
+from pixelmill.db.jobs import claim_jobs, fail_jobs, write_outcomes
+from pixelmill.db.records import ArtifactRecord, BatchInfo, ClaimedJob, Outcome
 from pixelmill.db.store import ObjectStore, artifact_key
 from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
+from pixelmill.models.artifacts import encode_png, provenance
 from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
 from pixelmill.worker.decode_pool import DeadlineExceeded, DecodePool
@@ -108,8 +100,10 @@ class WorkerContext:
     transient_retry: float = 900  # seconds a transient error is retried in place
     device_lock: threading.Lock = field(default_factory=threading.Lock)
     isolation: SharedExclusiveLock = field(default_factory=lambda: SharedExclusiveLock())
-    # Batches' task, model and options (they never change), so a claim is one statement.
+    # Batches' task, model and options (they never change), so a claim is one statement, and
+    # their options validated into typed objects once per batch, not per message or item.
     batches: dict[str, BatchInfo] = field(default_factory=dict)
+    typed_options: dict[str, TaskOptions] = field(default_factory=dict)
     # The batches in progress, whose jobs the heartbeat renews.
     progress: InProgress = field(default_factory=InProgress)
     device_holder: Tracked | None = None  # the batch on the device now
@@ -120,6 +114,24 @@ class WorkerContext:
         if self._pool is None:
             self._pool = DecodePool(self.decode_threads, name="decode")
         return self._pool
+
+    def remember(self, claimed: Sequence[ClaimedJob]) -> None:
+        """Keep the batches of ``claimed`` for the next claims (at most MAX_KNOWN_BATCHES)."""
+        if len(self.batches) > MAX_KNOWN_BATCHES:
+            self.batches.clear()
+            self.typed_options.clear()
+        for job in claimed:
+            self.batches.setdefault(job.batch_id, job.batch)
+
+    def options(self, job: ClaimedJob) -> TaskOptions:
+        """The typed options of ``job``'s batch, validated the first time the batch is seen;
+        ``BadInput`` naming the bad option."""
+        options = self.typed_options.get(job.batch_id)
+        if options is None:
+            info = job.batch
+            options = task_options(info.task, info.options, info.model)
+            self.typed_options[job.batch_id] = options
+        return options
 
     def close(self) -> None:
         if self._pool is not None:
@@ -157,8 +169,6 @@ def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
 
 def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> BatchReport:
     started = time.perf_counter()
-    if len(ctx.batches) > MAX_KNOWN_BATCHES:
-        ctx.batches.clear()
     retry = Retrier(ctx.transient_retry)
 
     def claim() -> list[ClaimedJob]:
@@ -170,7 +180,7 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
                 device=ctx.device_label,
                 lease=ctx.lease,
                 max_attempts=ctx.max_attempts,
-                batches=ctx.batches,
+                known=ctx.batches,
             )
             if not alone and any(job.attempts > 1 for job in claimed):
                 raise _Suspect  # rolls the claim back
@@ -180,6 +190,7 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
         claimed = retry.call(claim)
     except GaveUp as exc:  # nothing claimed: the jobs are still queued, for the reconciler
         raise ServiceUnavailable(f"cannot claim jobs: {exc}") from exc
+    ctx.remember(claimed)
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
     with ctx.progress.track([job.job_id for job in claimed]) as tracked:
@@ -318,7 +329,7 @@ def _run_group(
 ) -> list[Outcome]:
     task, model = jobs[0].task, jobs[0].model
 
-    def failed(job: ClaimedJob, reason: str, runner: Runner | None = None) -> Outcome:
+    def failed(job: ClaimedJob, reason: str, runner: Runner[Any] | None = None) -> Outcome:
         return Outcome(
             job_id=job.job_id,
             error=reason,
@@ -327,6 +338,13 @@ def _run_group(
             device=ctx.device_label,
         )
 
+    # The batch's options, validated once for all its jobs (before a load they would waste):
+    # bad ones fail them all, with why.
+    try:
+        options = ctx.options(jobs[0])
+    except BadInput as exc:
+        log.warning("%s", exc)
+        return [failed(job, f"{job.input}: {exc}") for job in jobs]
     try:
         runner = ctx.cache.get(task, model)
     except ModelUnavailable as exc:
@@ -334,12 +352,11 @@ def _run_group(
         return [failed(job, str(exc)) for job in jobs]
     tracked.touch()
 
-    options = jobs[0].options
     # Decoding is queued for the whole message at once, in order; each forward pass starts as
     # soon as its own items are ready (the first pass does not wait for the last decode).
     # Each input has its deadline: a read that hangs fails its job, not the batch.
     pending = [
-        (job, ctx.pool.submit(_prepare, runner, job, tracked, deadline=ctx.read_timeout))
+        (job, ctx.pool.submit(_prepare, runner, job, options, tracked, deadline=ctx.read_timeout))
         for job in jobs
     ]
     outcomes: dict[str, Outcome] = {}
@@ -397,7 +414,7 @@ def _store_images(
     ctx: WorkerContext,
     tracked: Tracked,
     retry: Retrier,
-    runner: Runner,
+    runner: Runner[Any],
     job: ClaimedJob,
     res: dict[str, Any] | BaseException,
 ) -> tuple[ArtifactRecord, ...]:
@@ -410,19 +427,9 @@ def _store_images(
     store = ctx.store
     if store is None:
         raise PixelmillError("this worker has no object store configured for artifacts")
-    provenance = {
-        "model": runner.name,
-        "model_revision": runner.revision,
-        "device": ctx.device_label,
-        "precision": runner.precision,
-        **{k: v for k, v in res.items() if isinstance(v, str | int | float)},
-    }
-    info = PngImagePlugin.PngInfo()
-    info.add_text("pixelmill", json.dumps(provenance, sort_keys=True))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
+    data = encode_png(image, provenance(runner, ctx.device_label, res))
     key = artifact_key(batch_id=job.batch_id, job_id=job.job_id)
-    obj = retry.call(lambda: store.put(key, buf.getvalue(), content_type="image/png"))
+    obj = retry.call(lambda: store.put(key, data, content_type="image/png"))
     tracked.touch()
     return (
         ArtifactRecord(
@@ -445,10 +452,10 @@ class _Unusable:
     reason: str
 
 
-def _prepare(runner: Runner, job: ClaimedJob, tracked: Tracked) -> Any:
+def _prepare(runner: Runner[Any], job: ClaimedJob, options: TaskOptions, tracked: Tracked) -> Any:
     """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
     try:
-        return runner.prepare(job_path(job.input, job.params), job.params, job.options)
+        return runner.prepare(job_path(job.input, job.params), job.params, options)
     except (BadInput, ModelUnavailable) as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
@@ -461,10 +468,10 @@ def _prepare(runner: Runner, job: ClaimedJob, tracked: Tracked) -> Any:
 def _forward_isolating_failures(
     ctx: WorkerContext,
     tracked: Tracked,
-    runner: Runner,
+    runner: Runner[Any],
     pending: list[tuple[ClaimedJob, Future[Any]]],
     ready_items: Callable[[list[tuple[ClaimedJob, Future[Any]]]], list[tuple[ClaimedJob, Any]]],
-    options: dict[str, Any],
+    options: TaskOptions,
 ) -> list[tuple[ClaimedJob, dict[str, Any] | BaseException]]:
     """Run the message in forward passes of the device's size, each as soon as its items are
     decoded; if a pass raises, split it in halves down to single items, so that only an item

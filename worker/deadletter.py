@@ -153,7 +153,7 @@ class DeadLetters:
             content_type=_text(message.content_type),
             size=len(body) if isinstance(body, bytes | str) else 0,
             body=body_prefix(body if isinstance(body, bytes | str) else None),
-            headers=safe_repr(message.headers)[:HEADERS_PREFIX],
+            headers=str(safe_repr(message.headers))[:HEADERS_PREFIX],  # type: ignore[no-untyped-call]
             worker=self.worker,
         )
 
@@ -169,7 +169,7 @@ def _settle(message: Any) -> None:
         message.ack()
 
 
-class DeadLetterConsumer(Consumer):
+class DeadLetterConsumer(Consumer):  # type: ignore[misc]  # Celery ships no type hints
     """Celery's consumer, refusing bad messages before they reach a strategy."""
 
     dead_letters: DeadLetters = DeadLetters(None, queue=None, worker=None)

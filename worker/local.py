@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pixelmill.settings import Settings
+from pixelmill.worker.devices import DeviceSpec, parse_devices
 from pixelmill.worker.embedded import EmbeddedRedis
-from pixelmill.worker.supervisor import DeviceSpec, Supervisor, parse_devices
+from pixelmill.worker.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -13,80 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pixelmill.errors import ConfigError, ServiceUnavailable
+from pixelmill.errors import ServiceUnavailable
 from pixelmill.settings import ENV_PREFIX, Settings
+from pixelmill.worker.devices import DeviceSpec
 from pixelmill.worker.embedded import EmbeddedRedis
 from pixelmill.worker.lifecycle import DRAIN_SECONDS, DeviceBusy, DeviceLock, default_lock_dir
 
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    label: str  # "cpu" or "cuda:N" (physical index)
-    visible: str | None  # what CUDA_VISIBLE_DEVICES is pinned to; None for the CPU
-    slot: int = 0  # several CPU workers: 0, 1, ...
-    threads: int | None = None  # torch threads for a CPU worker (None: every core)
-
-    @property
-    def name(self) -> str:
-        """Unique per host: cpu, cpu-1, cuda0 (worker node names and log files)."""
-        base = self.label.replace(":", "")
-        return f"{base}-{self.slot}" if self.slot else base
-
-
-def cuda_device_count() -> int:
-    """GPUs visible to this host. Asks in a child process, so this one never touches CUDA."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        return int(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        return 0
-
-
-MAX_AUTO_CPU_WORKERS = 4
-
-
-def cpu_workers(n: int | None = None) -> list[DeviceSpec]:
-    """``n`` CPU worker processes sharing the cores between them. Default: one per core, up
-    to 4 (then several torch threads each). Several single-threaded processes beat one
-    multi-threaded one here: decoding the next batch then never stalls the forward pass's
-    threads (measured: README, Performance)."""
-    cores = os.cpu_count() or 1
-    if n is None:
-        n = min(cores, MAX_AUTO_CPU_WORKERS)
-    if n < 1:
-        raise ConfigError(f"--cpu-workers must be at least 1, got {n}")
-    threads = None if n == 1 else max(1, cores // n)
-    return [DeviceSpec("cpu", None, slot=i, threads=threads) for i in range(n)]
-
-
-def parse_devices(spec: str, *, cpu: int | None = None) -> list[DeviceSpec]:
-    """``auto`` (every GPU, else the CPU), ``cpu``, or GPU indices such as ``0,2``; ``cpu``
-    worker processes when the CPU is used (default: see ``cpu_workers``)."""
-    spec = spec.strip().lower()
-    if spec == "auto":
-        n = cuda_device_count()
-        return [DeviceSpec(f"cuda:{i}", str(i)) for i in range(n)] or cpu_workers(cpu)
-    if spec == "cpu":
-        return cpu_workers(cpu)
-    devices = []
-    for part in spec.split(","):
-        part = part.strip().removeprefix("cuda:")
-        if not part.isdigit():
-            raise ConfigError(f"--devices: {spec!r} is not auto, cpu, or GPU indices like 0,1")
-        devices.append(DeviceSpec(f"cuda:{int(part)}", str(int(part))))
-    if len({d.label for d in devices}) != len(devices):
-        raise ConfigError(f"--devices: {spec!r} names a GPU twice")
-    return devices
 
 
 @dataclass
@@ -287,22 +222,17 @@ class Supervisor:
     def reconcile(self) -> int:
         """Enqueue again the jobs whose holder is gone (``worker.reconciler``)."""
         if self._reconciler is None:
-            from pixelmill.db.engine import make_engine, make_sessionmaker
-            from pixelmill.db.migrate import upgrade
+            from pixelmill.db.engine import configured_database
             from pixelmill.wire import create_app
             from pixelmill.worker.reconciler import Reconciler
 
             try:
-                engine = make_engine(
-                    self.settings.resolved_database_url(),
-                    parents=self.settings.database_url is None,
-                )
-                upgrade(engine)
+                database = configured_database(self.settings)
             except Exception:  # noqa: BLE001 - the database away: try again next poll
                 log.warning("reconciler cannot reach the database yet", exc_info=True)
                 return 0
             self._reconciler = Reconciler(
-                self.settings, make_sessionmaker(engine), create_app(self.settings)
+                self.settings, database.sessions, create_app(self.settings)
             )
         return int(self._reconciler.maybe_run())
 

@@ -27,7 +27,7 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
     )
     app.conf.worker_consumer = dead_letter_consumer(dead_letters)
 
-    @app.task(
+    @app.task(  # type: ignore[untyped-decorator]  # Celery ships no type hints
         name=PROCESS_BATCH,
         bind=True,
         acks_late=True,
@@ -46,6 +46,6 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         )  # fmt: skip
         return asdict(report)
 
-    @app.task(name=NOOP, acks_late=True)
+    @app.task(name=NOOP, acks_late=True)  # type: ignore[untyped-decorator]  # as above
     def noop() -> None:
         return None

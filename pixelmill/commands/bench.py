@@ -30,7 +30,7 @@ from typing import Any
 
 from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
 from pixelmill.settings import device_batch_size, load_settings
-from pixelmill.worker.supervisor import cpu_workers
+from pixelmill.worker.devices import cpu_workers
 
 NULL_ITEMS = 16384
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
@@ -119,7 +119,7 @@ class Bench:
         if counts.by_status.get("done") != n or finished is None:
             failures = client.failures(batch)
             raise RuntimeError(f"bench batch did not complete: {counts.by_status} {failures}")
-        return n / (finished.timestamp() - start)
+        return float(n / (finished.timestamp() - start))
 
     # ---- measures --------------------------------------------------------------------
 
@@ -181,13 +181,13 @@ class Bench:
         client.wait(batch, timeout=3600, interval=0.25)
         finished = client.finished_at(batch)
         assert finished is not None
-        return n / (finished.timestamp() - start)
+        return float(n / (finished.timestamp() - start))
 
     @contextmanager
     def cluster(self, workers: int) -> Iterator[Any]:
         from pixelmill.producer import Client
+        from pixelmill.worker.devices import DeviceSpec, parse_devices
         from pixelmill.worker.local import local_cluster
-        from pixelmill.worker.supervisor import DeviceSpec, parse_devices
 
         cfg = self.cfg
         specs: list[DeviceSpec] = (
@@ -297,12 +297,12 @@ def _model_only(
         torch.set_num_threads(threads)
     runner = create_runner(task, model)
     runner.load(device)
-    opts = task_options(task, options, model).model_dump(mode="json", exclude_none=True)
+    opts = task_options(task, options, model)
     items = [runner.prepare(x, {"prompt": x, "seed": i}, opts) for i, x in enumerate(inputs)]
     batches = [items[i : i + forward_batch] for i in range(0, len(items), forward_batch)]
     on_device = [runner.collate(b) for b in batches]
     runner.forward(on_device[0], opts)  # warm-up
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else _no_sync
     sync()
     if barrier is not None:
         barrier.wait()
@@ -340,3 +340,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None
         return Bench(cfg, work, progress).run()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _no_sync() -> None:
+    """The CPU has nothing to wait for."""
