@@ -117,3 +117,33 @@ def test_store_urls_from_settings(tmp_path, s3_server):
     assert settings.to_env()["PIXELMILL_S3_SECRET_ACCESS_KEY"] == "sk-secret"
     with pytest.raises(ConfigError, match="no bucket"):
         open_store("s3:///prefix-only")
+
+
+def test_a_store_that_fails_a_read_is_a_service_error_exit_3(tmp_path):
+    """`results --download` when the store has lost an artifact: one line naming the object,
+    exit 3 (a service), not 2 (a usage error)."""
+    import subprocess
+    import sys
+
+    from pixelmill.db.engine import configured_database
+    from pixelmill.db.jobs import claim_jobs, create_batch, write_outcomes
+    from pixelmill.db.records import ArtifactRecord, Outcome
+    from pixelmill.settings import load_settings
+
+    settings = load_settings(data_dir=tmp_path / "data")
+    with configured_database(settings) as database, database.sessions.begin() as s:
+        new = create_batch(s, task="generate", model="m", inputs=["a lighthouse"], options={})
+        (job,) = claim_jobs(s, new.job_ids, worker="w", device="cpu")
+        key = artifact_key(batch_id=new.batch_id, job_id=job.job_id)
+        artifact = ArtifactRecord(key=key, uri=f"file:///gone/{key}", content_type="image/png",
+                                  size=1, sha256="0" * 64)  # fmt: skip
+        write_outcomes(s, [Outcome(job_id=job.job_id, result={}, artifacts=(artifact,))])
+    env = {"PATH": "/usr/bin:/bin", "PIXELMILL_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pixelmill", "results", new.batch_id, "--download",
+         str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert f"cannot read {key}" in result.stderr
+    assert "Traceback" not in result.stderr
