@@ -127,6 +127,25 @@ def test_bad_stored_options_fail_every_job_of_the_batch_naming_the_option(ctx, p
         assert row.error.startswith(f"{path}: invalid caption options: --num-beams: ")
 
 
+def test_a_batch_is_read_and_its_options_validated_once_per_worker_not_per_message(
+    ctx, photos, monkeypatch
+):
+    import pixelmill.worker.batching as batching
+
+    validated = []
+    real = batching.task_options
+    monkeypatch.setattr(batching, "task_options", lambda *a: validated.append(a) or real(*a))
+    with ctx.sessions.begin() as s:
+        inputs = [str(p) for p in photos.iterdir()]
+        new = create_batch(s, task="classify", model="null", inputs=inputs,
+                           options={"batch_size": 1})  # fmt: skip
+    for job_id in new.job_ids:  # one message per job, as a batch size of 1 sends them
+        assert process_batch(ctx, [job_id]).done == 1
+    assert len(validated) == 1
+    assert list(ctx.batches) == [new.batch_id]  # the worker's own cache, filled by the worker
+    assert ctx.batches[new.batch_id].options == {"batch_size": 1}
+
+
 def test_a_failing_forward_is_split_until_only_the_poisonous_item_fails():
     calls = []
 
