@@ -34,3 +34,16 @@ def test_the_check_fails_on_an_arrow_that_points_up(tmp_path: Path) -> None:
     result = _lint_imports(tmp_path, tmp_path)
     assert result.returncode != 0
     assert "pixelmill.db.upwards -> pixelmill.worker.local" in result.stdout
+
+
+def _loaded_after(statement: str) -> set[str]:
+    heavy = ("torch", "transformers", "diffusers", "sqlalchemy", "celery")
+    code = f"import sys\n{statement}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=True)  # fmt: skip
+    return set(result.stdout.split())
+
+
+def test_the_core_stays_light_and_the_python_api_never_loads_torch() -> None:
+    assert _loaded_after("import pixelmill, pixelmill.settings, pixelmill.catalog") == set()
+    assert _loaded_after("from pixelmill import Client, load_settings") == {"sqlalchemy", "celery"}
