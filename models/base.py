@@ -13,7 +13,8 @@
   are the batch's task options (the same for every item of one call). It is ``collate`` (stack
   the items and move them to the device: once per batch, not per item) then ``forward``.
 - A result is a JSON-able dict; a runner that produces an image puts it under ``IMAGE`` and the
-  worker stores it in the object store (never in the database; ``models.artifacts`` encodes it).
+  worker stores it in the object store (never in the database;
+  ``pixelmill.models.artifacts`` encodes it).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Settings chosen for this design (see README, "How a batch flows"):
 - JSON only, on the wire and for results: a pickled message is rejected, never executed.
 - Late acks + reject on worker lost: a message is acked only after its batch's results are
   committed. A worker that dies mid-batch leaves its message unacked; its jobs come back through
-  the reconciler (leases, ``worker.reconciler``) long before the visibility timeout.
+  the reconciler (leases, ``pixelmill.worker.reconciler``) long before the visibility timeout.
 - Visibility timeout 6 h (PIXELMILL_VISIBILITY_TIMEOUT): longer than any batch, so that a slow
   generation batch is never handed to a second worker while the first still runs it.
 - Prefetch multiplier 1: a device worker reserves no more batches than it works on
@@ -25,8 +25,9 @@ PROCESS_BATCH = "pixelmill.process_batch"
 NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery with it
 
 # The largest message a worker takes; a bigger one is refused as permanent on arrival and
-# dead-lettered (``worker.deadletter``), never retried. Producers never make one: ``enqueue``
-# cuts at MAX_BATCH_IDS (also the largest --batch-size), and job ids are 36-character UUIDs.
+# dead-lettered (``pixelmill.worker.deadletter``), never retried. Producers never make one:
+# ``enqueue`` cuts at MAX_BATCH_IDS (also the largest --batch-size), and job ids are
+# 36-character UUIDs.
 MAX_BATCH_IDS = 4096  # job ids per message
 MAX_JOB_ID_LENGTH = 64  # characters of one job id
 MAX_MESSAGE_BYTES = 1 << 20  # a message body (JSON); 4096 ids take about 164 KB

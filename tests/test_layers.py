@@ -1,4 +1,4 @@
-"""The arrows of the design point one way (ARCHITECTURE.md, "Components"), checked by
+"""The arrows of the design point one way (README, "Layout"), checked by
 import-linter with the contracts in pyproject.toml."""
 
 from __future__ import annotations

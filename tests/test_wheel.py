@@ -31,20 +31,41 @@ def _readme_api_example() -> str:
     return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
+def _build_wheel(source: Path, out: Path) -> Path:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), str(ROOT)],
+         "--wheel-dir", str(out), str(source)],
         check=True, timeout=300,
     )  # fmt: skip
     (built,) = out.glob("pixelmill-*.whl")
     return built
 
 
-def test_the_wheel_holds_one_import_name_and_every_component(wheel: Path) -> None:
-    names = zipfile.ZipFile(wheel).namelist()
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The wheel built from the checkout, and the one built from the sdist (what `python -m
+    build`, `uv build` and `pip install pixelmill-*.tar.gz` do): the sdist holds the component
+    folders themselves, not the links."""
+    out = tmp_path_factory.mktemp("dist")
+    from_checkout = _build_wheel(ROOT, out / "checkout")
+    subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "--target", "sdist", "--directory",
+         str(out / "sdist")],
+        cwd=ROOT, check=True, timeout=300, capture_output=True,
+    )  # fmt: skip
+    (sdist,) = (out / "sdist").glob("pixelmill-*.tar.gz")
+    return from_checkout, _build_wheel(sdist, out / "from-sdist")
+
+
+@pytest.fixture(scope="module")
+def wheel(wheels: tuple[Path, Path]) -> Path:
+    return wheels[1]
+
+
+def test_the_wheel_holds_one_import_name_and_every_component(wheels: tuple[Path, Path]) -> None:
+    from_checkout, from_sdist = (sorted(zipfile.ZipFile(w).namelist()) for w in wheels)
+    assert from_sdist == from_checkout
+    names = from_sdist
     tops = {name.split("/", 1)[0] for name in names}
     assert tops == {"pixelmill", "pixelmill-0.1.0.dist-info"}, sorted(tops)
     for needed in (
@@ -55,16 +76,16 @@ def test_the_wheel_holds_one_import_name_and_every_component(wheel: Path) -> Non
         "pixelmill/worker/device_main.py",
         "pixelmill/commands/run.py",
         "pixelmill/wire.py",
+        "pixelmill/py.typed",
     ):
         assert needed in names, needed
 
 
-def test_the_readme_example_runs_from_a_folder_with_its_own_db_models_worker_producer(
-    wheel: Path, tmp_path: Path
-) -> None:
-    # A fresh venv with the wheel installed; its dependencies (torch and the rest) come from
-    # the test venv's site-packages through a .pth line, so nothing is downloaded.
-    venv = tmp_path / "venv"
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed; its dependencies (torch and the rest) come from
+    the test venv's site-packages through a .pth line, so nothing is downloaded."""
+    venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = subprocess.run(
@@ -77,11 +98,26 @@ def test_the_readme_example_runs_from_a_folder_with_its_own_db_models_worker_pro
          "--no-index", str(wheel)],
         check=True, timeout=300,
     )  # fmt: skip
+    return venv
 
-    project = tmp_path / "project"
-    (project / "photos").mkdir(parents=True)
+
+def _user_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXELMILL_", "PYTHON"))}
+    env.update(PIXELMILL_DATA_DIR=str(tmp_path / "data"))
+    return env
+
+
+def _photos(folder: Path) -> None:
+    (folder / "photos").mkdir(parents=True)
     for name in PHOTOS:
-        shutil.copy(skimage_data() / name, project / "photos" / name)
+        shutil.copy(skimage_data() / name, folder / "photos" / name)
+
+
+def test_the_readme_example_runs_from_a_folder_with_its_own_db_models_worker_producer(
+    venv: Path, tmp_path: Path
+) -> None:
+    project = tmp_path / "project"
+    _photos(project)
     for module in USER_MODULES:
         (project / f"{module}.py").write_text(f"OWNER = 'the user'\nNAME = {module!r}\n")
     own = "".join(f"import {m}\n" for m in USER_MODULES)
@@ -93,11 +129,10 @@ def test_the_readme_example_runs_from_a_folder_with_its_own_db_models_worker_pro
     )
     (project / "label.py").write_text(own + leak + _readme_api_example() + check)
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXELMILL_", "PYTHON"))}
-    env.update(PIXELMILL_DATA_DIR=str(tmp_path / "data"))
+    env = _user_env(tmp_path)
     result = subprocess.run(
-        [str(python), "label.py"], cwd=project, env=env, capture_output=True, text=True,
-        timeout=300,
+        [str(venv / "bin" / "python"), "label.py"], cwd=project, env=env, capture_output=True,
+        text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if " done " in line]
@@ -110,3 +145,20 @@ def test_the_readme_example_runs_from_a_folder_with_its_own_db_models_worker_pro
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert help_.returncode == 0 and "run" in help_.stdout, help_.stderr
+
+
+def test_no_process_pixelmill_starts_imports_from_the_folder_it_runs_in(
+    venv: Path, tmp_path: Path
+) -> None:
+    """A folder with its own pixelmill.py, celery.py, redis.py, kombu.py and torch.py: the
+    broker keeper and the device workers (started with ``python -m``) must not import them."""
+    project = tmp_path / "project"
+    _photos(project)
+    for module in ("pixelmill", "celery", "redis", "kombu", "torch"):
+        (project / f"{module}.py").write_text(f"raise SystemExit('the user\\'s {module}.py')\n")
+    result = subprocess.run(
+        [str(venv / "bin" / "pixelmill"), "run", "classify", "photos/", "--model", "null"],
+        cwd=project, env=_user_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{len(PHOTOS)} done, 0 failed" in result.stderr

@@ -7,9 +7,9 @@ artifact rows that name the stored objects (one transaction).
 
 Unattended runs never hang and never orphan a job (README, Guarantees):
 - the claimed jobs are tracked while the batch works on them, and each stage stamps progress;
-  the heartbeat renews only those (``worker.heartbeat``);
+  the heartbeat renews only those (``pixelmill.worker.heartbeat``);
 - each input's read and decode has a deadline (``PIXELMILL_READ_TIMEOUT``); a stuck thread is
-  abandoned and replaced (``worker.decode_pool``);
+  abandoned and replaced (``pixelmill.worker.decode_pool``);
 - a transient error (the database or the object store away) is retried here, in place, with
   capped backoff for ``PIXELMILL_TRANSIENT_RETRY_SECONDS``, without claiming again (attempts
   count worker deaths only); then the jobs fail with the real reason;

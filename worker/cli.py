@@ -11,6 +11,7 @@ from pixelmill.clitools import settings_or_exit, user_errors
 from pixelmill.db.engine import database_errors
 from pixelmill.logs import configure_logging
 from pixelmill.settings import mask_url
+from pixelmill.worker.lifecycle import python_command
 
 
 @click.command()
@@ -96,7 +97,7 @@ def flower(port: int, address: str, basic_auth: str | None) -> None:
         env["FLOWER_BASIC_AUTH"] = basic_auth
     else:
         env.pop("FLOWER_BASIC_AUTH", None)
-    argv = [sys.executable, "-m", "celery", "flower", f"--port={port}", f"--address={address}"]
+    argv = python_command("-m", "celery", "flower", f"--port={port}", f"--address={address}")
     argv.append("--broker-api=")  # the Redis broker needs no management API
     os.execve(sys.executable, argv, env)
 

@@ -1,7 +1,7 @@
 """Refusing bad messages: every message is checked on arrival, before Celery builds a request
 from it; one that cannot be run (not JSON, malformed, oversized, of an unknown task) is
 acknowledged (removed from the queue, never redelivered), logged at WARNING and recorded in the
-``dead_letters`` table (``db.deadletters``).
+``dead_letters`` table (``pixelmill.db.deadletters``).
 
 Why here: Celery's consumer hands a message to the task's strategy, which unpacks the body in
 the consumer's own loop. A body that is not ``[args, kwargs, embed]`` (``{"garbage": true}``,

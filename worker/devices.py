@@ -1,16 +1,16 @@
 """Device discovery: which devices this host has and how they are named. ``DeviceSpec`` is one
 worker process's device (a GPU pinned with ``CUDA_VISIBLE_DEVICES``, or a slot of the CPU);
 ``parse_devices`` turns ``--devices`` into them. Supervising the processes is
-``worker.supervisor``'s business."""
+``pixelmill.worker.supervisor``'s business."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 
 from pixelmill.errors import ConfigError
+from pixelmill.worker.lifecycle import python_command
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def cuda_device_count() -> int:
     """GPUs visible to this host. Asks in a child process, so this one never touches CUDA."""
     try:
         out = subprocess.run(
-            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            python_command("-c", "import torch; print(torch.cuda.device_count())"),
             capture_output=True,
             text=True,
             timeout=120,

@@ -33,7 +33,7 @@ from pathlib import Path
 import redis
 
 from pixelmill.errors import ServiceUnavailable
-from pixelmill.worker.lifecycle import set_parent_death_signal
+from pixelmill.worker.lifecycle import python_command, set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,18 @@ class EmbeddedRedis:
     def log_path(self) -> Path:
         return self.workdir / "redis.log"
 
+    @property
+    def keeper_log_path(self) -> Path:
+        return self.workdir / "redis-keeper.log"
+
+    def _keeper_failure(self) -> str:
+        """The last line the keeper wrote (its error), or nothing."""
+        try:
+            lines = self.keeper_log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return f": {lines[-1].strip()[:300]}" if lines else ""
+
     def hold(self) -> EmbeddedRedis:
         """Count this process among the broker's users without starting anything (a device
         worker: the broker stays while it drains, even if its supervisor is gone)."""
@@ -138,8 +150,8 @@ class EmbeddedRedis:
             code = keeper.poll()
             if code not in (None, 0):
                 raise ServiceUnavailable(
-                    f"the embedded broker could not be started (keeper exited with {code}); "
-                    f"see {self.log_path}"
+                    f"the embedded broker could not be started (keeper exited with {code}"
+                    f"{self._keeper_failure()}); see {self.keeper_log_path}"
                 )
             time.sleep(0.05)
         raise ServiceUnavailable(
@@ -150,9 +162,9 @@ class EmbeddedRedis:
     def _spawn_keeper(self) -> subprocess.Popen[bytes]:
         """A keeper for this socket. If one is already running it exits at once (0)."""
         self.restarts += 1
-        cmd = [sys.executable, "-m", "pixelmill.worker.embedded", "--socket", str(self.socket_path),
-               "--workdir", str(self.workdir)]  # fmt: skip
-        with open(self.workdir / "redis-keeper.log", "ab") as out:
+        cmd = python_command("-m", "pixelmill.worker.embedded", "--socket", str(self.socket_path),
+                             "--workdir", str(self.workdir))  # fmt: skip
+        with open(self.keeper_log_path, "ab") as out:
             # Its own session: no terminal signal reaches it, and it outlives the user that
             # started it, serving every other user of the data dir until the last one leaves.
             return subprocess.Popen(

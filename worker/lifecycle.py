@@ -32,6 +32,14 @@ PR_SET_PDEATHSIG = 1
 DRAIN_SECONDS = 120.0
 
 
+def python_command(*args: str) -> list[str]:
+    """This Python with ``args``, never importing from the folder it runs in. ``-m`` would put
+    the current folder first on ``sys.path``, so a user's own ``pixelmill.py``, ``celery.py`` or
+    ``redis.py`` there would replace the real ones in every process pixelmill starts; ``-P``
+    (Python 3.11) leaves it out."""
+    return [sys.executable, "-P", *args]
+
+
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent dies. Linux only; True
     if set. (Safe in a ``preexec_fn``: one system call, no allocation in Python objects that

@@ -1,7 +1,7 @@
 """Transient errors retried in place: the database or the object store away is worth trying
 again, with capped exponential backoff, for a bounded time; anything else is not. Used by the
-batch pipeline (``worker.batching``), so a retry never claims jobs again (attempts count worker
-deaths only)."""
+batch pipeline (``pixelmill.worker.batching``), so a retry never claims jobs again (attempts
+count worker deaths only)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from pixelmill.errors import PixelmillError, StoreError
 from pixelmill.worker.heartbeat import Tracked
 
-log = logging.getLogger("worker.batching")
+log = logging.getLogger("pixelmill.worker.batching")  # its messages are the batch's
 
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 60.0

@@ -17,7 +17,13 @@ from pixelmill.errors import ServiceUnavailable
 from pixelmill.settings import ENV_PREFIX, Settings
 from pixelmill.worker.devices import DeviceSpec
 from pixelmill.worker.embedded import EmbeddedRedis
-from pixelmill.worker.lifecycle import DRAIN_SECONDS, DeviceBusy, DeviceLock, default_lock_dir
+from pixelmill.worker.lifecycle import (
+    DRAIN_SECONDS,
+    DeviceBusy,
+    DeviceLock,
+    default_lock_dir,
+    python_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +49,10 @@ BROKER_CHECK_INTERVAL = 2.0
 class Supervisor:
     """Start, watch and stop one device worker per device.
 
-    Each worker holds its device's lock (``worker.lifecycle.DeviceLock``: GPUs per host, CPU
-    slots per data dir) for its whole life, so a second supervisor on the host waits for the
-    device instead of putting a second worker on it; each worker dies with this process (the
-    parent-death signal, and a watch in the worker)."""
+    Each worker holds its device's lock (``pixelmill.worker.lifecycle.DeviceLock``: GPUs per
+    host, CPU slots per data dir) for its whole life, so a second supervisor on the host waits
+    for the device instead of putting a second worker on it; each worker dies with this process
+    (the parent-death signal, and a watch in the worker)."""
 
     def __init__(
         self,
@@ -113,9 +119,9 @@ class Supervisor:
             env["CUDA_VISIBLE_DEVICES"] = device.visible
         else:
             env["CUDA_VISIBLE_DEVICES"] = ""
-        cmd = [sys.executable, "-m", "pixelmill.worker.device_main", "--device", device.label,
-               "--slot", str(device.slot), "--parent", str(os.getpid()),
-               "--ready-file", str(ready_file)]  # fmt: skip
+        cmd = python_command("-m", "pixelmill.worker.device_main", "--device", device.label,
+                             "--slot", str(device.slot), "--parent", str(os.getpid()),
+                             "--ready-file", str(ready_file))  # fmt: skip
         if device.threads is not None:
             cmd += ["--threads", str(device.threads)]
         gpus = sum(1 for d in self.devices if d.visible is not None)
@@ -220,7 +226,7 @@ class Supervisor:
             self.broker_down_since = None
 
     def reconcile(self) -> int:
-        """Enqueue again the jobs whose holder is gone (``worker.reconciler``)."""
+        """Enqueue again the jobs whose holder is gone (``pixelmill.worker.reconciler``)."""
         if self._reconciler is None:
             from pixelmill.db.engine import configured_database
             from pixelmill.wire import create_app

@@ -1,7 +1,9 @@
-"""The Celery task. Thin: it checks the message and calls ``worker.batching.process_batch``.
+"""The Celery task. Thin: it checks the message and calls
+``pixelmill.worker.batching.process_batch``.
 
-Messages are checked on arrival by the worker's consumer (``worker.deadletter``): one that is
-malformed, oversized, of an unknown task or not JSON is dead-lettered and never reaches a task.
+Messages are checked on arrival by the worker's consumer (``pixelmill.worker.deadletter``): one
+that is malformed, oversized, of an unknown task or not JSON is dead-lettered and never reaches
+a task.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Alembic environment. pixelmill runs migrations in code (``db.migrate.upgrade``), which
+"""Alembic environment. pixelmill runs migrations in code (``pixelmill.db.migrate.upgrade``), which
 hands over an open connection; the ``alembic`` command line works too with
 ``-x url=...`` or PIXELMILL_DATABASE_URL set (read through the settings object)."""
 
