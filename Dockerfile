@@ -2,9 +2,9 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
-# pixelmill/ holds links to the component folders (README, "Layout"): COPY keeps them as
-# links, so the folders they point at are copied too; building the wheel follows them.
+COPY pyproject.toml README.md hatch_build.py ./
+# The component folders sit beside pixelmill/ (which links to them, README "Layout");
+# hatch_build.py copies them into the wheel under pixelmill/.
 COPY pixelmill pixelmill
 COPY producer producer
 COPY worker worker
