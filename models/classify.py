@@ -202,15 +202,6 @@ class RandomViTB16(HFClassifier):
     """ViT-B/16 at 224 px with random weights: the compute of the real model, for throughput
     measurements where real weights cannot be downloaded. Its labels mean nothing."""
 
-    def __init__(
-        self,
-        name: str = RANDOM_VIT_B16,
-        loading: LoadOptions | None = None,
-        *,
-        top_k: int = DEFAULT_TOP_K,
-    ) -> None:
-        super().__init__(name, loading, top_k=top_k)
-
     def _load(self, device: str) -> None:
         from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 

@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import torch
 
-from pixelmill.models.base import LoadOptions
 from pixelmill.models.caption import Captioner
 from pixelmill.models.generate import ImageGenerator
 
@@ -103,9 +102,6 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class RandomBlipBase(Captioner):
-    def __init__(self, name: str = RANDOM_BLIP_BASE, loading: LoadOptions | None = None) -> None:
-        super().__init__(name, loading)
-
     def _build(self) -> Any:
         from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
 
@@ -125,9 +121,6 @@ class RandomBlipBase(Captioner):
 
 
 class RandomSDTurbo(ImageGenerator):
-    def __init__(self, name: str = RANDOM_SD_TURBO, loading: LoadOptions | None = None) -> None:
-        super().__init__(name, loading)
-
     def _build(self, dtype: torch.dtype) -> Any:
         torch.manual_seed(0)
         with default_dtype(dtype):  # built in the dtype it runs in: no copy, no cast

@@ -40,6 +40,7 @@ def test_runner_options_reach_the_runner():
                            compile=True)  # fmt: skip
     assert isinstance(runner, EfficientNetLite0) and runner.top_k == 3
     assert runner.loading == LoadOptions(precision="fp16", trust_remote_code=False, compile=True)
+    # The flag only has to arrive: the null model loads nothing, so no remote code is run.
     null = create_runner("generate", "null", top_k=3, trust_remote_code=True)
     assert isinstance(null, NullRunner) and null.for_task == "generate"
     assert null.loading.trust_remote_code
