@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Connection, Row, Table, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from pixelmill.db.content import index_results
 from pixelmill.db.reads import get_batch
 from pixelmill.db.records import (
     ArtifactRecord,
@@ -24,6 +24,7 @@ from pixelmill.db.records import (
     Stranded,
 )
 from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
+from pixelmill.db.upsert import upsert
 
 INSERT_CHUNK = 2000
 
@@ -34,6 +35,8 @@ INSERT_CHUNK = 2000
 FINISHED = (JobStatus.done, JobStatus.failed)
 GAVE_UP = "gave up after"
 JOBS = cast(Table, Job.__table__)
+RESULTS = cast(Table, Result.__table__)
+ARTIFACTS = cast(Table, Artifact.__table__)
 UNFINISHED = JOBS.c.status.not_in(FINISHED)
 
 
@@ -52,11 +55,20 @@ def create_batch(
     params: Sequence[dict[str, Any] | None] | None = None,
     queued_lease: float = 600,
     fingerprint: str | None = None,
+    contents: Sequence[str | None] | None = None,
+    reused: Mapping[int, str] | None = None,
+    recipe: str | None = None,
+    source_key: str | None = None,
+    plan: dict[str, int] | None = None,
 ) -> NewBatch:
-    """Register a batch and one queued job per input (with its ``params``, if given).
-    The caller commits, then enqueues."""
-    if params is not None and len(params) != len(inputs):
-        raise ValueError(f"{len(params)} params for {len(inputs)} inputs")
+    """Register a batch and one job per input (with its ``params``, if given, and the sha256
+    of its bytes in ``contents``). The jobs are queued, except those ``reused`` maps (by
+    position) to the earlier job whose result they take: they are done at once. Returns the
+    ids of the queued jobs only; the caller commits, then enqueues them."""
+    for what, given in (("params", params), ("contents", contents)):
+        if given is not None and len(given) != len(inputs):
+            raise ValueError(f"{len(given)} {what} for {len(inputs)} inputs")
+    reused = reused or {}
     batch_id = new_id()
     session.add(
         Batch(
@@ -68,6 +80,9 @@ def create_batch(
             total=len(inputs),
             created_at=utcnow(),
             fingerprint=fingerprint,
+            recipe=recipe,
+            source_key=source_key,
+            plan=plan,
         )
     )
     session.flush()
@@ -82,15 +97,19 @@ def create_batch(
                 "seq": i,
                 "input": inputs[i],
                 "params": params[i] if params is not None else None,
-                "status": JobStatus.queued,
+                "content_sha256": contents[i] if contents is not None else None,
+                "reused_from": reused.get(i),
+                "status": JobStatus.done if i in reused else JobStatus.queued,
                 "attempts": 0,
                 "created_at": now,
-                "lease_until": lease_until,
+                "finished_at": now if i in reused else None,
+                "lease_until": None if i in reused else lease_until,
             }
             for i in range(start, min(start + INSERT_CHUNK, len(inputs)))
         ]
         session.execute(insert(Job), rows)
-    return NewBatch(batch_id=batch_id, job_ids=job_ids)
+    queued = [job_id for i, job_id in enumerate(job_ids) if i not in reused]
+    return NewBatch(batch_id=batch_id, job_ids=queued)
 
 
 def claim_jobs(
@@ -212,13 +231,19 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     if not outcomes:
         return
     now = utcnow()
-    moved = _finish_jobs(session.connection(), outcomes, now=now)
+    conn = session.connection()
+    moved = _finish_jobs(conn, outcomes, now=now)
     results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
     if results:
-        _upsert(session, Result, [_result_row(o, now) for o in results], key=Result.job_id)
+        rows = [_result_row(o, now) for o in results]
+        upsert(conn, RESULTS, rows, key=["job_id"], keep=["created_at"])
+        by_revision: dict[str | None, list[str]] = {}
+        for o in results:
+            by_revision.setdefault(o.model_revision, []).append(o.job_id)
+        for revision, ids in by_revision.items():
+            index_results(conn, ids, revision)
     artifacts = [_artifact_row(o, a, now) for o in results for a in o.artifacts]
-    if artifacts:
-        _upsert(session, Artifact, artifacts, key=Artifact.key)
+    upsert(conn, ARTIFACTS, artifacts, key=["key"], keep=["created_at"])
 
 
 def _finish_jobs(conn: Connection, outcomes: Sequence[Outcome], *, now: datetime) -> set[str]:
@@ -408,19 +433,3 @@ def take_stranded(
         )
         for batch_id, jobs in by_batch.items()
     ]
-
-
-def _upsert(session: Session, table: Any, rows: list[dict[str, Any]], *, key: Any) -> None:
-    """INSERT .. ON CONFLICT (key) DO UPDATE, on PostgreSQL and SQLite alike: a redelivered
-    batch rewrites the same rows instead of adding new ones."""
-    dialect = session.get_bind().dialect.name
-    if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - settings refuse others
-        raise NotImplementedError(dialect)
-    insert_for = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt: Any = insert_for(table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[key],
-        set_={c: stmt.excluded[c] for c in rows[0] if c not in (key.key, "created_at")},
-    )
-    # executemany with one cached statement (a multi-row VALUES would be compiled each time).
-    session.connection().execute(stmt, rows)

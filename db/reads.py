@@ -20,6 +20,21 @@ def batch_by_fingerprint(session: Session, fingerprint: str) -> Batch | None:
     return session.scalar(select(Batch).where(Batch.fingerprint == fingerprint))
 
 
+def unfinished_batch(session: Session, source_key: str) -> Batch | None:
+    """The newest batch with ``source_key`` that still has a queued or running job."""
+    open_jobs = (
+        select(Job.id)
+        .where(Job.batch_id == Batch.id, Job.status.in_((JobStatus.queued, JobStatus.running)))
+        .exists()
+    )
+    return session.scalar(
+        select(Batch)
+        .where(Batch.source_key == source_key, open_jobs)
+        .order_by(Batch.created_at.desc())
+        .limit(1)
+    )
+
+
 def queued_job_ids(session: Session, batch_id: str) -> list[str]:
     return list(
         session.scalars(
@@ -40,10 +55,22 @@ def get_batch(session: Session, batch_id: str) -> Batch:
 def batch_counts(session: Session, batch_id: str) -> BatchCounts:
     batch = get_batch(session, batch_id)
     counts = _counts(batch)
-    for status, n in session.execute(
-        select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)
+    reused = Job.reused_from.is_not(None)
+    for status, was_reused, n in session.execute(
+        select(Job.status, reused, func.count())
+        .where(Job.batch_id == batch_id)
+        .group_by(Job.status, reused)
     ):
-        counts.by_status[JobStatus(status).value] = n
+        value = JobStatus(status).value
+        counts.by_status[value] = counts.by_status.get(value, 0) + n
+        if was_reused:
+            counts.reused += n
+    started, last = session.execute(
+        select(func.min(Job.started_at), func.max(Job.finished_at)).where(
+            Job.batch_id == batch_id, Job.reused_from.is_(None)
+        )
+    ).one()
+    counts.started_at, counts.last_finished_at = _utc(started), _utc(last)
     return counts
 
 
@@ -65,7 +92,8 @@ def recent_batches(session: Session, limit: int = 20) -> list[BatchCounts]:
 
 def _counts(batch: Batch) -> BatchCounts:
     return BatchCounts(batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name,
-                       total=batch.total, created_at=_utc(batch.created_at))  # fmt: skip
+                       total=batch.total, created_at=_utc(batch.created_at),
+                       plan=batch.plan)  # fmt: skip
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -92,14 +120,16 @@ def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tu
 
 
 def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterator[JobResult]:
-    """Every job of a batch in submission order, with its result, a page at a time."""
+    """Every job of a batch in submission order, with its result, a page at a time. A reused
+    job shows the result (and artifact) of the job that computed it."""
     batch = get_batch(session, batch_id)
+    source = func.coalesce(Job.reused_from, Job.id)
     last = -1
     while True:
         rows = session.execute(
             select(Job, Result, Artifact)
-            .outerjoin(Result, Result.job_id == Job.id)
-            .outerjoin(Artifact, (Artifact.job_id == Job.id) & (Artifact.index == 0))
+            .outerjoin(Result, Result.job_id == source)
+            .outerjoin(Artifact, (Artifact.job_id == source) & (Artifact.index == 0))
             .where(Job.batch_id == batch_id, Job.seq > last)
             .order_by(Job.seq)
             .limit(page)
@@ -115,9 +145,14 @@ def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterat
                 result=result.data if result is not None else None,
                 error=job.error,
                 model=result.model if result is not None else batch.model,
-                device=job.device,
+                device=result.device if result is not None and job.reused_from else job.device,
                 artifact=_artifact_record(artifact) if artifact is not None else None,
                 attempts=job.attempts,
+                content_sha256=job.content_sha256,
+                reused_from=job.reused_from,
+                model_revision=result.model_revision if result is not None else None,
+                finished_at=_utc(job.finished_at),
+                batch_id=batch_id,
             )
             last = job.seq
 

@@ -12,6 +12,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class NewBatch:
+    """A registered batch: its id and the ids of its queued jobs (to enqueue), in order; its
+    reused jobs are done already."""
+
     batch_id: str
     job_ids: list[str]
 
@@ -102,10 +105,19 @@ class JobResult:
     device: str | None
     artifact: ArtifactRecord | None = None
     attempts: int = 0  # the starts that count against PIXELMILL_MAX_ATTEMPTS
+    content_sha256: str | None = None  # of the input's bytes, when submitted
+    reused_from: str | None = None  # the job whose result this one took, at submit
+    model_revision: str | None = None
+    finished_at: datetime | None = None  # UTC
+    batch_id: str | None = None
 
     @property
     def job_id(self) -> str:
         return self.job
+
+    @property
+    def reused(self) -> bool:
+        return self.reused_from is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,6 +130,10 @@ class JobResult:
             "model": self.model,
             "device": self.device,
             "artifact": self.artifact.uri if self.artifact else None,
+            "sha256": self.content_sha256,
+            "revision": self.model_revision,
+            "reused": self.reused,
+            "reused_from": self.reused_from,
         }
 
 
@@ -130,6 +146,10 @@ class BatchCounts:
     total: int
     by_status: dict[str, int] = field(default_factory=dict)
     created_at: datetime | None = None  # UTC
+    reused: int = 0  # jobs done at submit with an earlier result
+    plan: dict[str, int] | None = None  # what the submit found: new, changed, stale, reused
+    started_at: datetime | None = None  # the first job a worker started (UTC)
+    last_finished_at: datetime | None = None  # the last job a worker finished (UTC)
 
     @property
     def finished(self) -> int:
@@ -138,3 +158,19 @@ class BatchCounts:
     @property
     def complete(self) -> bool:
         return self.finished >= self.total
+
+    def rate(self, now: datetime) -> float | None:
+        """Jobs the workers finished per second so far (reused ones not counted)."""
+        processed = self.finished - self.reused
+        if self.started_at is None or processed <= 0:
+            return None
+        end = self.last_finished_at if self.complete and self.last_finished_at else now
+        seconds = (end - self.started_at).total_seconds()
+        return processed / seconds if seconds > 0 else None
+
+    def eta_seconds(self, now: datetime) -> float | None:
+        """Seconds until every job is finished at the rate so far; None if not known yet."""
+        if self.complete:
+            return 0.0
+        rate = self.rate(now)
+        return (self.total - self.finished) / rate if rate else None

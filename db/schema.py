@@ -63,6 +63,15 @@ class Batch(Base):
     # What was submitted (task, model, options, inputs as they were on disk): the same submit
     # again finds this batch instead of doing the work twice.
     fingerprint: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # What a job's result depends on besides its input's bytes and the model's revision: task,
+    # model, options and pixelmill's preprocessing version (``pixelmill.catalog.recipe``).
+    # None for generate, whose jobs are never reused.
+    recipe: Mapped[str | None] = mapped_column(String(64))
+    # Task, model, options and the inputs as typed: two runs over the same source at once find
+    # each other by it (``pixelmill.producer.client``).
+    source_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    # What the submit found: {"new": n, "changed": n, "stale": n, "reused": n}.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):
@@ -95,6 +104,12 @@ class Job(Base):
     # Until when the job's holder is trusted with it: a queued job's message, or a running
     # job's worker (renewed by its heartbeat). Past it, the reconciler enqueues the job again.
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The sha256 of the input's bytes when it was submitted (None: a prompt, or a file that
+    # could not be read).
+    content_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A job done at submit with an earlier result: the job that computed it (whose result and
+    # artifacts a reader sees for this one).
+    reused_from: Mapped[str | None] = mapped_column(String(36))
 
 
 class Result(Base):
@@ -156,3 +171,44 @@ class DeadLetter(Base):
     body: Mapped[str] = mapped_column(Text, default="")  # its first bytes only (bounded)
     headers: Mapped[str | None] = mapped_column(Text)  # their repr, bounded
     worker: Mapped[str | None] = mapped_column(String(200))
+
+
+class SeenFile(Base):
+    """The stat fast path of the content index, as git's index: a file whose path, size and
+    modification time are as recorded here is not read again; its sha256 is this one."""
+
+    __tablename__ = "files"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ContentResult(Base):
+    """The content index: which job computed the result for these bytes with this recipe
+    (task, model, options, preprocessing version) and model revision. Written by the worker
+    with the job's result; read by the producer to reuse it."""
+
+    __tablename__ = "content_results"
+
+    content_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    recipe: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_revision: Mapped[str] = mapped_column(String(100), primary_key=True)
+    task: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(500))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelRevision(Base):
+    """The revision of a model the workers last ran: what a producer that cannot resolve the
+    model itself (a hub id not in its cache, a built-in) takes as current."""
+
+    __tablename__ = "model_revisions"
+
+    task: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(500), primary_key=True)
+    revision: Mapped[str] = mapped_column(String(100))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

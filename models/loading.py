@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelmill.errors import ModelUnavailable
+from pixelmill.revisions import folder_revision, model_folder
 
 SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 
@@ -62,7 +63,11 @@ def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
 
 
 def revision_of(config: Any, name: str) -> str | None:
-    """The hub commit a model was loaded from, or "local" for a folder."""
+    """The revision a model was loaded as: a local folder's content fingerprint (the one a
+    producer computes too, ``pixelmill.revisions``), else the hub commit it was loaded from."""
+    folder = model_folder(name)
+    if folder is not None:
+        return folder_revision(folder)
     if isinstance(config, Mapping):  # diffusers' FrozenDict configs
         commit, path = None, str(config.get("_name_or_path") or "")
     else:
@@ -70,7 +75,5 @@ def revision_of(config: Any, name: str) -> str | None:
         path = str(getattr(config, "_name_or_path", "") or "")
     if commit:
         return str(commit)
-    if is_folder(name):
-        return "local"
     match = SNAPSHOT.search(path)
     return match.group(1) if match else None

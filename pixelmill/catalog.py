@@ -4,6 +4,8 @@ workers; light (no torch)."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import math
 import os
 import re
@@ -140,3 +142,33 @@ def job_path(input: str, params: dict[str, Any]) -> str:
     """The file a job names: its input, or the exact bytes kept in its params."""
     raw = params.get(PATH_BYTES)
     return os.fsdecode(base64.b64decode(raw)) if isinstance(raw, str) else input
+
+
+# ---- reuse ----------------------------------------------------------------------------------
+
+#: pixelmill's own preprocessing version: bump it when decoding or preprocessing changes what a
+#: model sees (orientation, colour conversion, resizing), so every earlier result goes stale.
+PREPROCESS_VERSION = 1
+
+#: The tasks whose results depend only on the input's bytes, the model and the options, so
+#: that an earlier result for the same bytes can be reused. generate draws from seeds and
+#: prompts per job: it is never reused (the same submit twice still finds its batch).
+REUSABLE_TASKS = frozenset({"classify", "caption"})
+
+# Options that change how the work is split, not its results.
+_NOT_IN_RECIPE = frozenset({"batch_size"})
+
+
+def recipe(task: str, model: str, options: dict[str, Any]) -> str | None:
+    """What a result depends on besides its input's bytes and the model's revision: the task,
+    the model's name, the options as stored with the batch and ``PREPROCESS_VERSION``, as a
+    sha256. None for a task whose results are not reused."""
+    if task not in REUSABLE_TASKS:
+        return None
+    body = {
+        "task": task,
+        "model": model,
+        "options": {k: v for k, v in options.items() if k not in _NOT_IN_RECIPE},
+        "preprocess": PREPROCESS_VERSION,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

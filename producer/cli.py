@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -22,13 +23,15 @@ from pixelmill.clitools import (
 )
 from pixelmill.db.deadletters import dead_letter_count
 from pixelmill.db.engine import database_errors
+from pixelmill.db.records import BatchCounts
 from pixelmill.errors import InputError
-from pixelmill.producer.client import Client
+from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.inputs import read_prompts_file
 from pixelmill.producer.output import (
     STATES,
     batches_table,
     counts_json,
+    duration,
     write_json_lines,
     write_text_lines,
 )
@@ -59,6 +62,19 @@ AGAIN = click.option(
     "was made before; without it, that batch is used and nothing is done twice.",
 )
 NAME = click.option("--name", default=None, help="A name for the batch, shown by status.")
+FORCE = click.option(
+    "--force",
+    is_flag=True,
+    help="Process every input again: reuse no earlier result (and make a new batch).",
+)
+PLAN = click.option(
+    "--plan",
+    "plan_only",
+    is_flag=True,
+    help="A dry run: say how many inputs are new, changed, stale (older model revision or "
+    "options) and would be reused, then stop; registers and enqueues nothing. --json: one "
+    "line per input.",
+)
 
 
 TASK_OPTIONS = (
@@ -92,7 +108,8 @@ TASK_OPTIONS = (
 
 def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
-    for decorate in reversed((TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, *TASK_OPTIONS)):
+    shared = (TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN, *TASK_OPTIONS)
+    for decorate in reversed(shared):
         command = decorate(command)
     return command
 
@@ -140,26 +157,88 @@ def submit(
     name: str | None,
     batch_size: int | None,
     again: bool,
+    force: bool,
+    plan_only: bool,
     **task_options: Any,
 ) -> None:
     """Enqueue only: register the jobs, enqueue them and print the batch id.
 
     Workers (`pixelmill worker`) on the same broker and database do the work; read it back
     with `pixelmill status BATCH` and `pixelmill results BATCH`.
-    With --json prints {"batch": "<id>", "jobs": <n>}.
+
+    classify and caption are incremental: an image whose bytes were processed before with the
+    same model (revision) and options is done at once with that result (reused); --plan shows
+    what would happen, --force reuses nothing. While a batch over the same INPUTs is still in
+    progress, its id is printed instead (nothing is submitted twice).
+
+    With --json prints {"batch": "<id>", "jobs": <n>, "queued": <n>, "reused": <n>,
+    "existing": <bool>, "attached": <bool>}.
     """
     settings = settings_or_exit()
     with user_errors(), database_errors(), Client(settings) as client:
         args = submission(task, inputs, task_options)
+        if plan_only:
+            print_plan(client, task, model, args, force, as_json)
+            return
         sub = client.submit(
-            task, model=model, name=name, batch_size=batch_size, again=again, **args
+            task, model=model, name=name, batch_size=batch_size, again=again, force=force, **args
         )
     if as_json:
-        click.echo(json.dumps({"batch": sub.batch_id, "jobs": sub.jobs, "existing": sub.existing}))
+        click.echo(json.dumps(submission_json(sub)))
     else:
         click.echo(sub.batch_id)
-        if sub.existing:
-            click.echo(f"batch {sub.batch_id}{seen_before(sub)}", err=True)
+        click.echo(f"batch {sub.batch_id}: {describe(sub)}", err=True)
+
+
+def submission_json(sub: Submission) -> dict[str, Any]:
+    return {
+        "batch": sub.batch_id,
+        "jobs": sub.jobs,
+        "queued": sub.queued,
+        "reused": sub.reused,
+        "plan": sub.plan,
+        "existing": sub.existing,
+        "attached": sub.attached,
+    }
+
+
+def describe(sub: Submission) -> str:
+    """What a submit did, in words: its jobs, what was reused, or which batch it found."""
+    text = f"{sub.jobs} jobs"
+    if sub.plan is not None and not (sub.existing or sub.attached):
+        text += " (" + plan_counts(sub.plan) + ")"
+    return text + seen_before(sub)
+
+
+def plan_counts(counts: dict[str, int]) -> str:
+    shown = [f"{counts.get(k, 0)} {k}" for k in ("new", "changed", "stale", "reused")]
+    if counts.get("forced"):
+        shown.append(f"{counts['forced']} forced")
+    return ", ".join(shown)
+
+
+def print_plan(
+    client: Client,
+    task: str,
+    model: str | None,
+    args: dict[str, Any],
+    force: bool,
+    as_json: bool,
+) -> None:
+    """`--plan`: the counts (and with --json, each input's action) on stdout."""
+    if task == "generate":
+        raise InputError("--plan is for classify and caption (generate is never reused)")
+    plan = client.plan(task, args["inputs"], model=model, options=args["options"], force=force)
+    if as_json:
+        for i, (name, action) in enumerate(zip(plan.inputs, plan.actions, strict=True)):
+            line = {"input": name, "action": action, "reused_from": plan.reused_from.get(i)}
+            click.echo(json.dumps(line, ensure_ascii=False))
+        return
+    revision = plan.revision or "unknown (no worker has run it yet)"
+    click.echo(f"plan    {task} with {plan.model} (revision {revision})")
+    click.echo(f"inputs  {len(plan.inputs)}: {plan_counts(plan.counts)}")
+    work = len(plan.inputs) - plan.counts.get("reused", 0)
+    click.echo(f"would process {work}, reuse {plan.counts.get('reused', 0)}; nothing was enqueued")
 
 
 @click.command()
@@ -205,6 +284,11 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     click.echo(f"task    {counts.task}   model {counts.model}")
     states = "  ".join(f"{s} {counts.by_status.get(s, 0)}" for s in STATES)
     click.echo(f"jobs    {counts.total}:  {states}")
+    if counts.plan is not None:
+        click.echo(f"inputs  {plan_counts(counts.plan)}  (reused: done at submit)")
+    speed = pace(counts)
+    if speed:
+        click.echo(f"pace    {speed}")
     for reason, n in failures:
         click.echo(f"  failed x{n}: {reason}")
 
@@ -255,7 +339,26 @@ def print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, in
     return counts.get("done", 0), counts.get("failed", 0)
 
 
-def seen_before(sub: Any) -> str:
+def pace(counts: BatchCounts) -> str:
+    """Items/s so far and, while unfinished, the ETA, in words ("" before any job ran)."""
+    now = datetime.now(UTC)
+    rate = counts.rate(now)
+    if rate is None:
+        return ""
+    text = f"{rate:.1f} items/s"
+    eta = counts.eta_seconds(now)
+    if not counts.complete and eta is not None:
+        ends = (now + timedelta(seconds=eta)).astimezone().strftime("%H:%M:%S")
+        text += f", about {duration(eta)} left (ends ~{ends})"
+    return text
+
+
+def seen_before(sub: Submission) -> str:
+    if sub.attached:
+        return (
+            " (a batch over the same inputs is still in progress: this is that batch, nothing "
+            "was submitted twice)"
+        )
     if not sub.existing:
         return ""
     return " (this exact submit was made before: its batch, nothing done twice; --again for new)"

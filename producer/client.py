@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +17,14 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, TASKS, job_path, task_options
+from pixelmill.catalog import (
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_MODELS,
+    TASKS,
+    job_path,
+    recipe,
+    task_options,
+)
 from pixelmill.db.engine import configured_database
 from pixelmill.db.jobs import create_batch, requeue_failed
 from pixelmill.db.reads import (
@@ -27,10 +36,21 @@ from pixelmill.db.reads import (
     last_finished_at,
     queued_job_ids,
     recent_batches,
+    unfinished_batch,
 )
 from pixelmill.db.records import BatchCounts, JobResult
 from pixelmill.db.store import LocalStore, open_store
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
+from pixelmill.producer.contents import (
+    ACTIONS,
+    NEW,
+    Contents,
+    ReusePlan,
+    current_revision,
+    identify,
+    plan_reuse,
+    remember,
+)
 from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
 from pixelmill.wire import create_app, enqueue, message_size
@@ -38,14 +58,45 @@ from pixelmill.wire import create_app, enqueue, message_size
 
 @dataclass(frozen=True)
 class Submission:
+    """A submitted batch. ``jobs``: its size; ``queued``: the jobs enqueued for the workers
+    (the rest were done at once, reused); ``existing``: this exact submit was made before and
+    this is that batch; ``attached``: a batch over the same source was still in progress and
+    this is that one (nothing new was registered). ``plan``: how many inputs were new,
+    changed, stale and reused (None for generate)."""
+
     batch_id: str
     jobs: int
-    existing: bool = False  # the same submit was made before: this is that batch
+    existing: bool = False
+    attached: bool = False
+    queued: int | None = None
+    plan: dict[str, int] | None = None
+
+    @property
+    def reused(self) -> int:
+        return (self.plan or {}).get("reused", 0)
 
 
-def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -> str | None:
-    """What identifies a submission: task, model, options (not the batch size) and each input
-    as it is on disk now (path, size, modification time), with its parameters."""
+@dataclass(frozen=True)
+class Plan:
+    """What a submit would do, before anything is registered or enqueued (``Client.plan``):
+    per input, its action (new, changed, stale, reused, or forced with ``force``) and the job
+    a reused one takes its result from."""
+
+    task: str
+    model: str
+    revision: str | None
+    inputs: list[str]
+    actions: list[str]
+    reused_from: dict[int, str]
+    counts: dict[str, int]
+
+
+def fingerprint(
+    task: str, model: str, options: dict[str, Any], plan: JobPlan, revision: str | None = None
+) -> str | None:
+    """What identifies a submission: task, model (and its current revision), options (not the
+    batch size) and each input as it is on disk now (path, size, modification time), with its
+    parameters."""
     entries: list[Any] = []
     for i, name in enumerate(plan.inputs):
         params = plan.params[i] if plan.params is not None else {}
@@ -56,13 +107,43 @@ def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -
         except OSError:
             stamp = None  # a prompt, or a file that is not there (it will fail its job)
         entries.append([name, stamp, params])
-    body = {
+    body: dict[str, Any] = {
         "task": task,
         "model": model,
         "options": {k: v for k, v in options.items() if k != "batch_size"},
         "inputs": entries,
     }
+    if revision is not None:
+        body["revision"] = revision
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def source_key(
+    task: str, model: str, options: dict[str, Any], typed: Sequence[str], paths: Sequence[str]
+) -> str:
+    """What two runs over the same source share whatever the files in it now: the task, the
+    model, the options and the INPUT arguments as typed (absolute; a list read from stdin
+    counts as its paths)."""
+    given = sorted(os.path.abspath(a) for a in typed if a != "-")
+    body = {
+        "task": task,
+        "model": model,
+        "options": {k: v for k, v in options.items() if k != "batch_size"},
+        "inputs": given,
+        "listed": list(paths) if "-" in typed else None,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Prepared:
+    task: str
+    model: str
+    plan: JobPlan
+    stored: dict[str, Any]
+    size: int
+    recipe: str | None
+    source: str | None
 
 
 class Client:
@@ -110,15 +191,23 @@ class Client:
         count: int = 1,
         seed: int | None = None,
         again: bool = False,
+        force: bool = False,
     ) -> Submission:
         """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
         (one message per model batch).
+
+        classify and caption are incremental by content: an input whose bytes were processed
+        before with the same task, model (and its current revision), options and pixelmill
+        preprocessing is done at once with that result (reused, pointing at the job that
+        computed it); only the others are enqueued. ``force=True`` reuses nothing.
 
         The same submit twice (same task, model, options and inputs, the files unchanged on
         disk) returns the first batch instead of doing the work again, and enqueues its jobs
         that are still queued (a producer killed halfway through enqueueing left them without
         a message). ``again=True`` makes a new batch anyway. Generate without a ``seed`` is
-        always new (a random seed is drawn).
+        always new (a random seed is drawn). While a batch over the same INPUT arguments (task,
+        model, options) is still in progress, a submit returns that batch (``attached``)
+        instead of registering the same work a second time.
 
         classify and caption: one job per input image. generate: ``prompts`` x ``count``
         images, or with ``inputs`` (init images) image-to-image over each of them; ``seed``
@@ -126,11 +215,117 @@ class Client:
         (``pixelmill.catalog``: e.g. ``max_new_tokens`` for caption, ``steps``/``width``/
         ``height``/``strength`` for generate); a bad one raises BadInput naming it.
         """
+        prep = self._prepare(task, inputs, model, batch_size, options, prompts, count, seed)
+        self.check_broker()
+        with self._source_lock(prep.source):
+            revision = self._revision(prep)
+            print_ = (
+                None
+                if again or force
+                else fingerprint(prep.task, prep.model, prep.stored, prep.plan, revision)
+            )
+            if print_ is not None:
+                earlier = self._resume(print_)
+                if earlier is not None:
+                    return earlier
+            if prep.source is not None:
+                running = self._in_progress(prep.source)
+                if running is not None:
+                    return running
+            contents: Contents | None = None
+            reuse: ReusePlan | None = None
+            if prep.recipe is not None:
+                contents = identify(
+                    self.sessions, prep.plan.inputs, prep.plan.params,
+                    read_timeout=self.settings.read_timeout,
+                )  # fmt: skip
+                with self.sessions() as session:
+                    reuse = plan_reuse(session, task=prep.task, model=prep.model,
+                                       recipe=prep.recipe, revision=revision,
+                                       contents=contents, force=force)  # fmt: skip
+            try:
+                with self.sessions.begin() as session:
+                    new = create_batch(
+                        session,
+                        task=prep.task,
+                        model=prep.model,
+                        inputs=prep.plan.inputs,
+                        params=prep.plan.params,
+                        name=name,
+                        options=prep.stored,
+                        queued_lease=self.settings.queued_lease_seconds,
+                        fingerprint=print_,
+                        contents=contents.sha256 if contents else None,
+                        reused=reuse.reused if reuse else None,
+                        recipe=prep.recipe,
+                        source_key=prep.source,
+                        plan=reuse.counts if reuse else None,
+                    )
+            except IntegrityError:  # the same submit, at the same moment, from elsewhere
+                earlier = self._resume(print_) if print_ is not None else None
+                if earlier is None:
+                    raise
+                return earlier
+            if contents is not None:
+                remember(self.sessions, contents)
+            enqueue(self.app, new.job_ids, prep.size)
+        return Submission(
+            batch_id=new.batch_id,
+            jobs=len(prep.plan.inputs),
+            queued=len(new.job_ids),
+            plan=reuse.counts if reuse else None,
+        )
+
+    def plan(
+        self,
+        task: str,
+        inputs: Iterable[str] = (),
+        *,
+        model: str | None = None,
+        options: dict[str, Any] | None = None,
+        force: bool = False,
+    ) -> Plan:
+        """What ``submit`` would do with the same arguments, registering and enqueueing
+        nothing (no broker needed): each input new, changed, stale or reused. For classify
+        and caption (generate is never reused: every image is new)."""
+        prep = self._prepare(task, inputs, model, None, options, None, 1, None)
+        revision = self._revision(prep)
+        n = len(prep.plan.inputs)
+        if prep.recipe is None:
+            actions, reused = [NEW] * n, {}
+        else:
+            contents = identify(self.sessions, prep.plan.inputs, prep.plan.params,
+                                read_timeout=self.settings.read_timeout)  # fmt: skip
+            with self.sessions() as session:
+                reuse = plan_reuse(session, task=prep.task, model=prep.model, recipe=prep.recipe,
+                                   revision=revision, contents=contents, force=force)  # fmt: skip
+            actions, reused = reuse.actions, reuse.reused
+        counts = dict.fromkeys(ACTIONS, 0)
+        for action in actions:
+            counts[action] = counts.get(action, 0) + 1
+        return Plan(task=prep.task, model=prep.model, revision=revision,
+                    inputs=prep.plan.inputs, actions=actions, reused_from=reused,
+                    counts=counts)  # fmt: skip
+
+    def _prepare(
+        self,
+        task: str,
+        inputs: Iterable[str],
+        model: str | None,
+        batch_size: int | None,
+        options: dict[str, Any] | None,
+        prompts: Sequence[str] | None,
+        count: int,
+        seed: int | None,
+    ) -> _Prepared:
+        """Everything a submit decides before it looks at the database: the inputs, the jobs,
+        the options validated, the recipe and the source key. BadInput on misuse."""
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
         model = model or DEFAULT_MODELS[task]
-        paths = expand_inputs(inputs)
-        if inputs and not paths:
+        typed = [os.fspath(i) for i in inputs]
+        paths = expand_inputs(typed)
+        if typed and not paths:
             raise InputError("no input images found")
         plan = storable(plan_jobs(task, paths, prompts=prompts, count=count, seed=seed))
         size = batch_size or self.settings.batch_size or DEFAULT_BATCH_SIZES[task]
@@ -139,32 +334,49 @@ class Client:
             given["init"] = bool(paths)
         opts = task_options(task, given, model)
         stored = opts.model_dump(mode="json", exclude_none=True)
-        print_ = None if again else fingerprint(task, model, stored, plan)
-        self.check_broker()
-        if print_ is not None:
-            earlier = self._resume(print_)
-            if earlier is not None:
-                return earlier
+        rec = recipe(task, model, stored)
+        source = source_key(task, model, stored, typed, paths) if rec is not None else None
+        return _Prepared(task, model, plan, stored, size, rec, source)
+
+    def _revision(self, prep: _Prepared) -> str | None:
+        if prep.recipe is None:
+            return None
+        with self.sessions() as session:
+            return current_revision(session, prep.task, prep.model)
+
+    def _in_progress(self, source: str) -> Submission | None:
+        """The newest batch over the same source that still has unfinished jobs, if any."""
+        with self.sessions() as session:
+            batch = unfinished_batch(session, source)
+            if batch is None:
+                return None
+            found = Submission(batch_id=batch.id, jobs=batch.total, attached=True,
+                               plan=batch.plan)  # fmt: skip
+            queued = queued_job_ids(session, batch.id)
+            size = message_size(batch.options)
+        enqueue(self.app, queued, size)  # harmless if they have their messages already
+        return found
+
+    @contextlib.contextmanager
+    def _source_lock(self, source: str | None) -> Iterator[None]:
+        """Two submits over the same source on this host take turns to plan and register, so
+        that the second one finds the first one's batch (across hosts, the database check in
+        ``_in_progress`` is what remains)."""
+        if source is None:
+            yield
+            return
+        folder = self.settings.data_dir.expanduser() / "locks"
         try:
-            with self.sessions.begin() as session:
-                new = create_batch(
-                    session,
-                    task=task,
-                    model=model,
-                    inputs=plan.inputs,
-                    params=plan.params,
-                    name=name,
-                    options=stored,
-                    queued_lease=self.settings.queued_lease_seconds,
-                    fingerprint=print_,
-                )
-        except IntegrityError:  # the same submit, at the same moment, from elsewhere
-            earlier = self._resume(print_) if print_ is not None else None
-            if earlier is None:
-                raise
-            return earlier
-        enqueue(self.app, new.job_ids, size)
-        return Submission(batch_id=new.batch_id, jobs=len(new.job_ids))
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / f"source-{source[:32]}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield  # a read-only data folder: the database check still holds
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _resume(self, print_: str) -> Submission | None:
         """The batch this exact submit made before, with its still-queued jobs enqueued again
@@ -175,7 +387,8 @@ class Client:
                 return None
             queued = queued_job_ids(session, batch.id)
             size = message_size(batch.options)
-            found = Submission(batch_id=batch.id, jobs=batch.total, existing=True)
+            found = Submission(batch_id=batch.id, jobs=batch.total, existing=True,
+                               plan=batch.plan)  # fmt: skip
         enqueue(self.app, queued, size)
         return found
 

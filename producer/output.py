@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from pixelmill.db.records import BatchCounts, JobResult
@@ -32,7 +34,8 @@ def write_text_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> 
         if r.status == "done":
             done += 1
             shown = r.artifact.uri if r.artifact else summarize(r.result)
-            out.write(one_line(f"done    {r.input}  {shown}") + "\n")
+            mark = "  (reused)" if r.reused else ""
+            out.write(one_line(f"done    {r.input}  {shown}{mark}") + "\n")
         elif r.status == "failed":
             failed += 1
             out.write(one_line(f"FAILED  {r.input}  {r.error}") + "\n")
@@ -67,6 +70,8 @@ def summarize(result: dict[str, Any] | None) -> str:
 
 
 def counts_json(counts: BatchCounts) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    rate, eta = counts.rate(now), counts.eta_seconds(now)
     return {
         "batch": counts.batch_id,
         "name": counts.name,
@@ -75,6 +80,10 @@ def counts_json(counts: BatchCounts) -> dict[str, Any]:
         "created": counts.created_at.isoformat() if counts.created_at else None,
         "total": counts.total,
         **{s: counts.by_status.get(s, 0) for s in STATES},
+        "reused": counts.reused,
+        "plan": counts.plan,
+        "items_per_second": round(rate, 3) if rate is not None else None,
+        "eta_seconds": round(eta, 1) if eta is not None else None,
     }
 
 
@@ -96,13 +105,26 @@ def batches_table(batches: list[BatchCounts]) -> str:
 
 
 class Progress:
-    """A progress bar on stderr when it is a terminal; silence otherwise (scripts, --json)."""
+    """Progress on stderr: a bar with items/s and the ETA when stderr is a terminal; otherwise
+    (cron, systemd, a log file) one line every ``every`` seconds, so a log says how far an
+    unattended run got and when it should end. Reused jobs count as finished but not in the
+    items/s."""
 
-    def __init__(self, total: int, *, enabled: bool | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool | None = None,
+        every: float = 60,
+        out: TextIO | None = None,
+    ) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._progress: Any = None
         self._task: Any = None
         self.total = total
+        self.every = every
+        self.out = out
+        self._last_line = time.monotonic()
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -112,7 +134,6 @@ class Progress:
                 MofNCompleteColumn,
                 TextColumn,
                 TimeElapsedColumn,
-                TimeRemainingColumn,
             )
             from rich.progress import Progress as RichProgress
 
@@ -121,21 +142,58 @@ class Progress:
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[failed]} failed"),
+                TextColumn("{task.fields[pace]}"),
                 TimeElapsedColumn(),
-                TimeRemainingColumn(),
                 console=Console(stderr=True),
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task("processing", total=self.total, failed=0)
+            self._task = self._progress.add_task("processing", total=self.total, failed=0, pace="")
         return self
 
     def update(self, counts: BatchCounts) -> None:
+        pace = _pace(counts)
         if self._progress is not None:
             self._progress.update(
-                self._task, completed=counts.finished, failed=counts.by_status.get("failed", 0)
+                self._task,
+                completed=counts.finished,
+                failed=counts.by_status.get("failed", 0),
+                pace=pace,
             )
+            return
+        now = time.monotonic()
+        if self.every and now - self._last_line >= self.every and not counts.complete:
+            self._last_line = now
+            out = self.out or sys.stderr
+            failed = counts.by_status.get("failed", 0)
+            line = f"progress: {counts.finished}/{counts.total} finished ({failed} failed)"
+            out.write(line + (f", {pace}" if pace else "") + "\n")
+            out.flush()
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def _pace(counts: BatchCounts) -> str:
+    now = datetime.now(UTC)
+    rate = counts.rate(now)
+    if rate is None:
+        return ""
+    eta = counts.eta_seconds(now)
+    text = f"{rate:.1f} items/s"
+    if eta is not None and not counts.complete:
+        text += f", ETA {duration(eta)}"
+    return text
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as 42s, 3m05s or 2h07m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

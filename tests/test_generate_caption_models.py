@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from pixelmill.models.cache import ModelCache
 from pixelmill.models.caption import Captioner
 from pixelmill.models.generate import ImageGenerator
 from pixelmill.models.registry import create_runner
+from pixelmill.revisions import folder_revision
 from pixelmill.worker.batching import WorkerContext, process_batch
 from tests.conftest import skimage_data
 
@@ -66,7 +68,8 @@ def test_blip_captions_a_batch_with_text_equal_to_one_at_a_time(blip):
     assert len(together) == 3 and all(isinstance(c, str) and c.strip() for c in together)
     alone = [_caption(blip, [n], max_new_tokens=8)[0] for n in PHOTO_NAMES]
     assert together == alone
-    assert blip.revision == "local"
+    # A local folder's revision is its content fingerprint, as a producer computes it too.
+    assert blip.revision == folder_revision(Path(blip.name)) and blip.revision.startswith("local-")
 
 
 def test_caption_options_change_the_output(blip):
@@ -180,7 +183,7 @@ def test_generated_images_are_stored_under_server_keys_with_provenance(worker_ct
         assert row.result["seed"] == seed == art.seed
         rec = records[row.job_id]
         assert (rec.model, rec.model_revision, rec.steps, rec.precision, rec.device) == (
-            model, "local", 2, "fp32", "cpu"
+            model, folder_revision(Path(model)), 2, "fp32", "cpu"
         )  # fmt: skip
     files = [p for p in (worker_ctx.store.root).rglob("*") if p.is_file()]
     assert len(files) == 2 and all(p.suffix == ".png" for p in files)

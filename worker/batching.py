@@ -9,7 +9,7 @@ Unattended runs never hang and never orphan a job (README, Guarantees):
 - the claimed jobs are tracked while the batch works on them, and each stage stamps progress;
   the heartbeat renews only those (``pixelmill.worker.heartbeat``);
 - each input's read and decode has a deadline (``PIXELMILL_READ_TIMEOUT``); a stuck thread is
-  abandoned and replaced (``pixelmill.worker.decode_pool``);
+  abandoned and replaced (``pixelmill.deadlines``);
 - a transient error (the database or the object store away) is retried here, in place, with
   capped backoff for ``PIXELMILL_TRANSIENT_RETRY_SECONDS``, without claiming again (attempts
   count worker deaths only); then the jobs fail with the real reason;
@@ -32,14 +32,15 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.catalog import TaskOptions, job_path, task_options
+from pixelmill.db.content import record_revision
 from pixelmill.db.jobs import claim_jobs, fail_jobs, write_outcomes
 from pixelmill.db.records import ArtifactRecord, BatchInfo, ClaimedJob, Outcome
 from pixelmill.db.store import ObjectStore, artifact_key
+from pixelmill.deadlines import DeadlineExceeded, DecodePool
 from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
 from pixelmill.models.artifacts import encode_png, provenance
 from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
-from pixelmill.worker.decode_pool import DeadlineExceeded, DecodePool
 from pixelmill.worker.heartbeat import InProgress, Tracked
 from pixelmill.worker.retrying import GaveUp, Retrier, first_line
 
@@ -107,6 +108,8 @@ class WorkerContext:
     # The batches in progress, whose jobs the heartbeat renews.
     progress: InProgress = field(default_factory=InProgress)
     device_holder: Tracked | None = None  # the batch on the device now
+    # (task, model, revision) this process recorded as the models' current revisions.
+    recorded: set[tuple[str, str, str]] = field(default_factory=set)
     _pool: DecodePool | None = None
 
     @property
@@ -351,6 +354,7 @@ def _run_group(
         log.warning("%s", exc)
         return [failed(job, str(exc)) for job in jobs]
     tracked.touch()
+    _record_revision(ctx, retry, task, model, runner.revision)
 
     # Decoding is queued for the whole message at once, in order; each forward pass starts as
     # soon as its own items are ready (the first pass does not wait for the last decode).
@@ -445,6 +449,23 @@ def _store_images(
             precision=runner.precision,
         ),
     )
+
+
+def _record_revision(
+    ctx: WorkerContext, retry: Retrier, task: str, model: str, revision: str | None
+) -> None:
+    """Say, once per process and model, which revision the model runs as: a producer that
+    cannot resolve the model itself takes it as current (``pixelmill.db.content``)."""
+    key = (task, model, revision or "")
+    if revision is None or key in ctx.recorded:
+        return
+
+    def record() -> None:
+        with ctx.sessions.begin() as session:
+            record_revision(session, task, model, revision)
+
+    retry.call(record)
+    ctx.recorded.add(key)
 
 
 @dataclass(frozen=True)

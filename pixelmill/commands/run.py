@@ -4,6 +4,7 @@ producer and the worker meet."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -24,15 +25,18 @@ from pixelmill.clitools import (
 from pixelmill.db.engine import database_errors
 from pixelmill.producer.cli import (
     DOWNLOAD,
+    describe,
     download_artifacts,
+    print_plan,
     print_results,
-    seen_before,
     submission,
     submit_options,
 )
-from pixelmill.producer.client import Client
+from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.output import Progress
-from pixelmill.worker.local import local_cluster
+from pixelmill.worker.devices import parse_devices
+from pixelmill.worker.local import embedded_broker
+from pixelmill.worker.local import local_workers as local_workers_for
 
 
 @click.command()
@@ -66,6 +70,8 @@ def run(
     name: str | None,
     batch_size: int | None,
     again: bool,
+    force: bool,
+    plan_only: bool,
     devices: str,
     local_workers: bool,
     timeout: float | None,
@@ -81,6 +87,12 @@ def run(
     INPUT is an image file, a folder (searched recursively for images) or - (paths on stdin).
     generate takes --prompt instead, and --init INPUT for image-to-image.
 
+    classify and caption are incremental: an image whose bytes were processed before with the
+    same model (revision) and options is done at once with that result (marked reused), so a
+    nightly run over a growing archive only processes what is new or changed. --plan says
+    what a run would do without doing it; --force processes everything again. A second run
+    over the same INPUTs while one is in progress waits for it, then does what is left.
+
     \b
     Examples:
       pixelmill run classify photos/ --json > labels.jsonl
@@ -92,27 +104,51 @@ def run(
     timed_out = False
     with user_errors(), database_errors(), stop_signals_raise() as stops:
         args = submission(task, inputs, task_options)
+        if plan_only:
+            with Client(settings) as client:
+                print_plan(client, task, model, args, force, as_json)
+            sys.exit(EXIT_OK)
         log_dir = settings.data_dir / "logs"
-        with (
-            local_cluster(settings, devices, workers=local_workers, log_dir=log_dir) as supervisor,
-            Client(settings) as client,
-        ):
-            sub = client.submit(
-                task, model=model, name=name, batch_size=batch_size, again=again, **args
+        specs = None if devices.strip().lower() == "auto" else parse_devices(devices)
+        with embedded_broker(settings) as broker, Client(settings) as client:
+
+            def submit() -> Submission:
+                return client.submit(task, model=model, name=name, batch_size=batch_size,
+                                     again=again, force=force, **args)  # fmt: skip
+
+            sub = submit()
+            # Local workers only when there is work: a nightly re-run that finds everything
+            # done costs a scan, not a worker start-up.
+            needed = local_workers and not client.status(sub.batch_id).complete
+            workers = (
+                local_workers_for(settings, specs or devices, log_dir=log_dir, broker=broker)
+                if needed
+                else contextlib.nullcontext(None)
             )
-            # stderr, so also with --json: the id that status, results and retry take.
-            click.echo(f"batch {sub.batch_id}: {sub.jobs} jobs{seen_before(sub)}", err=True)
-            check = _supervising(supervisor, settings, sub.batch_id, log_dir)
-            try:
-                with Progress(sub.jobs) as progress:
-                    client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update,
-                                check=check)  # fmt: skip
-            except TimeoutError:
-                timed_out = True
-            with stops.deferred():  # a stop waits (briefly) for the results to be printed
-                done, failed = print_results(client, sub.batch_id, as_json)
-            if download:
-                download_artifacts(client, sub.batch_id, download)
+            with workers as supervisor:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                if sub.attached:
+                    # stderr, so also with --json: the other run's batch, waited for first.
+                    click.echo(f"batch {sub.batch_id}: {describe(sub)}; waiting for it", err=True)
+                    check = _supervising(supervisor, settings, sub.batch_id, log_dir)
+                    try:
+                        _wait(client, sub, deadline, check)
+                    except TimeoutError:
+                        timed_out = True
+                    if not timed_out:
+                        sub = submit()  # what is left: new and changed since that run began
+                if not sub.attached:
+                    click.echo(f"batch {sub.batch_id}: {describe(sub)}", err=True)
+                check = _supervising(supervisor, settings, sub.batch_id, log_dir)
+                if not timed_out:
+                    try:
+                        _wait(client, sub, deadline, check)
+                    except TimeoutError:
+                        timed_out = True
+                with stops.deferred():  # a stop waits (briefly) for the results to be printed
+                    done, failed = print_results(client, sub.batch_id, as_json)
+                if download:
+                    download_artifacts(client, sub.batch_id, download)
         if timed_out:
             unfinished = sub.jobs - done - failed
             fail(
@@ -122,8 +158,18 @@ def run(
                 EXIT_TIMEOUT,
             )
         if not as_json:
-            click.echo(f"{done} done, {failed} failed", err=True)
+            reused = f" ({sub.reused} reused)" if sub.reused else ""
+            click.echo(f"{done} done{reused}, {failed} failed", err=True)
     sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
+
+
+def _wait(
+    client: Client, sub: Submission, deadline: float | None, check: Callable[[], None]
+) -> None:
+    """Wait for ``sub``'s batch with a progress display; TimeoutError past ``deadline``."""
+    timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+    with Progress(sub.jobs) as progress:
+        client.wait(sub.batch_id, timeout=timeout, on_progress=progress.update, check=check)
 
 
 def _supervising(supervisor: Any, settings: Any, batch_id: str, log_dir: Any) -> Callable[[], None]:

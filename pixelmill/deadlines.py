@@ -1,5 +1,5 @@
-"""The decode pool: threads that read, decode and preprocess inputs (and store artifacts), where
-a task may have a deadline.
+"""Thread pools whose tasks may have a deadline: a worker's decode pool (read, decode and
+preprocess inputs, store artifacts) and a producer's hashing of new files.
 
 A read can hang for good (a dead NFS mount, a FIFO: even ``stat`` may block, in the kernel,
 where no Python code can interrupt it). A task still running past its deadline is abandoned:
