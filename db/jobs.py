@@ -112,6 +112,11 @@ def create_batch(
     return NewBatch(batch_id=batch_id, job_ids=queued)
 
 
+def retire_fingerprint(session: Session, batch_id: str) -> None:
+    """The batch is stale (a newer model revision): the same submit no longer finds it."""
+    session.execute(update(Batch).where(Batch.id == batch_id).values(fingerprint=None))
+
+
 def claim_jobs(
     session: Session,
     job_ids: Sequence[str],

@@ -35,6 +35,19 @@ def unfinished_batch(session: Session, source_key: str) -> Batch | None:
     )
 
 
+def has_other_revision(session: Session, batch_id: str, revision: str) -> bool:
+    """Whether some result of the batch (its own or reused) came from another model revision
+    than ``revision``: the batch is stale, and the same submit must not return it."""
+    source = func.coalesce(Job.reused_from, Job.id)
+    found = session.scalar(
+        select(Result.job_id)
+        .join(Job, Result.job_id == source)
+        .where(Job.batch_id == batch_id, Result.model_revision.is_distinct_from(revision))
+        .limit(1)
+    )
+    return found is not None
+
+
 def queued_job_ids(session: Session, batch_id: str) -> list[str]:
     return list(
         session.scalars(

@@ -14,12 +14,25 @@ from typing import BinaryIO
 
 import numpy as np
 import pillow_heif
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import AvifImagePlugin, Image, ImageFile, TiffImagePlugin, UnidentifiedImageError
 
 from pixelmill.errors import BadInput
 
-# HEIC/HEIF (phone photos) through libheif; AVIF is Pillow's own.
+# HEIC/HEIF (phone photos) through libheif; AVIF is Pillow's own. Both plugins claim a file whose
+# major brand is the generic "mif1" or "msf1" (an AVIF may have one), and libheif here decodes
+# no AV1: with pillow_heif tried first, such an AVIF failed. Pillow's AVIF plugin goes first,
+# whatever registered first in this process; it passes a HEVC file on to pillow_heif.
 pillow_heif.register_heif_opener()
+
+
+def _avif_before_heif() -> None:
+    ids, avif = Image.ID, AvifImagePlugin.AvifImageFile.format
+    if avif in ids and "HEIF" in ids and ids.index("HEIF") < ids.index(avif):
+        ids.remove(avif)
+        ids.insert(ids.index("HEIF"), avif)
+
+
+_avif_before_heif()
 
 # Transparent pixels are composited onto this colour before the model sees them.
 BACKGROUND = (255, 255, 255)
@@ -43,7 +56,7 @@ MB = 1 << 20
 #: The default of ``PIXELMILL_DECODE_MEMORY_MB``: what a worker's decoding threads may hold
 #: together. Every image under Pillow's pixel limit (89.5 M) fits on its own: PNG, baseline JPEG,
 #: GIF, BMP and TIFF need at most 8 bytes a pixel (about 720 MB at the limit), a progressive
-#: JPEG 12, AVIF 12, WebP 16 and JPEG 2000 20 (1.8 GB).
+#: JPEG 12, AVIF 12, HEIF 16, WebP 16 and JPEG 2000 20 (1.8 GB).
 DEFAULT_DECODE_MEMORY_MB = 2048
 
 # Conversion to RGB runs on tiles of this many pixels a side (rounded to a multiple of the
@@ -67,8 +80,11 @@ ALLOCATOR_SLACK_MB = 32
 # Decoders that hold the whole image in buffers of their own while handing it to Pillow, in
 # multiples of the decoded image (measured on 4000x4000 and 9400x9400 images), and that read the
 # whole file into memory first. A progressive JPEG keeps the coefficients of the whole image at
-# full scale, even when it is decoded at a reduced one: 2 bytes a sample.
-DECODER_BUFFERS = {"WEBP": 3, "JPEG2000": 4, "AVIF": 2, "HEIF": 1, "TIFF": 1}
+# full scale, even when it is decoded at a reduced one: 2 bytes a sample. libheif (HEIF) holds
+# the YCbCr planes, the alpha plane, a second copy of them for a turned (irot/imir) or filtered
+# (SAO) picture, and the interleaved result: measured up to 2.3 times the decoded image (6000x4000,
+# RGBA, 10 bits, turned), 1.2 without alpha; 1 was exceeded by every turned RGBA HEIC.
+DECODER_BUFFERS = {"WEBP": 3, "JPEG2000": 4, "AVIF": 2, "HEIF": 3, "TIFF": 1}
 READS_WHOLE_FILE = frozenset({"WEBP", "JPEG2000", "AVIF", "HEIF"})
 # Row buffers, zlib and libjpeg state: a few MB whatever the image.
 DECODER_SLACK = 16 * MB
@@ -249,6 +265,54 @@ def open_input(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:
         raise
 
 
+# ---- formats --------------------------------------------------------------------------------
+
+# Camera RAW files need a demosaicing decoder, which pixelmill does not have. Many are TIFF
+# inside (NEF, ARW, DNG, PEF, SRW, ...), and Pillow would decode their small embedded preview
+# (or a strip of sensor data) as if it were the photograph, so they are refused by name. Job
+# inputs are paths, so the extension is checked first; from the content only CR2, CR3, ORF,
+# RW2 and RAF (by their signatures) and DNG (by its DNGVersion tag) are recognised: a NEF or
+# ARW renamed to .tif is not told from a TIFF.
+RAW_EXTENSIONS = frozenset(
+    {".3fr", ".arw", ".cr2", ".cr3", ".crw", ".dcr", ".dng", ".erf", ".iiq", ".k25", ".kdc",
+     ".mef", ".mos", ".mrw", ".nef", ".nrw", ".orf", ".pef", ".raf", ".raw", ".rw2", ".rwl",
+     ".sr2", ".srf", ".srw", ".x3f"}
+)  # fmt: skip
+_DNG_VERSION = 50706  # the TIFF tag every DNG has in its first IFD
+# Major brands of an ISO-BMFF ("ftyp") file: what a HEIF or AVIF file that fails to open is.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
+                          b"mif1", b"msf1"})  # fmt: skip
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
+def _unsupported(name: str, what: str) -> BadInput:
+    return BadInput(f"{name}: unsupported format ({what}; convert it to JPEG/TIFF first)")
+
+
+def _raw_signature(head: bytes) -> str | None:
+    """The kind of camera RAW file whose first bytes are ``head``, if its signature says."""
+    if head[:4] == b"II*\x00" and head[8:10] == b"CR":
+        return "Canon CR2"
+    if head[4:12] == b"ftypcrx ":
+        return "Canon CR3"
+    if head[:4] in (b"IIRO", b"IIRS", b"MMOR"):
+        return "Olympus ORF"
+    if head[:4] == b"IIU\x00":
+        return "Panasonic RW2"
+    if head.startswith(b"FUJIFILMCCD-RAW"):
+        return "Fujifilm RAF"
+    return None
+
+
+def _container(head: bytes) -> str | None:
+    """The container of a file whose first bytes are ``head``, by its major brand: "HEIF",
+    "AVIF" or None."""
+    if head[4:8] != b"ftyp":
+        return None
+    brand = head[8:12]
+    return "AVIF" if brand in _AVIF_BRANDS else "HEIF" if brand in _HEIF_BRANDS else None
+
+
 # ---- decoding -------------------------------------------------------------------------------
 
 
@@ -265,7 +329,16 @@ def decode_image(path: str | os.PathLike[str], *, min_side: int | None = None) -
     with fp:
         if size == 0:
             raise BadInput(f"{name}: empty file (0 bytes)")
+        ext = os.path.splitext(name)[1].lower()
+        if ext in RAW_EXTENSIONS:
+            raise _unsupported(name, f"camera RAW {ext}")
+        head = b""
         try:
+            head = fp.read(16)
+            fp.seek(0)
+            raw = _raw_signature(head)
+            if raw:
+                raise _unsupported(name, f"camera RAW, {raw}")
             with Image.open(fp) as im:
                 return _decode(im, name, min_side, size)
         except BadInput:
@@ -273,14 +346,25 @@ def decode_image(path: str | os.PathLike[str], *, min_side: int | None = None) -
         except Image.DecompressionBombError as exc:
             raise BadInput(f"{name}: refused as a possible decompression bomb ({exc})") from None
         except UnidentifiedImageError:
+            # pillow_heif and Pillow's AVIF plugin read the file as they open it: a truncated
+            # or corrupt one is "not theirs" to Pillow.
+            kind = _container(head)
+            if kind:
+                raise BadInput(
+                    f"{name}: corrupt or truncated image ({kind} file that could not be read)"
+                ) from None
             raise BadInput(f"{name}: not an image file (format not recognised)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # RuntimeError: libheif's (pillow_heif) failures as it decodes, such as a codec
+        # that this build lacks.
+        except (OSError, SyntaxError, ValueError, EOFError, RuntimeError) as exc:
             raise BadInput(f"{name}: corrupt or truncated image ({exc})") from None
 
 
 def _decode(
     im: ImageFile.ImageFile, name: str, min_side: int | None, file_size: int
 ) -> Image.Image:
+    if isinstance(im, TiffImagePlugin.TiffImageFile) and _DNG_VERSION in im.tag_v2:
+        raise _unsupported(name, "camera RAW, DNG")
     w, h = im.size
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and w * h > limit:
@@ -321,6 +405,11 @@ def _decode(
 
 
 def _transpose_method(im: Image.Image) -> Image.Transpose | None:
+    if im.format == "HEIF":
+        # libheif has turned the picture (irot/imir, which a HEIF's EXIF orientation only
+        # restates) and pillow_heif reset the EXIF tag to 1: never turn it twice, and do not
+        # parse its EXIF, whose damage would otherwise fail an image whose pixels are fine.
+        return None
     return _ORIENTATION.get(im.getexif().get(0x0112, 1))
 
 

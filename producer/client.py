@@ -26,12 +26,13 @@ from pixelmill.catalog import (
     task_options,
 )
 from pixelmill.db.engine import configured_database
-from pixelmill.db.jobs import create_batch, requeue_failed
+from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
 from pixelmill.db.reads import (
     batch_by_fingerprint,
     batch_counts,
     failure_reasons,
     get_batch,
+    has_other_revision,
     iter_batch_jobs,
     last_finished_at,
     queued_job_ids,
@@ -91,12 +92,10 @@ class Plan:
     counts: dict[str, int]
 
 
-def fingerprint(
-    task: str, model: str, options: dict[str, Any], plan: JobPlan, revision: str | None = None
-) -> str | None:
-    """What identifies a submission: task, model (and its current revision), options (not the
-    batch size) and each input as it is on disk now (path, size, modification time), with its
-    parameters."""
+def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -> str | None:
+    """What identifies a submission: task, model, options (not the batch size) and each input
+    as it is on disk now (path, size, modification time), with its parameters. (A batch found
+    by it whose results came from an older model revision is not returned: ``_resume``.)"""
     entries: list[Any] = []
     for i, name in enumerate(plan.inputs):
         params = plan.params[i] if plan.params is not None else {}
@@ -107,14 +106,12 @@ def fingerprint(
         except OSError:
             stamp = None  # a prompt, or a file that is not there (it will fail its job)
         entries.append([name, stamp, params])
-    body: dict[str, Any] = {
+    body = {
         "task": task,
         "model": model,
         "options": {k: v for k, v in options.items() if k != "batch_size"},
         "inputs": entries,
     }
-    if revision is not None:
-        body["revision"] = revision
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -222,12 +219,14 @@ class Client:
             print_ = (
                 None
                 if again or force
-                else fingerprint(prep.task, prep.model, prep.stored, prep.plan, revision)
+                else fingerprint(prep.task, prep.model, prep.stored, prep.plan)
             )
+            stale: str | None = None
             if print_ is not None:
-                earlier = self._resume(print_)
-                if earlier is not None:
+                earlier = self._resume(print_, revision)
+                if isinstance(earlier, Submission):
                     return earlier
+                stale = earlier
             if prep.source is not None:
                 running = self._in_progress(prep.source)
                 if running is not None:
@@ -245,6 +244,8 @@ class Client:
                                        contents=contents, force=force)  # fmt: skip
             try:
                 with self.sessions.begin() as session:
+                    if stale is not None:
+                        retire_fingerprint(session, stale)
                     new = create_batch(
                         session,
                         task=prep.task,
@@ -263,7 +264,7 @@ class Client:
                     )
             except IntegrityError:  # the same submit, at the same moment, from elsewhere
                 earlier = self._resume(print_) if print_ is not None else None
-                if earlier is None:
+                if not isinstance(earlier, Submission):
                     raise
                 return earlier
             if contents is not None:
@@ -378,13 +379,17 @@ class Client:
         finally:
             os.close(fd)
 
-    def _resume(self, print_: str) -> Submission | None:
+    def _resume(self, print_: str, revision: str | None = None) -> Submission | str | None:
         """The batch this exact submit made before, with its still-queued jobs enqueued again
-        (a duplicate message is harmless: a claim skips finished jobs)."""
+        (a duplicate message is harmless: a claim skips finished jobs). If its results came
+        from another model revision than ``revision``, it is stale: its id is returned
+        instead, for the new batch to take its fingerprint over."""
         with self.sessions() as session:
             batch = batch_by_fingerprint(session, print_)
             if batch is None:
                 return None
+            if revision is not None and has_other_revision(session, batch.id, revision):
+                return batch.id
             queued = queued_job_ids(session, batch.id)
             size = message_size(batch.options)
             found = Submission(batch_id=batch.id, jobs=batch.total, existing=True,

@@ -86,7 +86,8 @@ def test_submit_then_worker_on_postgres_and_redis(
                     "--name", "nightly", env=env)  # fmt: skip
     assert sub.returncode == 0, sub.stderr
     submitted = json.loads(sub.stdout)
-    assert set(submitted) == {"batch", "jobs", "existing"} and submitted["jobs"] == len(PHOTOS) + 1
+    assert set(submitted) == {"batch", "jobs", "queued", "reused", "plan", "existing", "attached"}
+    assert submitted["jobs"] == submitted["queued"] == len(PHOTOS) + 1
     assert submitted["existing"] is False
     batch = submitted["batch"]
 

@@ -283,7 +283,8 @@ def test_producer_killed_midway_through_10000_inputs(tmp_path, redis_server, sta
     assert counts.by_status == {"done": 10000}
     again = pixelmill("submit", "classify", str(folder), "--model", "null", "--json", env=env)
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout) == {"batch": batch, "jobs": 10000, "existing": True}
+    found = json.loads(again.stdout)
+    assert (found["batch"], found["jobs"], found["existing"]) == (batch, 10000, True)
     db = sqlite3.connect(tmp_path / "jobs.db")
     assert db.execute("SELECT count(*) FROM batches").fetchone() == (1,)
     assert db.execute("SELECT count(*) FROM jobs").fetchone() == (10000,)
