@@ -82,6 +82,8 @@ class Job(Base):
         UniqueConstraint("batch_id", "seq", name="uq_jobs_batch_seq"),
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
+        # `export --latest SOURCE`: the jobs of the inputs under a folder or prefix, by input.
+        Index("ix_jobs_input", "input"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

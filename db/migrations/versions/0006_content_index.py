@@ -23,6 +23,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("content_sha256", sa.String(64), nullable=True))
         batch.add_column(sa.Column("reused_from", sa.String(36), nullable=True))
+        batch.create_index("ix_jobs_input", ["input"])
     op.create_table(
         "files",
         sa.Column("path", sa.Text(), nullable=False),
@@ -63,6 +64,7 @@ def downgrade() -> None:
     op.drop_table("content_results")
     op.drop_table("files")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_index("ix_jobs_input")
         batch.drop_column("reused_from")
         batch.drop_column("content_sha256")
     with op.batch_alter_table("batches") as batch:
