@@ -183,10 +183,8 @@ def submit(
         sub = client.submit(
             task, model=model, name=name, batch_size=batch_size, again=again, force=force, **args
         )
-    if as_json:
-        click.echo(json.dumps(submission_json(sub)))
-    else:
-        click.echo(sub.batch_id)
+    click.echo(json.dumps(submission_json(sub)) if as_json else sub.batch_id)
+    if not as_json or sub.existing or sub.attached:  # stderr: what was found, also with --json
         click.echo(f"batch {sub.batch_id}: {describe(sub)}", err=True)
 
 
