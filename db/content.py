@@ -7,7 +7,7 @@ never add a second row for the same thing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
@@ -30,11 +30,13 @@ BATCHES = cast(Table, Batch.__table__)
 
 @dataclass(frozen=True)
 class FileStamp:
-    """A file as last hashed: its size and modification time then, and its bytes' sha256."""
+    """A file as last hashed: its size and modification time then (an object: its size and
+    ETag), and its bytes' sha256."""
 
     size: int
     mtime_ns: int
     sha256: str
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,27 @@ def known_files(session: Session, paths: Sequence[str]) -> dict[str, FileStamp]:
     conn = session.connection()
     out: dict[str, FileStamp] = {}
     for chunk in _chunks(paths):
-        for path, size, mtime_ns, sha in conn.execute(
-            select(FILES.c.path, FILES.c.size, FILES.c.mtime_ns, FILES.c.sha256).where(
-                FILES.c.path.in_(chunk)
-            )
+        for path, size, mtime_ns, sha, etag in conn.execute(
+            select(FILES.c.path, FILES.c.size, FILES.c.mtime_ns, FILES.c.sha256, FILES.c.etag)
+            .where(FILES.c.path.in_(chunk))
+        ):  # fmt: skip
+            out[path] = FileStamp(size, mtime_ns, sha, etag)
+    return out
+
+
+def known_objects(
+    session: Session, etags: Collection[tuple[str, int]]
+) -> dict[tuple[str, int], str]:
+    """The sha256 of objects seen anywhere with these (ETag, size): the same bytes copied or
+    renamed to another key, recognised without fetching them."""
+    conn = session.connection()
+    wanted = sorted({etag for etag, _ in etags})
+    out: dict[tuple[str, int], str] = {}
+    for chunk in _chunks(wanted):
+        for etag, size, sha in conn.execute(
+            select(FILES.c.etag, FILES.c.size, FILES.c.sha256).where(FILES.c.etag.in_(chunk))
         ):
-            out[path] = FileStamp(size, mtime_ns, sha)
+            out[(etag, size)] = sha
     return out
 
 
@@ -71,7 +88,14 @@ def remember_files(session: Session, stamps: Mapping[str, FileStamp]) -> None:
         return
     now = utcnow()
     rows = [
-        {"path": p, "size": s.size, "mtime_ns": s.mtime_ns, "sha256": s.sha256, "checked_at": now}
+        {
+            "path": p,
+            "size": s.size,
+            "mtime_ns": s.mtime_ns,
+            "etag": s.etag,
+            "sha256": s.sha256,
+            "checked_at": now,
+        }
         for p, s in stamps.items()
     ]
     upsert(session.connection(), FILES, rows, key=["path"])

@@ -13,12 +13,13 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Connection, Row, Table, insert, select, update
 from sqlalchemy.orm import Session
 
-from pixelmill.db.content import index_results
+from pixelmill.db.content import FILES, index_results
 from pixelmill.db.reads import get_batch
 from pixelmill.db.records import (
     ArtifactRecord,
     BatchInfo,
     ClaimedJob,
+    ContentSeen,
     NewBatch,
     Outcome,
     Stranded,
@@ -239,6 +240,9 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     conn = session.connection()
     moved = _finish_jobs(conn, outcomes, now=now)
     results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
+    seen = [(o.job_id, o.content) for o in outcomes if o.job_id in moved and o.content]
+    if seen:
+        _record_contents(conn, seen)
     if results:
         rows = [_result_row(o, now) for o in results]
         upsert(conn, RESULTS, rows, key=["job_id"], keep=["created_at"])
@@ -249,6 +253,24 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
             index_results(conn, ids, revision)
     artifacts = [_artifact_row(o, a, now) for o in results for a in o.artifacts]
     upsert(conn, ARTIFACTS, artifacts, key=["key"], keep=["created_at"])
+
+
+def _record_contents(conn: Connection, seen: Sequence[tuple[str, ContentSeen]]) -> None:
+    """What the worker learnt fetching inputs: each job's sha256 (where the producer could not
+    know it) and each object's (size, ETag) -> sha256 for the next run's fast path."""
+    for job_id, content in seen:
+        conn.execute(
+            update(JOBS)
+            .where(JOBS.c.id == job_id, JOBS.c.content_sha256.is_(None))
+            .values(content_sha256=content.sha256)
+        )
+    now = utcnow()
+    stamps = {
+        c.uri: {"path": c.uri, "size": c.size, "mtime_ns": 0, "etag": c.etag,
+                "sha256": c.sha256, "checked_at": now}
+        for _, c in seen
+    }  # fmt: skip
+    upsert(conn, FILES, list(stamps.values()), key=["path"])
 
 
 def _finish_jobs(conn: Connection, outcomes: Sequence[Outcome], *, now: datetime) -> set[str]:

@@ -68,6 +68,17 @@ class ArtifactRecord:
 
 
 @dataclass(frozen=True)
+class ContentSeen:
+    """An input's bytes as a worker fetched them (an s3:// object): its sha256, recorded for
+    the job and, with the object's size and ETag, in the content index's stat fast path."""
+
+    uri: str
+    size: int
+    etag: str | None
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Outcome:
     """One job's end: a result, or an error. Exactly one of the two is set."""
 
@@ -78,6 +89,7 @@ class Outcome:
     model_revision: str | None = None
     device: str = "cpu"
     artifacts: tuple[ArtifactRecord, ...] = ()
+    content: ContentSeen | None = None
 
 
 @dataclass(frozen=True)

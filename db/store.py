@@ -35,6 +35,8 @@ class ObjectStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def exists(self, key: str) -> bool: ...
+
     def uri(self, key: str) -> str: ...
 
 
@@ -87,8 +89,55 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot read {key} from {self.root}: {exc}") from exc
 
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
+
+
+def s3_client(
+    *,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    timeout: float = 30,
+) -> Any:
+    """A boto3 S3 client (thread-safe). Credentials: given here, else boto3's own chain (AWS_*
+    variables, ~/.aws, an IAM role)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        config=Config(
+            connect_timeout=min(timeout, 10),
+            read_timeout=timeout,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            max_pool_connections=32,
+        ),
+    )
+
+
+def s3_settings(settings: Settings | None) -> dict[str, Any]:
+    """The S3 client keywords from ``settings`` (PIXELMILL_S3_*): one endpoint and one set of
+    keys, for the store and for s3:// inputs alike."""
+    if settings is None:
+        return {}
+    secret = settings.s3_secret_access_key
+    return {
+        "endpoint_url": settings.s3_endpoint_url,
+        "region": settings.s3_region,
+        "access_key": settings.s3_access_key_id,
+        "secret_key": secret.get_secret_value() if secret is not None else None,
+        "timeout": settings.s3_timeout,
+    }
 
 
 class S3Store:
@@ -106,24 +155,14 @@ class S3Store:
         secret_key: str | None = None,
         timeout: float = 30,
     ) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        # Credentials: given here, else boto3's own chain (AWS_* variables, ~/.aws, IAM role).
-        self.client: Any = boto3.session.Session().client(
-            "s3",
+        self.client: Any = s3_client(
             endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            config=Config(
-                connect_timeout=min(timeout, 10),
-                read_timeout=timeout,
-                retries={"max_attempts": 3, "mode": "standard"},
-                s3={"addressing_style": "path" if endpoint_url else "auto"},
-            ),
+            region=region,
+            access_key=access_key,
+            secret_key=secret_key,
+            timeout=timeout,
         )
 
     def _key(self, key: str) -> str:
@@ -155,6 +194,17 @@ class S3Store:
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"cannot read {self.uri(key)}: {exc}") from exc
 
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except PixelmillError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StoreError(f"cannot look up {self.uri(key)}: {exc}") from exc
+
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
@@ -172,20 +222,16 @@ def open_store(url: str, settings: Settings | None = None) -> ObjectStore:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"PIXELMILL_STORE_URL: {url!r} names no bucket (s3://bucket/prefix)")
-        s3: dict[str, Any] = {}
-        if settings is not None:
-            s3 = {
-                "endpoint_url": settings.s3_endpoint_url,
-                "region": settings.s3_region,
-                "access_key": settings.s3_access_key_id,
-                "timeout": settings.s3_timeout,
-                "secret_key": (
-                    settings.s3_secret_access_key.get_secret_value()
-                    if settings.s3_secret_access_key is not None
-                    else None
-                ),
-            }
+        s3 = s3_settings(settings)
         return S3Store(parts.netloc, unquote(parts.path), **s3)
     raise ConfigError(
         f"PIXELMILL_STORE_URL: unsupported store {url!r} (a folder, file://… or s3://bucket/…)"
     )
+
+
+def error_code(exc: BaseException) -> str:
+    """A botocore ClientError's code ("NoSuchKey", "AccessDenied", "404"...), else ""."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""

@@ -28,7 +28,7 @@ from PIL import Image
 
 from pixelmill.catalog import OPTIONS, TaskOptions
 from pixelmill.models.device import PRECISIONS
-from pixelmill.models.images import decode_image
+from pixelmill.models.images import Fetched, decode_image
 
 IMAGE = "image"
 
@@ -83,15 +83,16 @@ class Runner(ABC, Generic[OptionsT]):
         """Shorter side the model needs; lets large JPEGs decode at a reduced scale."""
         return None
 
-    def decode(self, path: str) -> Image.Image:
+    def decode(self, path: str | Fetched) -> Image.Image:
         return decode_image(path, min_side=self.min_side)
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> Any:
         """One decoded image to the model's input for one item (a CPU tensor)."""
 
-    def prepare(self, input: str, params: dict[str, Any], options: OptionsT) -> Any:
-        """One job's input (and parameters) to one item of a batch; raises BadInput."""
+    def prepare(self, input: str | Fetched, params: dict[str, Any], options: OptionsT) -> Any:
+        """One job's input (a file's path, or an object already fetched) and parameters to
+        one item of a batch; raises BadInput."""
         return self.preprocess(self.decode(input))
 
     def run(self, items: list[Any], options: OptionsT) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from pixelmill.catalog import GenerateOptions
 from pixelmill.errors import BadInput, ModelUnavailable
 from pixelmill.models.base import IMAGE, LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
+from pixelmill.models.images import Fetched
 from pixelmill.models.loading import load_failure, revision_of
 
 
@@ -88,7 +89,9 @@ class ImageGenerator(Runner[GenerateOptions]):
     def preprocess(self, image: Image.Image) -> Image.Image:
         return image
 
-    def prepare(self, input: str, params: dict[str, Any], options: GenerateOptions) -> Any:
+    def prepare(
+        self, input: str | Fetched, params: dict[str, Any], options: GenerateOptions
+    ) -> Any:
         prompt = params.get("prompt")
         seed = params.get("seed")
         if not isinstance(prompt, str) or not isinstance(seed, int):

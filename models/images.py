@@ -3,6 +3,7 @@ and every failure a ``BadInput`` that names the file. Pillow's decompression-bom
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -10,6 +11,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
@@ -316,16 +318,34 @@ def _container(head: bytes) -> str | None:
 # ---- decoding -------------------------------------------------------------------------------
 
 
-def decode_image(path: str | os.PathLike[str], *, min_side: int | None = None) -> Image.Image:
-    """Open ``path`` and return an upright RGB image.
+@dataclass(frozen=True)
+class Fetched:
+    """An input already read into memory (an object fetched from S3 or the object store):
+    ``name`` is what messages call it (its URI)."""
+
+    name: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def decode_image(
+    path: str | os.PathLike[str] | Fetched, *, min_side: int | None = None
+) -> Image.Image:
+    """Open ``path`` (a file, or an input already fetched) and return an upright RGB image.
 
     ``min_side``: the model only needs this many pixels on the shorter side, so a large image
     is reduced before it is converted (a JPEG decoded at a reduced scale with Pillow ``draft``,
     which is several times faster; other formats averaged over boxes of whole pixels), keeping
     at least ``min_side``. Memory stays within ``decode_memory`` and this process's budget.
     """
-    name = os.fsdecode(path)
-    fp, size = open_input(path)
+    fp: BinaryIO
+    if isinstance(path, Fetched):
+        name, fp, size = path.name, io.BytesIO(path.data), len(path.data)
+    else:
+        name = os.fsdecode(path)
+        fp, size = open_input(path)
     with fp:
         if size == 0:
             raise BadInput(f"{name}: empty file (0 bytes)")

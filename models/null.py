@@ -10,7 +10,7 @@ from PIL import Image
 from pixelmill.catalog import TaskOptions
 from pixelmill.errors import BadInput
 from pixelmill.models.base import LoadOptions, Runner
-from pixelmill.models.images import open_input
+from pixelmill.models.images import Fetched, open_input
 
 NULL_MODEL = "null"
 READ_CHUNK = 1 << 20
@@ -31,9 +31,11 @@ class NullRunner(Runner[TaskOptions]):
     def preprocess(self, image: Image.Image) -> Any:
         return None
 
-    def prepare(self, input: str, params: dict[str, Any], options: TaskOptions) -> Any:
+    def prepare(self, input: str | Fetched, params: dict[str, Any], options: TaskOptions) -> Any:
         if self.for_task == "generate":
             return None
+        if isinstance(input, Fetched):
+            return len(input.data)
         # A FIFO or a device is refused before it is opened (opening a FIFO blocks; reading
         # /dev/urandom never ends); a regular file is read through, a MiB at a time.
         fp, _ = open_input(input)

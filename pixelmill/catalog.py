@@ -136,6 +136,9 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 PATH_BYTES = "path_b64"  # a job param: the exact file name bytes, when they are not UTF-8
+# A job param: the object store key of the input's uploaded copy (`--upload`), which the
+# worker fetches instead of opening the input's path.
+STORED_INPUT = "stored"
 
 
 def job_path(input: str, params: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -40,6 +40,7 @@ from pixelmill.db.reads import (
     unfinished_batch,
 )
 from pixelmill.db.records import BatchCounts, JobResult
+from pixelmill.db.sources import RemoteObject, S3Inputs, is_remote
 from pixelmill.db.store import LocalStore, open_store
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
 from pixelmill.producer.contents import (
@@ -92,7 +93,13 @@ class Plan:
     counts: dict[str, int]
 
 
-def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -> str | None:
+def fingerprint(
+    task: str,
+    model: str,
+    options: dict[str, Any],
+    plan: JobPlan,
+    listed: Mapping[str, RemoteObject] | None = None,
+) -> str | None:
     """What identifies a submission: task, model, options (not the batch size) and each input
     as it is on disk now (path, size, modification time), with its parameters. (A batch found
     by it whose results came from an older model revision is not returned: ``_resume``.)"""
@@ -100,9 +107,13 @@ def fingerprint(task: str, model: str, options: dict[str, Any], plan: JobPlan) -
     for i, name in enumerate(plan.inputs):
         params = plan.params[i] if plan.params is not None else {}
         path = job_path(name, params or {})
+        obj = (listed or {}).get(name)
         try:
-            st = os.stat(path)
-            stamp: Any = [st.st_size, st.st_mtime_ns]
+            if obj is not None:
+                stamp: Any = [obj.size, obj.etag]
+            else:
+                st = os.stat(path)
+                stamp = [st.st_size, st.st_mtime_ns]
         except OSError:
             stamp = None  # a prompt, or a file that is not there (it will fail its job)
         entries.append([name, stamp, params])
@@ -121,7 +132,7 @@ def source_key(
     """What two runs over the same source share whatever the files in it now: the task, the
     model, the options and the INPUT arguments as typed (absolute; a list read from stdin
     counts as its paths)."""
-    given = sorted(os.path.abspath(a) for a in typed if a != "-")
+    given = sorted(a if is_remote(a) else os.path.abspath(a) for a in typed if a != "-")
     body = {
         "task": task,
         "model": model,
@@ -141,6 +152,7 @@ class _Prepared:
     size: int
     recipe: str | None
     source: str | None
+    listed: dict[str, RemoteObject]
 
 
 class Client:
@@ -219,7 +231,7 @@ class Client:
             print_ = (
                 None
                 if again or force
-                else fingerprint(prep.task, prep.model, prep.stored, prep.plan)
+                else fingerprint(prep.task, prep.model, prep.stored, prep.plan, prep.listed)
             )
             stale: str | None = None
             if print_ is not None:
@@ -235,7 +247,7 @@ class Client:
             reuse: ReusePlan | None = None
             if prep.recipe is not None:
                 contents = identify(
-                    self.sessions, prep.plan.inputs, prep.plan.params,
+                    self.sessions, prep.plan.inputs, prep.plan.params, listed=prep.listed,
                     read_timeout=self.settings.read_timeout,
                 )  # fmt: skip
                 with self.sessions() as session:
@@ -296,6 +308,7 @@ class Client:
             actions, reused = [NEW] * n, {}
         else:
             contents = identify(self.sessions, prep.plan.inputs, prep.plan.params,
+                                listed=prep.listed,
                                 read_timeout=self.settings.read_timeout)  # fmt: skip
             with self.sessions() as session:
                 reuse = plan_reuse(session, task=prep.task, model=prep.model, recipe=prep.recipe,
@@ -325,7 +338,9 @@ class Client:
             raise InputError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
         model = model or DEFAULT_MODELS[task]
         typed = [os.fspath(i) for i in inputs]
-        paths = expand_inputs(typed)
+        remote = S3Inputs(self.settings) if any(is_remote(t) for t in typed) else None
+        listed: dict[str, RemoteObject] = {}
+        paths = expand_inputs(typed, remote=remote, listed=listed)
         if typed and not paths:
             raise InputError("no input images found")
         plan = storable(plan_jobs(task, paths, prompts=prompts, count=count, seed=seed))
@@ -337,7 +352,7 @@ class Client:
         stored = opts.model_dump(mode="json", exclude_none=True)
         rec = recipe(task, model, stored)
         source = source_key(task, model, stored, typed, paths) if rec is not None else None
-        return _Prepared(task, model, plan, stored, size, rec, source)
+        return _Prepared(task, model, plan, stored, size, rec, source, listed)
 
     def _revision(self, prep: _Prepared) -> str | None:
         if prep.recipe is None:

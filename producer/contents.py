@@ -18,7 +18,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -30,9 +30,11 @@ from pixelmill.db.content import (
     FileStamp,
     earlier_results,
     known_files,
+    known_objects,
     recorded_revision,
     remember_files,
 )
+from pixelmill.db.sources import RemoteObject, is_remote
 from pixelmill.deadlines import DeadlineExceeded, DecodePool
 from pixelmill.revisions import local_revision
 
@@ -60,27 +62,51 @@ def identify(
     inputs: Sequence[str],
     params: Sequence[dict[str, Any]] | None = None,
     *,
+    listed: Mapping[str, RemoteObject] | None = None,
     read_timeout: float = 60,
     threads: int = HASH_THREADS,
 ) -> Contents:
-    """The sha256 of every input's bytes, from the index where the stat matches."""
+    """The sha256 of every input's bytes, from the index where the stat matches.
+
+    An s3:// input is never fetched here: its (size, ETag) as ``listed`` finds its sha256 in
+    the index, under its own URI or another (a copy, a rename); an object never seen has
+    none yet (it is new: the worker that fetches it records its sha256)."""
     paths = [job_path(name, params[i] if params else {}) for i, name in enumerate(inputs)]
+    listed = listed or {}
     stats: list[os.stat_result | None] = []
     for path in paths:
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError):
-            st = None
+        st = None
+        if not is_remote(path):
+            try:
+                st = os.stat(path)
+            except (OSError, ValueError):
+                st = None
         stats.append(st if st is not None and stat.S_ISREG(st.st_mode) else None)
     keys = list(inputs)  # what the index is keyed by: the input as stored with the job
+    objects = {i: listed[k] for i, k in enumerate(keys) if k in listed}
     with sessions() as session:
-        known = known_files(session, [k for k, st in zip(keys, stats, strict=True) if st])
+        looked_up = [k for i, (k, st) in enumerate(zip(keys, stats, strict=True))
+                     if st is not None or i in objects]  # fmt: skip
+        known = known_files(session, looked_up)
+        elsewhere = known_objects(session, [(o.etag, o.size) for o in objects.values()])
     out = Contents(sha256=[None] * len(keys))
     todo: list[int] = []
     for i, (key, st) in enumerate(zip(keys, stats, strict=True)):
+        was = known.get(key)
+        obj = objects.get(i)
+        if obj is not None:
+            if was is not None and (was.size, was.etag) == (obj.size, obj.etag):
+                out.sha256[i] = was.sha256
+                continue
+            if was is not None:
+                out.previous[i] = was.sha256
+            sha = elsewhere.get((obj.etag, obj.size))
+            if sha is not None:
+                out.sha256[i] = sha
+                out.stamps[key] = FileStamp(obj.size, obj.modified_ns, sha, obj.etag)
+            continue
         if st is None:
             continue
-        was = known.get(key)
         if was is not None and (was.size, was.mtime_ns) == (st.st_size, st.st_mtime_ns):
             out.sha256[i] = was.sha256
             continue

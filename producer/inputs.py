@@ -6,21 +6,35 @@ import base64
 import os
 import secrets
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from pixelmill.catalog import IMAGE_EXTENSIONS, PATH_BYTES
 from pixelmill.errors import InputError
 
+S3 = "s3://"
+
+
+class Lister(Protocol):
+    def list(self, uri: str, extensions: Collection[str]) -> Iterable[Any]: ...
+
 
 def expand_inputs(
-    inputs: Iterable[str | os.PathLike[str]], stdin: TextIO | None = None
+    inputs: Iterable[str | os.PathLike[str]],
+    stdin: TextIO | None = None,
+    *,
+    remote: Lister | None = None,
+    listed: dict[str, Any] | None = None,
 ) -> list[str]:
     """Files as given (any extension: a non-image fails its own job with a clear reason),
     folders recursively (image extensions only, sorted), ``-`` reads one path per line.
     Returns absolute paths, without duplicates, in order.
+
+    ``s3://bucket/prefix/`` is listed by ``remote`` (image extensions only, in key order;
+    ``s3://bucket/key`` naming one object is that object), and each object as listed (its
+    size and ETag) is kept in ``listed`` by URI. A URI read from stdin is taken as it is.
 
     A path typed as an argument that does not exist is a usage error (a typo: InputError).
     One read from stdin is submitted anyway and fails its own job ("no such file or
@@ -35,12 +49,27 @@ def expand_inputs(
             out.append(key)
 
     for item in inputs:
+        if isinstance(item, str) and item.startswith(S3):
+            if remote is None:
+                raise InputError(f"{item}: s3:// inputs need the S3 settings")
+            for obj in remote.list(item, IMAGE_EXTENSIONS):
+                if obj.uri not in seen:
+                    seen.add(obj.uri)
+                    out.append(obj.uri)
+                    if listed is not None:
+                        listed[obj.uri] = obj
+            continue
         if os.fspath(item) == "-":
             stream = stdin if stdin is not None else sys.stdin
             for line in stream:
                 line = line.rstrip("\n")
                 if line.endswith("\r") and not os.path.lexists(line):
                     line = line[:-1]  # a list written on Windows (CRLF)
+                if line.startswith(S3):
+                    if line not in seen:
+                        seen.add(line)
+                        out.append(line)
+                    continue
                 if line.strip():
                     path = Path(line)
                     if path.is_dir():

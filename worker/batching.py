@@ -20,6 +20,7 @@ Unattended runs never hang and never orphan a job (README, Guarantees):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -31,16 +32,19 @@ from typing import Any
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import TaskOptions, job_path, task_options
+from pixelmill.catalog import STORED_INPUT, TaskOptions, job_path, task_options
 from pixelmill.db.content import record_revision
 from pixelmill.db.jobs import claim_jobs, fail_jobs, write_outcomes
-from pixelmill.db.records import ArtifactRecord, BatchInfo, ClaimedJob, Outcome
+from pixelmill.db.records import ArtifactRecord, BatchInfo, ClaimedJob, ContentSeen, Outcome
+from pixelmill.db.sources import S3Inputs, is_remote
 from pixelmill.db.store import ObjectStore, artifact_key
 from pixelmill.deadlines import DeadlineExceeded, DecodePool
 from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
 from pixelmill.models.artifacts import encode_png, provenance
 from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
+from pixelmill.models.images import Fetched
+from pixelmill.settings import Settings
 from pixelmill.worker.heartbeat import InProgress, Tracked
 from pixelmill.worker.retrying import GaveUp, Retrier, first_line
 
@@ -110,7 +114,19 @@ class WorkerContext:
     device_holder: Tracked | None = None  # the batch on the device now
     # (task, model, revision) this process recorded as the models' current revisions.
     recorded: set[tuple[str, str, str]] = field(default_factory=set)
+    # Where s3:// inputs come from (made on first use, from the settings' S3 endpoint).
+    settings: Settings | None = None
+    max_fetch_bytes: int | None = None  # an object larger than this fails its job
+    _remote: S3Inputs | None = None
+    _remote_lock: threading.Lock = field(default_factory=threading.Lock)
     _pool: DecodePool | None = None
+
+    @property
+    def remote(self) -> S3Inputs:
+        with self._remote_lock:
+            if self._remote is None:
+                self._remote = S3Inputs(self.settings)
+            return self._remote
 
     @property
     def pool(self) -> DecodePool:
@@ -359,8 +375,14 @@ def _run_group(
     # Decoding is queued for the whole message at once, in order; each forward pass starts as
     # soon as its own items are ready (the first pass does not wait for the last decode).
     # Each input has its deadline: a read that hangs fails its job, not the batch.
+    seen: dict[str, ContentSeen] = {}  # what fetching s3:// inputs taught us
     pending = [
-        (job, ctx.pool.submit(_prepare, runner, job, options, tracked, deadline=ctx.read_timeout))
+        (
+            job,
+            ctx.pool.submit(
+                _prepare, ctx, runner, job, options, tracked, seen, deadline=ctx.read_timeout
+            ),
+        )  # fmt: skip
         for job in jobs
     ]
     outcomes: dict[str, Outcome] = {}
@@ -410,6 +432,7 @@ def _run_group(
             model_revision=runner.revision,
             device=ctx.device_label,
             artifacts=artifacts,
+            content=seen.get(job.job_id),
         )
     return [outcomes[job.job_id] for job in jobs]
 
@@ -473,10 +496,19 @@ class _Unusable:
     reason: str
 
 
-def _prepare(runner: Runner[Any], job: ClaimedJob, options: TaskOptions, tracked: Tracked) -> Any:
-    """Decode and preprocess one input; a bad input becomes an _Unusable naming the file."""
+def _prepare(
+    ctx: WorkerContext,
+    runner: Runner[Any],
+    job: ClaimedJob,
+    options: TaskOptions,
+    tracked: Tracked,
+    seen: dict[str, ContentSeen],
+) -> Any:
+    """Fetch (an s3:// input, or the uploaded copy of one), decode and preprocess one input; a
+    bad input becomes an _Unusable naming it. Runs on the decode pool, so fetches overlap each
+    other and the forward pass of the batch before."""
     try:
-        return runner.prepare(job_path(job.input, job.params), job.params, options)
+        return runner.prepare(_source(ctx, job, seen), job.params, options)
     except (BadInput, ModelUnavailable) as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
@@ -484,6 +516,25 @@ def _prepare(runner: Runner[Any], job: ClaimedJob, options: TaskOptions, tracked
         return _Unusable(f"{job.input}: cannot prepare image ({type(exc).__name__}: {exc})")
     finally:
         tracked.touch()
+
+
+def _source(ctx: WorkerContext, job: ClaimedJob, seen: dict[str, ContentSeen]) -> str | Fetched:
+    """What the runner reads: the file's path, or the bytes of an object fetched now."""
+    stored = job.params.get(STORED_INPUT)
+    if isinstance(stored, str):
+        if ctx.store is None:
+            raise BadInput(f"{job.input}: uploaded, but this worker has no object store")
+        try:
+            return Fetched(job.input, ctx.store.get(stored))
+        except PixelmillError as exc:
+            raise BadInput(f"{job.input}: cannot fetch its uploaded copy ({exc})") from None
+    path = job_path(job.input, job.params)
+    if not is_remote(path):
+        return path
+    obj = ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
+    sha = hashlib.sha256(obj.data).hexdigest()
+    seen[job.job_id] = ContentSeen(uri=path, size=len(obj.data), etag=obj.etag, sha256=sha)
+    return Fetched(path, obj.data)
 
 
 def _forward_isolating_failures(

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         read_timeout=settings.read_timeout,
         stall=settings.stall_seconds,
         transient_retry=settings.transient_retry_seconds,
+        settings=settings,
+        max_fetch_bytes=settings.decode_memory_mb * (1 << 20),
     )
     from pixelmill.worker.embedded import EmbeddedRedis
 

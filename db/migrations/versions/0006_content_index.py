@@ -29,10 +29,12 @@ def upgrade() -> None:
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("mtime_ns", sa.BigInteger(), nullable=False),
+        sa.Column("etag", sa.String(200), nullable=True),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("path", name="pk_files"),
     )
+    op.create_index("ix_files_etag_size", "files", ["etag", "size"])
     op.create_table(
         "content_results",
         sa.Column("content_sha256", sa.String(64), nullable=False),
@@ -62,6 +64,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("model_revisions")
     op.drop_table("content_results")
+    op.drop_index("ix_files_etag_size", table_name="files")
     op.drop_table("files")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_index("ix_jobs_input")
