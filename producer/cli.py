@@ -67,6 +67,12 @@ FORCE = click.option(
     is_flag=True,
     help="Process every input again: reuse no earlier result (and make a new batch).",
 )
+UPLOAD = click.option(
+    "--upload",
+    is_flag=True,
+    help="Copy the input files into the object store first (by content: one already there is "
+    "not copied again), so that workers on other hosts need no shared mount.",
+)
 PLAN = click.option(
     "--plan",
     "plan_only",
@@ -108,7 +114,8 @@ TASK_OPTIONS = (
 
 def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
-    shared = (TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN, *TASK_OPTIONS)
+    shared = (TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN, UPLOAD,
+              *TASK_OPTIONS)  # fmt: skip
     for decorate in reversed(shared):
         command = decorate(command)
     return command
@@ -159,6 +166,7 @@ def submit(
     again: bool,
     force: bool,
     plan_only: bool,
+    upload: bool,
     **task_options: Any,
 ) -> None:
     """Enqueue only: register the jobs, enqueue them and print the batch id.
@@ -180,9 +188,8 @@ def submit(
         if plan_only:
             print_plan(client, task, model, args, force, as_json)
             return
-        sub = client.submit(
-            task, model=model, name=name, batch_size=batch_size, again=again, force=force, **args
-        )
+        sub = client.submit(task, model=model, name=name, batch_size=batch_size, again=again,
+                            force=force, upload=upload, **args)  # fmt: skip
     click.echo(json.dumps(submission_json(sub)) if as_json else sub.batch_id)
     if not as_json or sub.existing or sub.attached:  # stderr: what was found, also with --json
         click.echo(f"batch {sub.batch_id}: {describe(sub)}", err=True)

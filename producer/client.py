@@ -52,6 +52,7 @@ from pixelmill.producer.contents import (
     identify,
     plan_reuse,
     remember,
+    upload_inputs,
 )
 from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
@@ -201,6 +202,7 @@ class Client:
         seed: int | None = None,
         again: bool = False,
         force: bool = False,
+        upload: bool = False,
     ) -> Submission:
         """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
         (one message per model batch).
@@ -209,6 +211,11 @@ class Client:
         before with the same task, model (and its current revision), options and pixelmill
         preprocessing is done at once with that result (reused, pointing at the job that
         computed it); only the others are enqueued. ``force=True`` reuses nothing.
+
+        ``upload=True``: the local files to process are copied into the object store first,
+        under content-addressed keys (``inputs/<sha256>``; one already there is not copied
+        again), and the workers fetch them from there: no shared mount needed. Jobs and results
+        still name the original paths.
 
         The same submit twice (same task, model, options and inputs, the files unchanged on
         disk) returns the first batch instead of doing the work again, and enqueues its jobs
@@ -254,6 +261,13 @@ class Client:
                     reuse = plan_reuse(session, task=prep.task, model=prep.model,
                                        recipe=prep.recipe, revision=revision,
                                        contents=contents, force=force)  # fmt: skip
+            params = prep.plan.params
+            if upload and contents is not None:
+                skip = reuse.reused if reuse else {}
+                params = upload_inputs(
+                    open_store(self.settings.resolved_store_url(), self.settings),
+                    prep.plan.inputs, params, contents.sha256, skip=skip,
+                )  # fmt: skip
             try:
                 with self.sessions.begin() as session:
                     if stale is not None:
@@ -263,7 +277,7 @@ class Client:
                         task=prep.task,
                         model=prep.model,
                         inputs=prep.plan.inputs,
-                        params=prep.plan.params,
+                        params=params,
                         name=name,
                         options=prep.stored,
                         queued_lease=self.settings.queued_lease_seconds,

@@ -15,17 +15,20 @@ with git's stat fast path) and the reuse plan of a submission.
 from __future__ import annotations
 
 import hashlib
+import mimetypes
 import os
 import stat
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import job_path
+from pixelmill.catalog import STORED_INPUT, job_path
 from pixelmill.db.content import (
     FileStamp,
     earlier_results,
@@ -35,6 +38,7 @@ from pixelmill.db.content import (
     remember_files,
 )
 from pixelmill.db.sources import RemoteObject, is_remote
+from pixelmill.db.store import ObjectStore
 from pixelmill.deadlines import DeadlineExceeded, DecodePool
 from pixelmill.revisions import local_revision
 
@@ -240,3 +244,57 @@ def plan_reuse(
         else:
             actions.append(NEW)
     return ReusePlan(actions=actions, reused=reused)
+
+
+# ---- --upload -------------------------------------------------------------------------------
+
+UPLOAD_THREADS = 8
+
+
+def input_key(sha256: str, name: str) -> str:
+    """The object store key of an uploaded input: by content (so the same bytes are stored
+    once), keeping a plain extension for whoever browses the bucket."""
+    ext = PurePosixPath(name).suffix.lower()
+    if not ext or not all(c.isalnum() or c in "._-" for c in ext[1:]) or not ext.isascii():
+        ext = ""
+    return f"inputs/{sha256[:2]}/{sha256}{ext}"
+
+
+def upload_inputs(
+    store: ObjectStore,
+    inputs: Sequence[str],
+    params: Sequence[dict[str, Any]] | None,
+    sha256: Sequence[str | None],
+    *,
+    skip: Mapping[int, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Copy each local input to process (not those in ``skip``: reused) into ``store`` under
+    its content key, unless an object is there already; return the jobs' params with the key
+    (``STORED_INPUT``) added. A store that fails raises StoreError before anything is
+    registered; a file that cannot be read is left to fail its own job."""
+    out = [dict(params[i]) if params else {} for i in range(len(inputs))]
+    todo = [i for i, sha in enumerate(sha256)
+            if sha and i not in (skip or {}) and not is_remote(inputs[i])]  # fmt: skip
+    keys = {i: input_key(sha256[i] or "", inputs[i]) for i in todo}
+
+    def copy(i: int) -> None:
+        key = keys[i]
+        if store.exists(key):
+            return
+        path = job_path(inputs[i], out[i])
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            keys.pop(i, None)  # unreadable now: the job fails at the worker, naming the path
+            return
+        if hashlib.sha256(data).hexdigest() != sha256[i]:
+            keys.pop(i, None)  # changed since it was hashed: the worker reads the path
+            return
+        kind = mimetypes.guess_type(inputs[i])[0] or "application/octet-stream"
+        store.put(key, data, content_type=kind)
+
+    with ThreadPoolExecutor(min(UPLOAD_THREADS, max(1, len(todo)))) as pool:
+        list(pool.map(copy, todo))  # the first StoreError propagates
+    for i, key in keys.items():
+        out[i][STORED_INPUT] = key
+    return out

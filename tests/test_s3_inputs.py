@@ -169,3 +169,45 @@ def test_listing_follows_pages(s3_server, bucket):
     # One object named exactly is that object, whatever its extension.
     s3.put_object(Bucket=bucket, Key="one.bin", Body=b"xy")
     assert expand_inputs([f"s3://{bucket}/one.bin"], remote=inputs) == [f"s3://{bucket}/one.bin"]
+
+
+def test_upload_lets_workers_without_the_folder_do_the_work(
+    tmp_path, s3_server, bucket, redis_server, start_worker
+):
+    """`submit --upload` copies the local inputs into the S3 store by content; a worker that
+    cannot see the folder (it is gone by the time the worker starts) fetches them from there;
+    results name the original paths; the same bytes are never uploaded twice."""
+    folder = tmp_path / "local"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"p{i}.jpg").write_bytes(_jpeg((i * 60, 50, 50)))
+    (folder / "same-as-p0.jpg").write_bytes((folder / "p0.jpg").read_bytes())
+    env = _env(tmp_path, s3_server, broker_url=redis_server.url,
+               database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+               store_url=f"s3://{bucket}/store")  # fmt: skip
+    s3 = s3_server.client()
+
+    def uploaded() -> list[str]:
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix="store/inputs/")
+        return sorted(o["Key"] for o in listing.get("Contents", []))
+
+    sub = pixelmill("submit", "classify", str(folder), "--upload", "--json", env=env)
+    assert sub.returncode == 0, sub.stderr
+    batch = json.loads(sub.stdout)["batch"]
+    assert len(uploaded()) == 4  # five files, four contents
+    hidden = tmp_path / "elsewhere"
+    folder.rename(hidden)  # the worker's host has no such folder
+    start_worker(env)
+    status = pixelmill("status", batch, "--wait", "--json", env=env, timeout=240)
+    assert json.loads(status.stdout)["done"] == 5, status.stdout
+    rows = _lines(pixelmill("results", batch, "--json", env=env).stdout)
+    assert sorted(r["input"] for r in rows) == sorted(
+        str(folder / n) for n in ("p0.jpg", "p1.jpg", "p2.jpg", "p3.jpg", "same-as-p0.jpg")
+    )
+    assert all(r["result"]["labels"] for r in rows)
+
+    hidden.rename(folder)
+    (folder / "p9.jpg").write_bytes(_jpeg((9, 99, 199)))
+    again = pixelmill("submit", "classify", str(folder), "--upload", "--json", env=env)
+    assert json.loads(again.stdout)["reused"] == 5
+    assert len(uploaded()) == 5  # only the new content went up

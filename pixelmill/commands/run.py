@@ -72,6 +72,7 @@ def run(
     again: bool,
     force: bool,
     plan_only: bool,
+    upload: bool,
     devices: str,
     local_workers: bool,
     timeout: float | None,
@@ -114,7 +115,8 @@ def run(
 
             def submit() -> Submission:
                 return client.submit(task, model=model, name=name, batch_size=batch_size,
-                                     again=again, force=force, **args)  # fmt: skip
+                                     again=again, force=force, upload=upload,
+                                     **args)  # fmt: skip
 
             sub = submit()
             # Local workers only when there is work: a nightly re-run that finds everything
