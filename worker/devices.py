@@ -27,8 +27,17 @@ class DeviceSpec:
         return f"{base}-{self.slot}" if self.slot else base
 
 
+def nvidia_driver_present() -> bool:
+    """Whether this host has an NVIDIA driver loaded (its /proc entry or device nodes): without
+    one, CUDA sees no device, and nobody needs to start torch to find that out."""
+    return os.path.isdir("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
+
+
 def cuda_device_count() -> int:
-    """GPUs visible to this host. Asks in a child process, so this one never touches CUDA."""
+    """GPUs visible to this host. Asks in a child process, so this one never touches CUDA
+    (and does not ask at all on a host without an NVIDIA driver: a second saved per run)."""
+    if not nvidia_driver_present():
+        return 0
     try:
         out = subprocess.run(
             python_command("-c", "import torch; print(torch.cuda.device_count())"),
