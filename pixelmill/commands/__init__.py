@@ -1,5 +1,6 @@
 """The ``pixelmill`` command line, the top layer. Commands that touch one component live with it:
-``pixelmill.producer.cli`` (submit, status, results, retry), ``pixelmill.worker.cli`` (worker,
+``pixelmill.producer.cli`` (submit, status, results, retry; export in
+``pixelmill.producer.export_cli``), ``pixelmill.worker.cli`` (worker,
 flower, dead-letters); the ones that join producer and worker live here: ``run``
 (``pixelmill.commands.run``) and ``bench`` (``pixelmill.commands.bench_cli``).
 
@@ -48,6 +49,7 @@ def _register() -> None:
     from pixelmill.commands.bench_cli import bench
     from pixelmill.commands.run import run
     from pixelmill.producer.cli import register as register_producer
+    from pixelmill.producer.export_cli import export
     from pixelmill.worker.cli import register as register_worker
     from pixelmill.worker.deadletter_cli import dead_letters
 
@@ -56,6 +58,7 @@ def _register() -> None:
     cli.add_command(run)
     cli.add_command(bench)
     cli.add_command(dead_letters)
+    cli.add_command(export)
 
 
 _register()
