@@ -108,7 +108,7 @@ def create_batch(
             }
             for i in range(start, min(start + INSERT_CHUNK, len(inputs)))
         ]
-        session.execute(insert(Job), rows)
+        session.connection().execute(insert(JOBS), rows)  # Core: no ORM bulk bookkeeping
     queued = [job_id for i, job_id in enumerate(job_ids) if i not in reused]
     return NewBatch(batch_id=batch_id, job_ids=queued)
 

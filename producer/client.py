@@ -487,6 +487,7 @@ class Client:
         for it too) up to PIXELMILL_SERVICE_TIMEOUT, then ``ServiceUnavailable``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         down_since: float | None = None
+        pause = 0.0
         while True:
             try:
                 counts = self.status(batch_id)
@@ -509,7 +510,10 @@ class Client:
                 raise TimeoutError(f"batch {batch_id}: not finished after {timeout:g}s")
             if check is not None:
                 check()
-            time.sleep(interval)
+            # Short at first (a batch with little left to do ends in a fraction of a second),
+            # then every ``interval``.
+            pause = min(interval, pause * 2) if pause else min(interval, 0.05)
+            time.sleep(pause)
 
     def results(self, batch_id: str) -> Iterator[JobResult]:
         with self.sessions() as session:

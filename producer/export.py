@@ -95,7 +95,32 @@ def flat_row(job: JobResult, columns: Collection[Column]) -> list[Any]:
     """``job`` as the values of ``columns`` (None where there is nothing: a failed job's
     result, a fourth label of three)."""
     result = job.result
-    values: dict[str, Any] = {
+    values = _base(job)
+    values["caption"] = _text(result.get("caption")) if result else None
+    values["result_json"] = _json(result) if result is not None else None
+    labels = result.get("labels") if result else None
+    if isinstance(labels, list):
+        for i, item in enumerate(labels, 1):
+            if isinstance(item, dict):
+                values[f"label_{i}"] = _text(item.get("label"))
+                values[f"score_{i}"] = _score(item.get("score"))
+    return [values.get(c.name) for c in columns]
+
+
+def json_row(job: JobResult) -> dict[str, Any]:
+    """``job`` as one JSON lines object: the result as an object, the artifact's URI."""
+    row = _base(job)
+    row["finished"] = job.finished_at.isoformat() if job.finished_at else None
+    row["result"] = job.result
+    row["artifact"] = row.pop("artifact")  # after the result, as the other keys
+    row["artifact_sha256"] = row.pop("artifact_sha256")
+    return row
+
+
+def _base(job: JobResult) -> dict[str, Any]:
+    """What every format says of a job, in column order: who, what, how it ended, and the
+    artifact's URI and sha256."""
+    return {
         "input": job.input,
         "sha256": job.content_sha256,
         "task": job.task,
@@ -110,38 +135,6 @@ def flat_row(job: JobResult, columns: Collection[Column]) -> list[Any]:
         "device": job.device,
         "batch": job.batch_id,
         "job": job.job,
-        "caption": _text(result.get("caption")) if result else None,
-        "artifact": job.artifact.uri if job.artifact else None,
-        "artifact_sha256": job.artifact.sha256 if job.artifact else None,
-        "result_json": _json(result) if result is not None else None,
-    }
-    labels = result.get("labels") if result else None
-    if isinstance(labels, list):
-        for i, item in enumerate(labels, 1):
-            if isinstance(item, dict):
-                values[f"label_{i}"] = _text(item.get("label"))
-                values[f"score_{i}"] = _score(item.get("score"))
-    return [values.get(c.name) for c in columns]
-
-
-def json_row(job: JobResult) -> dict[str, Any]:
-    """``job`` as one JSON lines object: the result as an object, the artifact's URI."""
-    return {
-        "input": job.input,
-        "sha256": job.content_sha256,
-        "task": job.task,
-        "model": job.model,
-        "revision": job.model_revision,
-        "status": job.status,
-        "error": job.error,
-        "reused": job.reused,
-        "reused_from": job.reused_from,
-        "finished": job.finished_at.isoformat() if job.finished_at else None,
-        "attempts": job.attempts,
-        "device": job.device,
-        "batch": job.batch_id,
-        "job": job.job,
-        "result": job.result,
         "artifact": job.artifact.uri if job.artifact else None,
         "artifact_sha256": job.artifact.sha256 if job.artifact else None,
     }

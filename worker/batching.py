@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,7 @@ class WorkerContext:
     max_fetch_bytes: int | None = None  # an object larger than this fails its job
     _remote: S3Inputs | None = None
     _remote_lock: threading.Lock = field(default_factory=threading.Lock)
+    _fetch_pool: ThreadPoolExecutor | None = None
     _pool: DecodePool | None = None
 
     @property
@@ -127,6 +128,19 @@ class WorkerContext:
             if self._remote is None:
                 self._remote = S3Inputs(self.settings)
             return self._remote
+
+    def fetch(self, job: ClaimedJob) -> Future[Any] | None:
+        """Start fetching ``job``'s input if it is an s3:// object (None for a file): the
+        message's objects are all requested at once, on I/O threads of their own, so the
+        decode threads find them there instead of waiting for each in turn."""
+        uri = job_path(job.input, job.params)
+        if STORED_INPUT in job.params or not is_remote(uri):
+            return None
+        with self._remote_lock:
+            if self._fetch_pool is None:
+                self._fetch_pool = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="fetch")
+            pool = self._fetch_pool
+        return pool.submit(lambda: self.remote.fetch(uri, max_bytes=self.max_fetch_bytes))
 
     @property
     def pool(self) -> DecodePool:
@@ -155,6 +169,8 @@ class WorkerContext:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._fetch_pool is not None:
+            self._fetch_pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,7 @@ class BatchReport:
 
 
 MAX_KNOWN_BATCHES = 1024
+FETCH_THREADS = 8  # s3:// objects in flight per worker process
 
 
 class _Suspect(Exception):
@@ -376,15 +393,12 @@ def _run_group(
     # soon as its own items are ready (the first pass does not wait for the last decode).
     # Each input has its deadline: a read that hangs fails its job, not the batch.
     seen: dict[str, ContentSeen] = {}  # what fetching s3:// inputs taught us
+    fetches = [ctx.fetch(job) for job in jobs]
     pending = [
-        (
-            job,
-            ctx.pool.submit(
-                _prepare, ctx, runner, job, options, tracked, seen, deadline=ctx.read_timeout
-            ),
-        )  # fmt: skip
-        for job in jobs
-    ]
+        (job, ctx.pool.submit(_prepare, ctx, runner, job, options, tracked, seen, fetch,
+                              deadline=ctx.read_timeout))
+        for job, fetch in zip(jobs, fetches, strict=True)
+    ]  # fmt: skip
     outcomes: dict[str, Outcome] = {}
 
     def ready_items(chunk: list[tuple[ClaimedJob, Future[Any]]]) -> list[tuple[ClaimedJob, Any]]:
@@ -503,12 +517,13 @@ def _prepare(
     options: TaskOptions,
     tracked: Tracked,
     seen: dict[str, ContentSeen],
+    fetch: Future[Any] | None = None,
 ) -> Any:
     """Fetch (an s3:// input, or the uploaded copy of one), decode and preprocess one input; a
     bad input becomes an _Unusable naming it. Runs on the decode pool, so fetches overlap each
     other and the forward pass of the batch before."""
     try:
-        return runner.prepare(_source(ctx, job, seen), job.params, options)
+        return runner.prepare(_source(ctx, job, seen, fetch), job.params, options)
     except (BadInput, ModelUnavailable) as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
@@ -518,8 +533,11 @@ def _prepare(
         tracked.touch()
 
 
-def _source(ctx: WorkerContext, job: ClaimedJob, seen: dict[str, ContentSeen]) -> str | Fetched:
-    """What the runner reads: the file's path, or the bytes of an object fetched now."""
+def _source(
+    ctx: WorkerContext, job: ClaimedJob, seen: dict[str, ContentSeen], fetch: Future[Any] | None
+) -> str | Fetched:
+    """What the runner reads: the file's path, or the bytes of an object (fetched by
+    ``fetch``, started with the message; or now)."""
     stored = job.params.get(STORED_INPUT)
     if isinstance(stored, str):
         if ctx.store is None:
@@ -531,7 +549,10 @@ def _source(ctx: WorkerContext, job: ClaimedJob, seen: dict[str, ContentSeen]) -
     path = job_path(job.input, job.params)
     if not is_remote(path):
         return path
-    obj = ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
+    if fetch is not None:
+        obj = fetch.result()
+    else:
+        obj = ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
     sha = hashlib.sha256(obj.data).hexdigest()
     seen[job.job_id] = ContentSeen(uri=path, size=len(obj.data), etag=obj.etag, sha256=sha)
     return Fetched(path, obj.data)
