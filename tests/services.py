@@ -190,6 +190,9 @@ def start_postgres() -> PostgresServer:
 
 S3_ACCESS_KEY = "pixelmill-test-access-key"
 S3_SECRET_KEY = "pixelmill-test-secret-key-0123456789"
+S3_READER_KEY = "pixelmill-test-reader"
+S3_READER_SECRET = "pixelmill-test-reader-secret-0123456789"
+S3_READABLE_BUCKET = "readable-by-reader"
 # weed reads AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY at startup and adds them as one more S3
 # identity even next to -s3.config; S3_* and WEED_* variables change its settings. The test
 # server gets none of them from our environment.
@@ -318,7 +321,12 @@ class S3Server:
                     "name": "pixelmill",
                     "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                {  # may read one bucket only: what "access denied on one key" looks like
+                    "name": "reader",
+                    "credentials": [{"accessKey": S3_READER_KEY, "secretKey": S3_READER_SECRET}],
+                    "actions": [f"Read:{S3_READABLE_BUCKET}", f"List:{S3_READABLE_BUCKET}"],
+                },
             ]
         }
         self.config_path.write_text(json.dumps(identities, indent=2))

@@ -4,6 +4,7 @@ the URI; a listing that fails exits 3 before anything is registered."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sqlite3
@@ -211,3 +212,34 @@ def test_upload_lets_workers_without_the_folder_do_the_work(
     again = pixelmill("submit", "classify", str(folder), "--upload", "--json", env=env)
     assert json.loads(again.stdout)["reused"] == 5
     assert len(uploaded()) == 5  # only the new content went up
+
+
+def test_access_denied_on_one_object_fails_that_job_only(tmp_path, s3_server):
+    """Credentials that may read one bucket: a list (on stdin) naming objects of it and one of
+    another bucket; the other one fails, access denied, naming its URI; the rest are done."""
+    from tests.services import S3_READABLE_BUCKET, S3_READER_KEY, S3_READER_SECRET
+
+    s3 = s3_server.client()
+    closed = "closed-" + uuid.uuid4().hex[:8]
+    for name in (S3_READABLE_BUCKET, closed):
+        with contextlib.suppress(Exception):  # the readable one may exist from another test
+            s3_server.create_bucket(name)
+    run_id = uuid.uuid4().hex[:8]
+    uris = []
+    for i in range(3):
+        key = f"{run_id}/ok{i}.jpg"
+        s3.put_object(Bucket=S3_READABLE_BUCKET, Key=key, Body=_jpeg((i * 70, 1, 1)))
+        uris.append(f"s3://{S3_READABLE_BUCKET}/{key}")
+    s3.put_object(Bucket=closed, Key="secret.jpg", Body=_jpeg((3, 3, 3)))
+    uris.append(f"s3://{closed}/secret.jpg")
+    env = _env(tmp_path, s3_server)
+    env["PIXELMILL_S3_ACCESS_KEY_ID"] = S3_READER_KEY
+    env["PIXELMILL_S3_SECRET_ACCESS_KEY"] = S3_READER_SECRET
+    done = pixelmill("run", "classify", "-", "--model", "null", "--json", env=env,
+                     input="\n".join(uris) + "\n")  # fmt: skip
+    assert done.returncode == 1, done.stderr  # one job failed, the run finished
+    rows = {r["input"]: r for r in _lines(done.stdout)}
+    assert [rows[u]["status"] for u in uris] == ["done", "done", "done", "failed"]
+    assert rows[uris[3]]["error"] == (
+        f"s3://{closed}/secret.jpg: cannot fetch the object (access denied)"
+    )
