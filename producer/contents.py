@@ -45,6 +45,7 @@ from pixelmill.revisions import local_revision
 RACY_SECONDS = 2.0
 HASH_CHUNK = 1 << 20
 HASH_THREADS = 8
+HASH_WINDOW = 1024  # files being hashed (queued or in flight) at a time
 
 NEW, CHANGED, STALE, REUSED, FORCED = "new", "changed", "stale", "reused", "forced"
 ACTIONS = (NEW, CHANGED, STALE, REUSED)  # FORCED only with --force: what would be reused
@@ -77,15 +78,9 @@ def identify(
     none yet (it is new: the worker that fetches it records its sha256)."""
     paths = [job_path(name, params[i] if params else {}) for i, name in enumerate(inputs)]
     listed = listed or {}
-    stats: list[os.stat_result | None] = []
+    stats: list[tuple[int, int] | None] = []  # (size, mtime_ns) of each regular file
     for path in paths:
-        st = None
-        if not is_remote(path):
-            try:
-                st = os.stat(path)
-            except (OSError, ValueError):
-                st = None
-        stats.append(st if st is not None and stat.S_ISREG(st.st_mode) else None)
+        stats.append(None if is_remote(path) else _stamp(path))
     keys = list(inputs)  # what the index is keyed by: the input as stored with the job
     objects = {i: listed[k] for i, k in enumerate(keys) if k in listed}
     with sessions() as session:
@@ -95,7 +90,7 @@ def identify(
         elsewhere = known_objects(session, [(o.etag, o.size) for o in objects.values()])
     out = Contents(sha256=[None] * len(keys))
     todo: list[int] = []
-    for i, (key, st) in enumerate(zip(keys, stats, strict=True)):
+    for i, (key, stamp) in enumerate(zip(keys, stats, strict=True)):
         was = known.get(key)
         obj = objects.get(i)
         if obj is not None:
@@ -109,15 +104,24 @@ def identify(
                 out.sha256[i] = sha
                 out.stamps[key] = FileStamp(obj.size, obj.modified_ns, sha, obj.etag)
             continue
-        if st is None:
+        if stamp is None:
             continue
-        if was is not None and (was.size, was.mtime_ns) == (st.st_size, st.st_mtime_ns):
+        if was is not None and (was.size, was.mtime_ns) == stamp:
             out.sha256[i] = was.sha256
             continue
         todo.append(i)
     if todo:
-        _hash_all(out, todo, paths, keys, stats, known, read_timeout, threads)
+        _hash_all(out, todo, paths, keys, known, read_timeout, threads)
     return out
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    """A regular file's (size, mtime_ns); None for anything else or nothing."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
 def _hash_all(
@@ -125,32 +129,37 @@ def _hash_all(
     todo: list[int],
     paths: list[str],
     keys: list[str],
-    stats: list[os.stat_result | None],
     known: dict[str, FileStamp],
     read_timeout: float,
     threads: int,
 ) -> None:
+    """Hash the files at ``todo`` on ``threads`` threads, a window at a time (a first run over a
+    million files holds one window's tasks, not a million)."""
     pool = DecodePool(min(threads, len(todo)), name="hash")
+    racy = time.time() - RACY_SECONDS
     try:
-        futures = [(i, pool.submit(_hash_file, paths[i], deadline=read_timeout)) for i in todo]
-        racy = time.time() - RACY_SECONDS
-        for i, future in futures:
-            try:
-                sha, st, stable = future.result()
-            except (OSError, DeadlineExceeded):
-                continue  # unreadable or hung: its job fails at the worker, naming why
-            out.sha256[i] = sha
-            out.hashed += 1
-            was = known.get(keys[i])
-            if was is not None and was.sha256 != sha:
-                out.previous[i] = was.sha256
-            if stable and st.st_mtime_ns / 1e9 < racy:
-                out.stamps[keys[i]] = FileStamp(st.st_size, st.st_mtime_ns, sha)
+        for start in range(0, len(todo), HASH_WINDOW):
+            window = todo[start : start + HASH_WINDOW]
+            futures = [
+                (i, pool.submit(_hash_file, paths[i], deadline=read_timeout)) for i in window
+            ]
+            for i, future in futures:
+                try:
+                    sha, size, mtime_ns, stable = future.result()
+                except (OSError, DeadlineExceeded):
+                    continue  # unreadable or hung: its job fails at the worker, naming why
+                out.sha256[i] = sha
+                out.hashed += 1
+                was = known.get(keys[i])
+                if was is not None and was.sha256 != sha:
+                    out.previous[i] = was.sha256
+                if stable and mtime_ns / 1e9 < racy:
+                    out.stamps[keys[i]] = FileStamp(size, mtime_ns, sha)
     finally:
         pool.shutdown(wait=False)
 
 
-def _hash_file(path: str) -> tuple[str, os.stat_result, bool]:
+def _hash_file(path: str) -> tuple[str, int, int, bool]:
     """The sha256 of a regular file's bytes, its stat (from the open file, so that the two
     belong together; a file swapped for a FIFO is refused, never blocked on), and whether it
     stayed the same while it was read."""
@@ -165,7 +174,7 @@ def _hash_file(path: str) -> tuple[str, os.stat_result, bool]:
             digest.update(chunk)
         after = os.fstat(fh.fileno())
     stable = (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    return digest.hexdigest(), st, stable
+    return digest.hexdigest(), st.st_size, st.st_mtime_ns, stable
 
 
 def remember(sessions: sessionmaker[Session], contents: Contents) -> None:
