@@ -180,7 +180,8 @@ def submit(
     progress, its id is printed instead (nothing is submitted twice).
 
     With --json prints {"batch": "<id>", "jobs": <n>, "queued": <n>, "reused": <n>,
-    "existing": <bool>, "attached": <bool>}.
+    "plan": {"new": <n>, "changed": <n>, "stale": <n>, "reused": <n>}, "existing": <bool>,
+    "attached": <bool>}.
     """
     settings = settings_or_exit()
     with user_errors(), database_errors(), Client(settings) as client:
