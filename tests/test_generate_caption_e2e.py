@@ -18,7 +18,8 @@ from tests.conftest import PHOTOS, pixelmill, pixelmill_env
 
 pytestmark = pytest.mark.slow
 
-CONTRACT_KEYS = {"job", "input", "task", "status", "result", "error", "model", "device", "artifact"}
+CONTRACT_KEYS = {"job", "input", "task", "status", "result", "error", "model", "device", "artifact",
+                 "sha256", "revision", "reused", "reused_from"}  # fmt: skip
 
 
 def _lines(stdout: str) -> list[dict]:
@@ -43,6 +44,8 @@ def test_caption_and_generate_on_the_embedded_default(tmp_path, photos, tiny_bli
         assert set(line) == CONTRACT_KEYS
         assert (line["task"], line["status"], line["artifact"]) == ("caption", "done", None)
         assert set(line["result"]) == {"caption"} and line["result"]["caption"].strip()
+        assert len(line["sha256"]) == 64 and line["reused"] is False
+        assert line["revision"].startswith("local-")  # the tiny model's folder fingerprint
 
     gen = pixelmill("run", "generate", "--prompt", "a lighthouse at dusk", "--prompt",
                     "a red bicycle", "--count", "2", "--seed", "11", "--steps", "2",
@@ -54,6 +57,7 @@ def test_caption_and_generate_on_the_embedded_default(tmp_path, photos, tiny_bli
     digests = []
     for line in images:
         assert set(line) == CONTRACT_KEYS and line["status"] == "done"
+        assert line["sha256"] is None and line["reused"] is False  # a prompt: never reused
         assert {"width", "height", "seed", "steps"} <= set(line["result"])
         assert (line["result"]["width"], line["result"]["height"]) == (64, 32)
         path = _file(line["artifact"])
