@@ -37,6 +37,7 @@ class FileStamp:
     mtime_ns: int
     sha256: str
     etag: str | None = None
+    inode: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,12 @@ def known_files(session: Session, paths: Sequence[str]) -> dict[str, FileStamp]:
     conn = session.connection()
     out: dict[str, FileStamp] = {}
     for chunk in _chunks(paths):
-        for path, size, mtime_ns, sha, etag in conn.execute(
-            select(FILES.c.path, FILES.c.size, FILES.c.mtime_ns, FILES.c.sha256, FILES.c.etag)
+        for path, size, mtime_ns, sha, etag, inode in conn.execute(
+            select(FILES.c.path, FILES.c.size, FILES.c.mtime_ns, FILES.c.sha256, FILES.c.etag,
+                   FILES.c.inode)
             .where(FILES.c.path.in_(chunk))
         ):  # fmt: skip
-            out[path] = FileStamp(size, mtime_ns, sha, etag)
+            out[path] = FileStamp(size, mtime_ns, sha, etag, inode)
     return out
 
 
@@ -92,6 +94,7 @@ def remember_files(session: Session, stamps: Mapping[str, FileStamp]) -> None:
             "path": p,
             "size": s.size,
             "mtime_ns": s.mtime_ns,
+            "inode": s.inode,
             "etag": s.etag,
             "sha256": s.sha256,
             "checked_at": now,

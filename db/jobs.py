@@ -10,7 +10,7 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Row, Table, insert, select, update
+from sqlalchemy import ColumnElement, Connection, Row, Table, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from pixelmill.db.content import FILES, index_results
@@ -156,6 +156,7 @@ def claim_jobs(
             params=dict(r.params or {}),
             batch=infos[r.batch_id],
             attempts=r.attempts,
+            content_sha256=r.content_sha256,
         )
         for r in rows
     }
@@ -188,7 +189,14 @@ def _start_jobs(
             started_at=now,
             lease_until=now + timedelta(seconds=lease),
         )
-        .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.input, JOBS.c.params, JOBS.c.attempts)
+        .returning(
+            JOBS.c.id,
+            JOBS.c.batch_id,
+            JOBS.c.input,
+            JOBS.c.params,
+            JOBS.c.attempts,
+            JOBS.c.content_sha256,
+        )
     ).all()
 
 
@@ -256,19 +264,19 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
 
 
 def _record_contents(conn: Connection, seen: Sequence[tuple[str, ContentSeen]]) -> None:
-    """What the worker learnt fetching inputs: each job's sha256 (where the producer could not
-    know it) and each object's (size, ETag) -> sha256 for the next run's fast path."""
-    for job_id, content in seen:
-        conn.execute(
-            update(JOBS)
-            .where(JOBS.c.id == job_id, JOBS.c.content_sha256.is_(None))
-            .values(content_sha256=content.sha256)
-        )
+    """What the worker learnt reading inputs: the sha256 of the bytes each job really processed
+    (whatever the producer hashed: the file may have changed since), and each object's
+    (size, ETag) -> sha256 for the next run's fast path."""
+    conn.execute(
+        update(JOBS).where(JOBS.c.id == bindparam("job")).values(content_sha256=bindparam("sha")),
+        [{"job": job_id, "sha": content.sha256} for job_id, content in seen],
+    )
     now = utcnow()
     stamps = {
-        c.uri: {"path": c.uri, "size": c.size, "mtime_ns": 0, "etag": c.etag,
+        c.uri: {"path": c.uri, "size": c.size, "mtime_ns": 0, "inode": None, "etag": c.etag,
                 "sha256": c.sha256, "checked_at": now}
         for _, c in seen
+        if c.etag is not None and c.sha256 is not None
     }  # fmt: skip
     upsert(conn, FILES, list(stamps.values()), key=["path"])
 

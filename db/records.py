@@ -40,6 +40,9 @@ class ClaimedJob:
     params: dict[str, Any]
     batch: BatchInfo
     attempts: int
+    # The sha256 the producer hashed (None: a prompt, or a job no result will be reused from):
+    # the worker checks it against the bytes it reads.
+    content_sha256: str | None = None
 
     @property
     def task(self) -> str:
@@ -69,13 +72,14 @@ class ArtifactRecord:
 
 @dataclass(frozen=True)
 class ContentSeen:
-    """An input's bytes as a worker fetched them (an s3:// object): its sha256, recorded for
-    the job and, with the object's size and ETag, in the content index's stat fast path."""
+    """An input's bytes as a worker read them: their sha256 (None: not hashed, a file too large
+    to hold), which becomes the job's, and for an s3:// object its ETag, which with its size
+    goes into the content index's fast path."""
 
     uri: str
     size: int
     etag: str | None
-    sha256: str
+    sha256: str | None
 
 
 @dataclass(frozen=True)

@@ -176,9 +176,9 @@ class DeadLetter(Base):
 
 
 class SeenFile(Base):
-    """The stat fast path of the content index, as git's index: a file whose path, size and
-    modification time are as recorded here is not read again (an object: its URI, size and
-    ETag); its sha256 is this one."""
+    """The stat fast path of the content index, as git's index: a file whose path, size,
+    modification time and inode are as recorded here is not read again (an object: its URI,
+    size and ETag); its sha256 is this one."""
 
     __tablename__ = "files"
     __table_args__ = (Index("ix_files_etag_size", "etag", "size"),)
@@ -186,6 +186,7 @@ class SeenFile(Base):
     path: Mapped[str] = mapped_column(Text, primary_key=True)  # or an s3:// URI
     size: Mapped[int] = mapped_column(BigInteger)
     mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    inode: Mapped[int | None] = mapped_column(BigInteger)  # a path retargeted to another file
     # An object's ETag (None for a file): with its size, what says an object is unchanged,
     # and finds the same bytes under another key (a copy or a rename) without fetching them.
     etag: Mapped[str | None] = mapped_column(String(200))

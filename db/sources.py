@@ -25,6 +25,11 @@ S3 = "s3://"
 PAGE = 1000  # keys per listing request (S3's maximum)
 
 
+class ObjectUnavailable(ServiceUnavailable):
+    """One object named exactly cannot be looked up (access denied on that key): as an
+    argument, the listing failed (exit 3); read from stdin, that job fails on its own."""
+
+
 def is_remote(name: str) -> bool:
     return name.startswith(S3)
 
@@ -66,12 +71,23 @@ class S3Inputs:
         in ``extensions`` (hidden names and folder markers skipped), or the one object ``uri``
         names exactly (any extension, as a file named on the command line)."""
         bucket, key = split_uri(uri)
-        if key and not key.endswith("/"):
+        exact = bool(key) and not key.endswith("/")
+        if exact:
             head = self._head(bucket, key, uri)
             if head is not None:
                 yield head
                 return
             key += "/"  # a "folder" typed without its slash
+        found = False
+        for obj in self._listing(uri, bucket, key, extensions):
+            found = True
+            yield obj
+        if exact and not found:
+            raise InputError(f"{uri}: no such object (nor a prefix holding images)")
+
+    def _listing(
+        self, uri: str, bucket: str, key: str, extensions: Collection[str]
+    ) -> Iterator[RemoteObject]:
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(
@@ -94,8 +110,11 @@ class S3Inputs:
         try:
             head = self.client.head_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            code = error_code(exc)
+            if code in ("404", "NoSuchKey", "NotFound"):
                 return None
+            if code in ("403", "AccessDenied"):
+                raise ObjectUnavailable(f"cannot list {uri}: {_why(exc)}") from None
             raise ServiceUnavailable(f"cannot list {uri}: {_why(exc)}") from None
         return RemoteObject(
             uri=uri,

@@ -360,7 +360,7 @@ def decode_image(
             if raw:
                 raise _unsupported(name, f"camera RAW, {raw}")
             with Image.open(fp) as im:
-                return _decode(im, name, min_side, size)
+                return _decode(im, name, min_side, size, in_memory=isinstance(path, Fetched))
         except BadInput:
             raise
         except Image.DecompressionBombError as exc:
@@ -381,7 +381,7 @@ def decode_image(
 
 
 def _decode(
-    im: ImageFile.ImageFile, name: str, min_side: int | None, file_size: int
+    im: ImageFile.ImageFile, name: str, min_side: int | None, file_size: int, *, in_memory: bool = False
 ) -> Image.Image:
     if isinstance(im, TiffImagePlugin.TiffImageFile) and _DNG_VERSION in im.tag_v2:
         raise _unsupported(name, "camera RAW, DNG")
@@ -393,6 +393,8 @@ def _decode(
             "refused as a possible decompression bomb"
         )
     decoder = decoder_bytes(im, file_size)
+    if in_memory and (im.format or "") not in READS_WHOLE_FILE:
+        decoder += file_size  # the file's bytes are held while it decodes
     if min_side and im.format == "JPEG" and min(w, h) >= 2 * min_side:
         scale = min(w, h) / min_side
         im.draft("RGB", (max(1, int(w / scale)), max(1, int(h / scale))))

@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -144,6 +144,19 @@ def source_key(
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+class _LazyS3:
+    """S3Inputs made on first use: most submits name no s3:// input."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._inputs: S3Inputs | None = None
+
+    def list(self, uri: str, extensions: Collection[str]) -> Iterator[RemoteObject]:
+        if self._inputs is None:
+            self._inputs = S3Inputs(self.settings)
+        return self._inputs.list(uri, extensions)
+
+
 @dataclass
 class _Prepared:
     task: str
@@ -246,7 +259,7 @@ class Client:
                 if isinstance(earlier, Submission):
                     return earlier
                 stale = earlier
-            if prep.source is not None:
+            if prep.source is not None and not (again or force):
                 running = self._in_progress(prep.source)
                 if running is not None:
                     return running
@@ -255,7 +268,7 @@ class Client:
             if prep.recipe is not None:
                 contents = identify(
                     self.sessions, prep.plan.inputs, prep.plan.params, listed=prep.listed,
-                    read_timeout=self.settings.read_timeout,
+                    read_timeout=self.settings.read_timeout, trust_stat=not force,
                 )  # fmt: skip
                 with self.sessions() as session:
                     reuse = plan_reuse(session, task=prep.task, model=prep.model,
@@ -322,8 +335,8 @@ class Client:
             actions, reused = [NEW] * n, {}
         else:
             contents = identify(self.sessions, prep.plan.inputs, prep.plan.params,
-                                listed=prep.listed,
-                                read_timeout=self.settings.read_timeout)  # fmt: skip
+                                listed=prep.listed, read_timeout=self.settings.read_timeout,
+                                trust_stat=not force)  # fmt: skip
             with self.sessions() as session:
                 reuse = plan_reuse(session, task=prep.task, model=prep.model, recipe=prep.recipe,
                                    revision=revision, contents=contents, force=force)  # fmt: skip
@@ -352,7 +365,7 @@ class Client:
             raise InputError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
         model = model or DEFAULT_MODELS[task]
         typed = [os.fspath(i) for i in inputs]
-        remote = S3Inputs(self.settings) if any(is_remote(t) for t in typed) else None
+        remote = _LazyS3(self.settings)  # made on the first s3:// input (argument or stdin)
         listed: dict[str, RemoteObject] = {}
         paths = expand_inputs(typed, remote=remote, listed=listed)
         if typed and not paths:
@@ -380,9 +393,9 @@ class Client:
             batch = unfinished_batch(session, source)
             if batch is None:
                 return None
-            found = Submission(batch_id=batch.id, jobs=batch.total, attached=True,
-                               plan=batch.plan)  # fmt: skip
             queued = queued_job_ids(session, batch.id)
+            found = Submission(batch_id=batch.id, jobs=batch.total, attached=True,
+                               queued=len(queued), plan=batch.plan)  # fmt: skip
             size = message_size(batch.options)
         enqueue(self.app, queued, size)  # harmless if they have their messages already
         return found
@@ -417,12 +430,17 @@ class Client:
             batch = batch_by_fingerprint(session, print_)
             if batch is None:
                 return None
-            if revision is not None and has_other_revision(session, batch.id, revision):
+            if batch.recipe is not None and (
+                (revision is not None and has_other_revision(session, batch.id, revision))
+                or batch_counts(session, batch.id).by_status.get("failed")
+            ):
+                # Stale, or with failures worth another go (a file fixed, a service back): a
+                # new batch, which reuses what was done and runs the rest again.
                 return batch.id
             queued = queued_job_ids(session, batch.id)
             size = message_size(batch.options)
             found = Submission(batch_id=batch.id, jobs=batch.total, existing=True,
-                               plan=batch.plan)  # fmt: skip
+                               queued=len(queued), plan=batch.plan)  # fmt: skip
         enqueue(self.app, queued, size)
         return found
 

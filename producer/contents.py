@@ -70,15 +70,17 @@ def identify(
     listed: Mapping[str, RemoteObject] | None = None,
     read_timeout: float = 60,
     threads: int = HASH_THREADS,
+    trust_stat: bool = True,
 ) -> Contents:
     """The sha256 of every input's bytes, from the index where the stat matches.
 
     An s3:// input is never fetched here: its (size, ETag) as ``listed`` finds its sha256 in
     the index, under its own URI or another (a copy, a rename); an object never seen has
-    none yet (it is new: the worker that fetches it records its sha256)."""
+    none yet (it is new: the worker that fetches it records its sha256). ``trust_stat=False``
+    (``--force``) reads every file again."""
     paths = [job_path(name, params[i] if params else {}) for i, name in enumerate(inputs)]
     listed = listed or {}
-    stats: list[tuple[int, int] | None] = []  # (size, mtime_ns) of each regular file
+    stats: list[tuple[int, int, int] | None] = []  # (size, mtime_ns, inode) of regular files
     for path in paths:
         stats.append(None if is_remote(path) else _stamp(path))
     keys = list(inputs)  # what the index is keyed by: the input as stored with the job
@@ -106,7 +108,7 @@ def identify(
             continue
         if stamp is None:
             continue
-        if was is not None and (was.size, was.mtime_ns) == stamp:
+        if trust_stat and was is not None and (was.size, was.mtime_ns, was.inode) == stamp:
             out.sha256[i] = was.sha256
             continue
         todo.append(i)
@@ -115,13 +117,13 @@ def identify(
     return out
 
 
-def _stamp(path: str) -> tuple[int, int] | None:
-    """A regular file's (size, mtime_ns); None for anything else or nothing."""
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    """A regular file's (size, mtime_ns, inode); None for anything else or nothing."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return None
-    return (st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+    return (st.st_size, st.st_mtime_ns, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _hash_all(
@@ -145,7 +147,7 @@ def _hash_all(
             ]
             for i, future in futures:
                 try:
-                    sha, size, mtime_ns, stable = future.result()
+                    sha, (size, mtime_ns, inode), stable = future.result()
                 except (OSError, DeadlineExceeded):
                     continue  # unreadable or hung: its job fails at the worker, naming why
                 out.sha256[i] = sha
@@ -154,12 +156,12 @@ def _hash_all(
                 if was is not None and was.sha256 != sha:
                     out.previous[i] = was.sha256
                 if stable and mtime_ns / 1e9 < racy:
-                    out.stamps[keys[i]] = FileStamp(size, mtime_ns, sha)
+                    out.stamps[keys[i]] = FileStamp(size, mtime_ns, sha, inode=inode)
     finally:
         pool.shutdown(wait=False)
 
 
-def _hash_file(path: str) -> tuple[str, int, int, bool]:
+def _hash_file(path: str) -> tuple[str, tuple[int, int, int], bool]:
     """The sha256 of a regular file's bytes, its stat (from the open file, so that the two
     belong together; a file swapped for a FIFO is refused, never blocked on), and whether it
     stayed the same while it was read."""
@@ -174,7 +176,7 @@ def _hash_file(path: str) -> tuple[str, int, int, bool]:
             digest.update(chunk)
         after = os.fstat(fh.fileno())
     stable = (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    return digest.hexdigest(), st.st_size, st.st_mtime_ns, stable
+    return digest.hexdigest(), (st.st_size, st.st_mtime_ns, st.st_ino), stable
 
 
 def remember(sessions: sessionmaker[Session], contents: Contents) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from pixelmill.catalog import IMAGE_EXTENSIONS, PATH_BYTES
+from pixelmill.db.sources import ObjectUnavailable
 from pixelmill.errors import InputError
 
 S3 = "s3://"
@@ -34,7 +35,9 @@ def expand_inputs(
 
     ``s3://bucket/prefix/`` is listed by ``remote`` (image extensions only, in key order;
     ``s3://bucket/key`` naming one object is that object), and each object as listed (its
-    size and ETag) is kept in ``listed`` by URI. A URI read from stdin is taken as it is.
+    size and ETag) is kept in ``listed`` by URI, also for a URI read from stdin. A URI typed
+    as an argument that names nothing is a usage error; one read from stdin is submitted and
+    fails its own job.
 
     A path typed as an argument that does not exist is a usage error (a typo: InputError).
     One read from stdin is submitted anyway and fails its own job ("no such file or
@@ -48,16 +51,19 @@ def expand_inputs(
             seen.add(key)
             out.append(key)
 
+    def add_remote(uri: str) -> None:
+        if remote is None:
+            raise InputError(f"{uri}: s3:// inputs need the S3 settings")
+        for obj in remote.list(uri, IMAGE_EXTENSIONS):
+            if obj.uri not in seen:
+                seen.add(obj.uri)
+                out.append(obj.uri)
+                if listed is not None:
+                    listed[obj.uri] = obj
+
     for item in inputs:
         if isinstance(item, str) and item.startswith(S3):
-            if remote is None:
-                raise InputError(f"{item}: s3:// inputs need the S3 settings")
-            for obj in remote.list(item, IMAGE_EXTENSIONS):
-                if obj.uri not in seen:
-                    seen.add(obj.uri)
-                    out.append(obj.uri)
-                    if listed is not None:
-                        listed[obj.uri] = obj
+            add_remote(item)
             continue
         if os.fspath(item) == "-":
             stream = stdin if stdin is not None else sys.stdin
@@ -66,9 +72,12 @@ def expand_inputs(
                 if line.endswith("\r") and not os.path.lexists(line):
                     line = line[:-1]  # a list written on Windows (CRLF)
                 if line.startswith(S3):
-                    if line not in seen:
-                        seen.add(line)
-                        out.append(line)
+                    try:
+                        add_remote(line)
+                    except (InputError, ObjectUnavailable):  # its job fails naming why
+                        if line not in seen:
+                            seen.add(line)
+                            out.append(line)
                     continue
                 if line.strip():
                     path = Path(line)

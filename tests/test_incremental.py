@@ -4,6 +4,7 @@ earlier result, marked reused, pointing at the job that computed it. Real `pixel
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -270,3 +271,92 @@ def test_generate_is_never_reused(tmp_path, task):
     env = pixelmill_env(data_dir=str(tmp_path / "data"))
     plan = pixelmill("run", task, "--prompt", "x", "--model", "null", "--plan", env=env)
     assert plan.returncode == 2 and "--plan is for classify and caption" in plan.stderr
+
+
+def test_a_file_changed_after_submit_is_filed_under_the_bytes_processed(tmp_path, redis_server,
+                                                                        start_worker):  # fmt: skip
+    """The worker hashes what it reads: a file replaced between submit and processing gives a
+    result for its new bytes, filed under them, so the old bytes elsewhere are not given it."""
+    archive = tmp_path / "archive"
+    red, blue = _image(archive / "a.jpg", (250, 0, 0)), _image(tmp_path / "blue.jpg", (0, 0, 250))
+    env = pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_server.url,
+                        database_url=f"sqlite:///{tmp_path / 'jobs.db'}")  # fmt: skip
+    red_bytes = red.read_bytes()
+    sub = pixelmill("submit", "classify", str(archive), "--model", "null", "--json", env=env)
+    batch = json.loads(sub.stdout)["batch"]
+    shutil.copy(blue, red)  # replaced before any worker read it
+    start_worker(env)
+    assert json.loads(pixelmill("status", batch, "--wait", "--json", env=env).stdout)["done"] == 1
+    (row,) = _lines(pixelmill("results", batch, "--json", env=env).stdout)
+    assert row["sha256"] == hashlib.sha256(blue.read_bytes()).hexdigest()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "red-copy.jpg").write_bytes(red_bytes)
+    plan = pixelmill("submit", "classify", str(tmp_path / "other"), "--model", "null", "--plan",
+                     "--json", env=env)  # fmt: skip
+    assert [r["action"] for r in _lines(plan.stdout)] == ["new"], plan.stdout
+
+
+def test_force_reads_every_file_again_and_a_retargeted_link_is_changed(tmp_path):
+    archive = tmp_path / "archive"
+    photo = _image(archive / "p.jpg", (10, 200, 10))
+    target_a = _image(tmp_path / "a.jpg", (200, 10, 10))
+    target_b = _image(tmp_path / "b.jpg", (10, 10, 200))
+    os.utime(target_b, ns=(target_a.stat().st_atime_ns, target_a.stat().st_mtime_ns))
+    (archive / "link.jpg").symlink_to(target_a)
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    night = ("classify", str(archive), "--model", "null", "--json")
+    first = {Path(r["input"]).name: r for r in _lines(_run(env, *night).stdout)}
+
+    # Rewritten in place with the same size and mtime (the stat fast path cannot see it) and a
+    # link pointed at another file of the same size and mtime (another inode: it can).
+    stamp = photo.stat()
+    other = Image.new("RGB", (64, 48), (11, 200, 10))
+    other.save(photo, quality=95)
+    os.truncate(photo, stamp.st_size) if photo.stat().st_size > stamp.st_size else None
+    new_bytes = photo.read_bytes()
+    os.utime(photo, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    (archive / "link.jpg").unlink()
+    (archive / "link.jpg").symlink_to(target_b)
+    plan = {Path(r["input"]).name: r["action"]
+            for r in _lines(pixelmill("run", *night, "--plan", env=env).stdout)}  # fmt: skip
+    assert plan["link.jpg"] == "changed"
+    if photo.stat().st_size == stamp.st_size:
+        assert plan["p.jpg"] == "reused"  # as git: same size, mtime and inode are trusted
+    forced = {Path(r["input"]).name: r for r in _lines(_run(env, *night, "--force").stdout)}
+    assert forced["p.jpg"]["sha256"] == hashlib.sha256(new_bytes).hexdigest()
+    assert forced["p.jpg"]["sha256"] != first["p.jpg"]["sha256"]
+    again = {Path(r["input"]).name: r for r in _lines(_run(env, *night, "--again").stdout)}
+    assert again["p.jpg"]["reused_from"] == forced["p.jpg"]["job"]  # the fresh result now
+
+
+def test_failures_are_run_again_by_the_next_identical_submit(tmp_path):
+    archive = tmp_path / "archive"
+    _archive(archive, 3)
+    broken = archive / "broken.jpg"
+    broken.write_bytes(b"not yet an image")
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    night = ("classify", str(archive), "--json")
+    first = pixelmill("run", *night, env=env)
+    assert first.returncode == 1
+    _image(tmp_path / "fixed.jpg", (1, 1, 1))
+    plan = pixelmill("run", *night, "--plan", "--json", env=env)
+    actions = {Path(r["input"]).name: r["action"] for r in _lines(plan.stdout)}
+    assert actions == {"broken.jpg": "new", "img00.jpg": "reused", "img01.jpg": "reused",
+                       "img02.jpg": "reused"}  # fmt: skip
+    again = pixelmill("run", *night, env=env)  # same files, same options: not "made before"
+    assert again.returncode == 1 and "made before" not in again.stderr
+    assert "1 new, 0 changed, 0 stale, 3 reused" in again.stderr
+
+
+def test_again_and_force_never_attach_to_a_batch_in_progress(tmp_path, redis_server):
+    archive = tmp_path / "archive"
+    _archive(archive, 2)
+    env = pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_server.url,
+                        database_url=f"sqlite:///{tmp_path / 'jobs.db'}")  # fmt: skip
+    args = ("submit", "classify", str(archive), "--model", "null", "--json")
+    first = json.loads(pixelmill(*args, env=env).stdout)
+    found = json.loads(pixelmill(*args, env=env).stdout)  # the same submit: that batch
+    assert (found["batch"], found["existing"], found["queued"]) == (first["batch"], True, 2)
+    for flag in ("--again", "--force"):
+        other = json.loads(pixelmill(*args, flag, env=env).stdout)
+        assert other["batch"] != first["batch"] and not other["attached"]

@@ -243,3 +243,37 @@ def test_access_denied_on_one_object_fails_that_job_only(tmp_path, s3_server):
     assert rows[uris[3]]["error"] == (
         f"s3://{closed}/secret.jpg: cannot fetch the object (access denied)"
     )
+
+
+def test_uris_on_stdin_are_looked_up_like_arguments(tmp_path, s3_server, bucket):
+    """A list of URIs on stdin: each object's (size, ETag) is looked up, so a rewritten object
+    is changed (never the old result) and an unchanged one reused; a prefix is listed; a URI
+    that names nothing fails its own job. The same missing URI as an argument is a typo: exit 2
+    naming it."""
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="l/obj.jpg", Body=_jpeg((200, 0, 0)))
+    s3.put_object(Bucket=bucket, Key="l/sub/x.jpg", Body=_jpeg((0, 200, 0)))
+    env = _env(tmp_path, s3_server)
+    listing = f"s3://{bucket}/l/obj.jpg\ns3://{bucket}/l/sub/\ns3://{bucket}/l/gone.jpg\n"
+    first = pixelmill("run", "classify", "-", "--model", "null", "--json", env=env,
+                      input=listing)  # fmt: skip
+    assert first.returncode == 1, first.stderr  # gone.jpg failed
+    rows = {r["input"].split("/l/")[1]: r for r in _lines(first.stdout)}
+    assert set(rows) == {"obj.jpg", "sub/x.jpg", "gone.jpg"}
+    assert rows["gone.jpg"]["status"] == "failed" and "no such object" in rows["gone.jpg"]["error"]
+
+    s3.put_object(Bucket=bucket, Key="l/obj.jpg", Body=_jpeg((0, 0, 200)))  # rewritten
+    plan = pixelmill("run", "classify", "-", "--model", "null", "--plan", "--json", env=env,
+                     input=listing)  # fmt: skip
+    actions = {r["input"].split("/l/")[1]: r["action"] for r in _lines(plan.stdout)}
+    assert actions == {"obj.jpg": "changed", "sub/x.jpg": "reused", "gone.jpg": "new"}
+    again = pixelmill("run", "classify", "-", "--model", "null", "--json", env=env,
+                      input=listing)  # fmt: skip
+    rows2 = {r["input"].split("/l/")[1]: r for r in _lines(again.stdout)}
+    assert "made before" not in again.stderr
+    assert (
+        not rows2["obj.jpg"]["reused"] and rows2["obj.jpg"]["sha256"] != rows["obj.jpg"]["sha256"]
+    )
+
+    typo = pixelmill("run", "classify", f"s3://{bucket}/l/nope.jpg", "--model", "null", env=env)
+    assert typo.returncode == 2 and f"s3://{bucket}/l/nope.jpg: no such object" in typo.stderr

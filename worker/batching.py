@@ -43,7 +43,7 @@ from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, Service
 from pixelmill.models.artifacts import encode_png, provenance
 from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
-from pixelmill.models.images import Fetched
+from pixelmill.models.images import Fetched, open_input
 from pixelmill.settings import Settings
 from pixelmill.worker.heartbeat import InProgress, Tracked
 from pixelmill.worker.retrying import GaveUp, Retrier, first_line
@@ -183,6 +183,9 @@ class BatchReport:
 
 MAX_KNOWN_BATCHES = 1024
 FETCH_THREADS = 8  # s3:// objects in flight per worker process
+# The largest input held in memory (read and hashed, or fetched): a larger file is decoded
+# from its path and never reused; a larger object fails its job ("object too large").
+MAX_INPUT_BYTES = 512 << 20
 
 
 class _Suspect(Exception):
@@ -536,26 +539,47 @@ def _prepare(
 def _source(
     ctx: WorkerContext, job: ClaimedJob, seen: dict[str, ContentSeen], fetch: Future[Any] | None
 ) -> str | Fetched:
-    """What the runner reads: the file's path, or the bytes of an object (fetched by
-    ``fetch``, started with the message; or now)."""
+    """What the runner reads: the input's bytes (a file read now, an object fetched by
+    ``fetch`` with the message or now, an uploaded copy), each hashed on the way, so that the
+    result is filed under the bytes really processed, whatever the file became since the
+    submit hashed it. A file larger than ``max_fetch_bytes`` is decoded from its path instead,
+    and filed under no content (never reused); so is a file whose job has no content hash (the
+    submit did not hash it: generate's init images, jobs made by other means)."""
     stored = job.params.get(STORED_INPUT)
     if isinstance(stored, str):
         if ctx.store is None:
             raise BadInput(f"{job.input}: uploaded, but this worker has no object store")
         try:
-            return Fetched(job.input, ctx.store.get(stored))
+            data = ctx.store.get(stored)
         except PixelmillError as exc:
             raise BadInput(f"{job.input}: cannot fetch its uploaded copy ({exc})") from None
+        seen[job.job_id] = ContentSeen(job.input, len(data), None, _sha256(data))
+        return Fetched(job.input, data)
     path = job_path(job.input, job.params)
-    if not is_remote(path):
-        return path
-    if fetch is not None:
-        obj = fetch.result()
-    else:
-        obj = ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
-    sha = hashlib.sha256(obj.data).hexdigest()
-    seen[job.job_id] = ContentSeen(uri=path, size=len(obj.data), etag=obj.etag, sha256=sha)
-    return Fetched(path, obj.data)
+    if is_remote(path):
+        if fetch is not None:
+            obj = fetch.result()
+        else:
+            obj = ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
+        seen[job.job_id] = ContentSeen(path, len(obj.data), obj.etag, _sha256(obj.data))
+        return Fetched(path, obj.data)
+    if job.content_sha256 is None:
+        return path  # nothing was hashed at submit, so nothing to file a result under
+    fp, size = open_input(path)  # a FIFO, a device, a directory: refused, naming why
+    with fp:
+        if ctx.max_fetch_bytes is not None and size > ctx.max_fetch_bytes:
+            seen[job.job_id] = ContentSeen(job.input, size, None, None)
+            return path
+        try:
+            data = fp.read()
+        except OSError as exc:
+            raise BadInput(f"{job.input}: cannot read the file ({exc.strerror or exc})") from None
+    seen[job.job_id] = ContentSeen(job.input, len(data), None, _sha256(data))
+    return Fetched(job.input, data)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _forward_isolating_failures(

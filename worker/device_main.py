@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pixelmill.models.cache import ModelCache
     from pixelmill.models.images import configure as configure_decoding
     from pixelmill.wire import create_app
-    from pixelmill.worker.batching import WorkerContext
+    from pixelmill.worker.batching import MAX_INPUT_BYTES, WorkerContext
     from pixelmill.worker.devices import DeviceSpec
     from pixelmill.worker.tasks import register_tasks
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         stall=settings.stall_seconds,
         transient_retry=settings.transient_retry_seconds,
         settings=settings,
-        max_fetch_bytes=settings.decode_memory_mb * (1 << 20),
+        max_fetch_bytes=min(settings.decode_memory_mb << 20, MAX_INPUT_BYTES),
     )
     from pixelmill.worker.embedded import EmbeddedRedis
 

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.Column("mtime_ns", sa.BigInteger(), nullable=False),
+        sa.Column("inode", sa.BigInteger(), nullable=True),
         sa.Column("etag", sa.String(200), nullable=True),
         sa.Column("sha256", sa.String(64), nullable=False),
         sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
