@@ -19,6 +19,7 @@ import contextlib
 import csv
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -31,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pixelmill.catalog import TASKS
 from pixelmill.db.reads import get_batch, iter_batch_jobs, iter_latest_jobs
 from pixelmill.db.records import JobResult
+from pixelmill.db.sources import is_remote, split_uri
 from pixelmill.errors import InputError
 
 FORMATS = ("jsonl", "csv", "parquet")
@@ -298,9 +300,13 @@ def replacing(path: str) -> Iterator[str]:
     except OSError as exc:
         raise InputError(f"{path}: cannot write there ({exc.strerror or exc})") from None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as a file created the usual way, not mkstemp's 0600
+        try:  # a file replaced keeps its mode; a new one is made the usual way (not 0600)
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         os.close(fd)
         yield tmp
         with open(tmp, "rb+") as written:
@@ -354,6 +360,8 @@ def latest_prefix(source: str) -> str:
     ending with "/", so that /a/b selects /a/b/x.jpg but not /a/bc.jpg."""
     if not source:
         raise InputError("--latest needs a SOURCE (a folder, or s3://bucket/prefix)")
+    if is_remote(source):
+        split_uri(source)  # InputError if it names no bucket
     prefix = source if "://" in source else os.path.abspath(source)
     return prefix if prefix.endswith("/") else prefix + "/"
 

@@ -356,6 +356,8 @@ def test_latest_prefix():
     assert latest_prefix("rel/dir") == os.path.abspath("rel/dir") + "/"
     assert latest_prefix("/a/./b/../c") == "/a/c/"
     assert latest_prefix("s3://bkt/p") == latest_prefix("s3://bkt/p/") == "s3://bkt/p/"
+    with pytest.raises(InputError, match="names no bucket"):
+        latest_prefix("s3://")  # not every bucket at once
 
 
 # ---- the file: format, atomic replacement, errors ------------------------------------------
@@ -439,6 +441,11 @@ def test_the_command_reports_usage_errors_naming_the_file(sessions, database_url
     assert [(r["input"], r["label_1"], r["reused"]) for r in rows] == [
         ("/p/dog.jpg", "beagle", "false"), ("/p/cat.jpg", "tabby", "true")]  # fmt: skip
     assert "label_2" not in rows[0]
+    private = tmp_path / "private.csv"
+    private.write_text("old\n")
+    private.chmod(0o600)
+    done = pixelmill("export", b2, "-o", str(private), env=env)
+    assert done.returncode == 0 and (private.stat().st_mode & 0o777) == 0o600  # mode kept
 
 
 def test_end_to_end_run_then_export(photos, tmp_path):
