@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,6 +75,18 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'pixelmill.db'}"
     server: PostgresServer = request.getfixturevalue("postgres_server")
     return server.create_database("t_" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture
+def sessions(database_url: str) -> Iterator[Any]:
+    """A migrated database on ``database_url`` (SQLite and PostgreSQL), as a sessionmaker."""
+    from pixelmill.db.engine import make_engine, make_sessionmaker
+    from pixelmill.db.migrate import upgrade
+
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,6 @@ from pixelmill.db.schema import Job, JobStatus, Result
 from pixelmill.errors import UnknownBatch
 
 
-@pytest.fixture
-def sessions(database_url):
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
 def test_migrations_create_the_schema_and_are_idempotent(database_url):
     engine = make_engine(database_url)
     upgrade(engine)

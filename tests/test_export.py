@@ -50,14 +50,6 @@ BASE = ["input", "sha256", "task", "model", "revision", "status", "error", "reus
         "reused_from", "finished", "attempts", "device", "batch", "job"]  # fmt: skip
 
 
-@pytest.fixture
-def sessions(database_url):
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield make_sessionmaker(engine)
-    engine.dispose()
-
-
 def night(
     sessions,
     task: str,
