@@ -381,7 +381,12 @@ def decode_image(
 
 
 def _decode(
-    im: ImageFile.ImageFile, name: str, min_side: int | None, file_size: int, *, in_memory: bool = False
+    im: ImageFile.ImageFile,
+    name: str,
+    min_side: int | None,
+    file_size: int,
+    *,
+    in_memory: bool = False,
 ) -> Image.Image:
     if isinstance(im, TiffImagePlugin.TiffImageFile) and _DNG_VERSION in im.tag_v2:
         raise _unsupported(name, "camera RAW, DNG")
