@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -23,7 +22,6 @@ from pixelmill.clitools import (
 )
 from pixelmill.db.deadletters import dead_letter_count
 from pixelmill.db.engine import database_errors
-from pixelmill.db.records import BatchCounts
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.inputs import read_prompts_file
@@ -31,7 +29,7 @@ from pixelmill.producer.output import (
     STATES,
     batches_table,
     counts_json,
-    duration,
+    pace,
     write_json_lines,
     write_text_lines,
 )
@@ -292,7 +290,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     click.echo(f"jobs    {counts.total}:  {states}")
     if counts.plan is not None:
         click.echo(f"inputs  {plan_counts(counts.plan)}  (reused: done at submit)")
-    speed = pace(counts)
+    speed = pace(counts, clock=True)
     if speed:
         click.echo(f"pace    {speed}")
     for reason, n in failures:
@@ -343,20 +341,6 @@ def print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, in
         return counted
     counts = client.status(batch_id).by_status
     return counts.get("done", 0), counts.get("failed", 0)
-
-
-def pace(counts: BatchCounts) -> str:
-    """Items/s so far and, while unfinished, the ETA, in words ("" before any job ran)."""
-    now = datetime.now(UTC)
-    rate = counts.rate(now)
-    if rate is None:
-        return ""
-    text = f"{rate:.1f} items/s"
-    eta = counts.eta_seconds(now)
-    if not counts.complete and eta is not None:
-        ends = (now + timedelta(seconds=eta)).astimezone().strftime("%H:%M:%S")
-        text += f", about {duration(eta)} left (ends ~{ends})"
-    return text
 
 
 def seen_before(sub: Submission) -> str:

@@ -44,10 +44,10 @@ from pixelmill.db.sources import RemoteObject, S3Inputs, is_remote
 from pixelmill.db.store import LocalStore, open_store
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
 from pixelmill.producer.contents import (
-    ACTIONS,
     NEW,
     Contents,
     ReusePlan,
+    count_actions,
     current_revision,
     identify,
     plan_reuse,
@@ -341,9 +341,7 @@ class Client:
                 reuse = plan_reuse(session, task=prep.task, model=prep.model, recipe=prep.recipe,
                                    revision=revision, contents=contents, force=force)  # fmt: skip
             actions, reused = reuse.actions, reuse.reused
-        counts = dict.fromkeys(ACTIONS, 0)
-        for action in actions:
-            counts[action] = counts.get(action, 0) + 1
+        counts = count_actions(actions)
         return Plan(task=prep.task, model=prep.model, revision=revision,
                     inputs=prep.plan.inputs, actions=actions, reused_from=reused,
                     counts=counts)  # fmt: skip

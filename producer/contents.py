@@ -218,10 +218,15 @@ class ReusePlan:
 
     @property
     def counts(self) -> dict[str, int]:
-        counts = dict.fromkeys(ACTIONS, 0)
-        for action in self.actions:
-            counts[action] = counts.get(action, 0) + 1
-        return counts
+        return count_actions(self.actions)
+
+
+def count_actions(actions: Sequence[str]) -> dict[str, int]:
+    """How many inputs of each action: every one of ACTIONS, and FORCED when there are any."""
+    counts = dict.fromkeys(ACTIONS, 0)
+    for action in actions:
+        counts[action] = counts.get(action, 0) + 1
+    return counts
 
 
 def plan_reuse(

@@ -7,7 +7,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 from pixelmill.db.records import BatchCounts, JobResult
@@ -152,13 +152,13 @@ class Progress:
         return self
 
     def update(self, counts: BatchCounts) -> None:
-        pace = _pace(counts)
+        speed = pace(counts)
         if self._progress is not None:
             self._progress.update(
                 self._task,
                 completed=counts.finished,
                 failed=counts.by_status.get("failed", 0),
-                pace=pace,
+                pace=speed,
             )
             return
         now = time.monotonic()
@@ -167,7 +167,7 @@ class Progress:
             out = self.out or sys.stderr
             failed = counts.by_status.get("failed", 0)
             line = f"progress: {counts.finished}/{counts.total} finished ({failed} failed)"
-            out.write(line + (f", {pace}" if pace else "") + "\n")
+            out.write(line + (f", {speed}" if speed else "") + "\n")
             out.flush()
 
     def __exit__(self, *exc: object) -> None:
@@ -175,15 +175,21 @@ class Progress:
             self._progress.stop()
 
 
-def _pace(counts: BatchCounts) -> str:
+def pace(counts: BatchCounts, *, clock: bool = False) -> str:
+    """Items/s so far and, while unfinished, the ETA ("" before any job ran); ``clock``: as
+    "about 3m05s left (ends ~14:02:11)" instead of "ETA 3m05s"."""
     now = datetime.now(UTC)
     rate = counts.rate(now)
     if rate is None:
         return ""
-    eta = counts.eta_seconds(now)
     text = f"{rate:.1f} items/s"
+    eta = counts.eta_seconds(now)
     if eta is not None and not counts.complete:
-        text += f", ETA {duration(eta)}"
+        if clock:
+            ends = (now + timedelta(seconds=eta)).astimezone().strftime("%H:%M:%S")
+            text += f", about {duration(eta)} left (ends ~{ends})"
+        else:
+            text += f", ETA {duration(eta)}"
     return text
 
 
