@@ -10,10 +10,22 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Row, Table, bindparam, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Row,
+    Table,
+    and_,
+    bindparam,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from pixelmill.db.content import FILES, index_results
+from pixelmill.db.metrics import count_outcomes
 from pixelmill.db.reads import get_batch
 from pixelmill.db.records import (
     ArtifactRecord,
@@ -24,7 +36,7 @@ from pixelmill.db.records import (
     Outcome,
     Stranded,
 )
-from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result, utcnow
+from pixelmill.db.schema import TERMINAL, Artifact, Batch, Job, JobStatus, Result, utcnow
 from pixelmill.db.upsert import upsert
 
 INSERT_CHUNK = 2000
@@ -33,12 +45,29 @@ INSERT_CHUNK = 2000
 # running)` beside `id IN (...)` made the planner walk the (status, lease_until) index over
 # every open job, once per message (quadratic in the batch's size); `NOT IN` leaves it the
 # primary key. A job's status is never NULL, so the two say the same.
-FINISHED = (JobStatus.done, JobStatus.failed)
+FINISHED = TERMINAL
 GAVE_UP = "gave up after"
 JOBS = cast(Table, Job.__table__)
+BATCHES = cast(Table, Batch.__table__)
 RESULTS = cast(Table, Result.__table__)
 ARTIFACTS = cast(Table, Artifact.__table__)
 UNFINISHED = JOBS.c.status.not_in(FINISHED)
+
+
+def claimable(now: datetime) -> ColumnElement[bool]:
+    """A job a worker may start: queued, or running with its lease run out (its holder died
+    or stalled; the reconciler puts such a job back in the queue too), and not of a paused
+    batch. A running job whose holder is alive is never taken by a second worker, so a
+    duplicate message (a resume, a reprioritise, a redelivery) changes nothing."""
+    return and_(
+        UNFINISHED,
+        or_(
+            JOBS.c.status != JobStatus.running,
+            JOBS.c.lease_until < now,
+            JOBS.c.lease_until.is_(None),
+        ),
+        JOBS.c.batch_id.not_in(select(BATCHES.c.id).where(BATCHES.c.paused_at.is_not(None))),
+    )
 
 
 def new_id() -> str:
@@ -61,6 +90,7 @@ def create_batch(
     recipe: str | None = None,
     source_key: str | None = None,
     plan: dict[str, int] | None = None,
+    priority: str = "normal",
 ) -> NewBatch:
     """Register a batch and one job per input (with its ``params``, if given, and the sha256
     of its bytes in ``contents``). The jobs are queued, except those ``reused`` maps (by
@@ -84,6 +114,7 @@ def create_batch(
             recipe=recipe,
             source_key=source_key,
             plan=plan,
+            priority=priority,
         )
     )
     session.flush()
@@ -131,9 +162,10 @@ def claim_jobs(
     """Mark the still-unfinished jobs among ``job_ids`` running (leased to ``worker`` for
     ``lease`` seconds) and return them, in order, each with its attempts counting this one.
 
-    Jobs already done or failed are left alone and not returned: a redelivered message
-    changes nothing. A job already started ``max_attempts`` times without finishing (each
-    time its worker died) is failed instead, with that reason. One UPDATE .. RETURNING in the
+    Only ``claimable`` jobs are taken: those finished, held by a live worker, or of a paused
+    batch are left alone and not returned, so a redelivered message changes nothing. A job
+    already started ``max_attempts`` times without finishing (each time its worker died) is
+    failed instead, with that reason. One UPDATE .. RETURNING in the
     common case; the batches' task, model and options come from ``known`` (the caller's own
     cache, only read here) or, for a batch not in it, from the database.
     """
@@ -145,7 +177,7 @@ def claim_jobs(
         conn, job_ids, worker=worker, device=device, lease=lease, max_attempts=max_attempts, now=now
     )
     left = set(job_ids).difference(r.id for r in rows)
-    if max_attempts is not None and left:  # finished already, or out of attempts
+    if max_attempts is not None and left:  # finished already, held, or out of attempts
         _give_up(conn, left, max_attempts=max_attempts, now=now)
     infos = _batch_infos(conn, {r.batch_id for r in rows}, known or {})
     by_id = {
@@ -175,7 +207,7 @@ def _start_jobs(
 ) -> Sequence[Row[Any]]:
     """The claim itself: the unfinished jobs among ``job_ids`` (with attempts left) move to
     running, leased to ``worker``, in one UPDATE .. RETURNING."""
-    wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(job_ids), UNFINISHED]
+    wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(job_ids), claimable(now)]
     if max_attempts is not None:
         wanted.append(JOBS.c.attempts < max_attempts)
     return conn.execute(
@@ -203,18 +235,24 @@ def _start_jobs(
 def _give_up(
     conn: Connection, job_ids: Collection[str], *, max_attempts: int, now: datetime
 ) -> None:
-    """Fail the unfinished jobs among ``job_ids`` already started ``max_attempts`` times."""
-    conn.execute(
-        update(JOBS)
-        .where(JOBS.c.id.in_(job_ids), UNFINISHED, JOBS.c.attempts >= max_attempts)
-        .values(
-            status=JobStatus.failed,
-            error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
-            "stopped (crashed or was killed) each time",
-            finished_at=now,
-            lease_until=None,
+    """Fail the claimable jobs among ``job_ids`` already started ``max_attempts`` times."""
+    failed = (
+        conn.execute(
+            update(JOBS)
+            .where(JOBS.c.id.in_(job_ids), claimable(now), JOBS.c.attempts >= max_attempts)
+            .values(
+                status=JobStatus.failed,
+                error=f"{GAVE_UP} {max_attempts} attempts: the worker processing this input "
+                "stopped (crashed or was killed) each time",
+                finished_at=now,
+                lease_until=None,
+            )
+            .returning(JOBS.c.id)
         )
+        .scalars()
+        .all()
     )
+    count_outcomes(conn, failed, "failed")
 
 
 def _batch_infos(
@@ -247,6 +285,10 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
     now = utcnow()
     conn = session.connection()
     moved = _finish_jobs(conn, outcomes, now=now)
+    for outcome in ("done", "failed"):
+        count_outcomes(
+            conn, [o.job_id for o in outcomes if o.job_id in moved and _kind(o) == outcome], outcome
+        )
     results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
     seen = [(o.job_id, o.content) for o in outcomes if o.job_id in moved and o.content]
     if seen:
@@ -261,6 +303,10 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
             index_results(conn, ids, revision)
     artifacts = [_artifact_row(o, a, now) for o in results for a in o.artifacts]
     upsert(conn, ARTIFACTS, artifacts, key=["key"], keep=["created_at"])
+
+
+def _kind(o: Outcome) -> str:
+    return "done" if o.result is not None and o.error is None else "failed"
 
 
 def _record_contents(conn: Connection, seen: Sequence[tuple[str, ContentSeen]]) -> None:
@@ -416,31 +462,30 @@ def fail_jobs(
         values["device"] = device
     for chunk in _chunks(job_ids):
         wanted: list[ColumnElement[bool]] = [JOBS.c.id.in_(chunk), UNFINISHED]
-        if worker is not None:
-            wanted.append(JOBS.c.worker == worker)
+        if worker is not None:  # and only while it holds them
+            wanted += [JOBS.c.worker == worker, JOBS.c.status == JobStatus.running]
         moved.extend(
             conn.execute(update(JOBS).where(*wanted).values(**values).returning(JOBS.c.id))
             .scalars()
             .all()
         )
+    count_outcomes(conn, moved, "failed")
     return moved
 
 
 def take_stranded(
     session: Session, *, status: JobStatus, lease: float, limit: int = 10000
 ) -> list[Stranded]:
-    """Jobs in ``status`` whose lease has run out: their message was lost (queued) or their
-    worker died (running). Each is leased again for ``lease`` seconds by the same UPDATE, so
-    two reconcilers never take the same job twice."""
+    """Jobs in ``status`` whose lease has run out, to enqueue again: their message was lost
+    (queued) or their worker died (running; such a job goes back to queued, with its attempts,
+    for the next claim). Each is leased again for ``lease`` seconds by the same UPDATE, so two
+    reconcilers never take the same job twice. Paused batches' jobs wait for their resume."""
     now = utcnow()
     conn = session.connection()
+    active = JOBS.c.batch_id.not_in(select(BATCHES.c.id).where(BATCHES.c.paused_at.is_not(None)))
+    stranded = [JOBS.c.status == status, JOBS.c.lease_until < now, active]
     ids = (
-        conn.execute(
-            select(JOBS.c.id)
-            .where(JOBS.c.status == status, JOBS.c.lease_until < now)
-            .order_by(JOBS.c.lease_until)
-            .limit(limit)
-        )
+        conn.execute(select(JOBS.c.id).where(*stranded).order_by(JOBS.c.lease_until).limit(limit))
         .scalars()
         .all()
     )
@@ -448,15 +493,18 @@ def take_stranded(
         return []
     rows = conn.execute(
         update(JOBS)
-        .where(JOBS.c.id.in_(ids), JOBS.c.status == status, JOBS.c.lease_until < now)
-        .values(lease_until=now + timedelta(seconds=lease))
+        .where(JOBS.c.id.in_(ids), *stranded)
+        .values(status=JobStatus.queued, lease_until=now + timedelta(seconds=lease))
         .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.seq)
     ).all()
-    options: dict[str, Any] = dict(
-        conn.execute(
-            select(Batch.id, Batch.options).where(Batch.id.in_({r.batch_id for r in rows}))
-        ).all()
-    )
+    options: dict[str, Any] = {}
+    priorities: dict[str, str] = {}
+    for b in conn.execute(
+        select(Batch.id, Batch.options, Batch.priority).where(
+            Batch.id.in_({r.batch_id for r in rows})
+        )
+    ):
+        options[b.id], priorities[b.id] = b.options, b.priority
     by_batch: dict[str, list[tuple[int, str]]] = {}
     for r in rows:
         by_batch.setdefault(r.batch_id, []).append((r.seq, r.id))
@@ -465,6 +513,7 @@ def take_stranded(
             batch_id=batch_id,
             job_ids=[job_id for _, job_id in sorted(jobs)],
             options=options.get(batch_id),
+            priority=priorities.get(batch_id) or "normal",
         )
         for batch_id, jobs in by_batch.items()
     ]

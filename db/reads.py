@@ -22,7 +22,8 @@ def batch_by_fingerprint(session: Session, fingerprint: str) -> Batch | None:
 
 
 def unfinished_batch(session: Session, source_key: str) -> Batch | None:
-    """The newest batch with ``source_key`` that still has a queued or running job."""
+    """The newest batch with ``source_key`` that still has a queued or running job (and was
+    not cancelled: its running jobs finish, but it takes on nothing)."""
     open_jobs = (
         select(Job.id)
         .where(Job.batch_id == Batch.id, Job.status.in_((JobStatus.queued, JobStatus.running)))
@@ -30,7 +31,7 @@ def unfinished_batch(session: Session, source_key: str) -> Batch | None:
     )
     return session.scalar(
         select(Batch)
-        .where(Batch.source_key == source_key, open_jobs)
+        .where(Batch.source_key == source_key, Batch.cancelled_at.is_(None), open_jobs)
         .order_by(Batch.created_at.desc())
         .limit(1)
     )
@@ -107,7 +108,9 @@ def recent_batches(session: Session, limit: int = 20) -> list[BatchCounts]:
 def _counts(batch: Batch) -> BatchCounts:
     return BatchCounts(batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name,
                        total=batch.total, created_at=_utc(batch.created_at),
-                       plan=batch.plan)  # fmt: skip
+                       plan=batch.plan, priority=batch.priority or "normal",
+                       paused=batch.paused_at is not None,
+                       cancelled=batch.cancelled_at is not None)  # fmt: skip
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -104,6 +104,7 @@ class Stranded:
     batch_id: str
     job_ids: list[str]
     options: dict[str, Any] | None
+    priority: str = "normal"
 
 
 @dataclass(frozen=True)
@@ -166,18 +167,34 @@ class BatchCounts:
     plan: dict[str, int] | None = None  # what the submit found: new, changed, stale, reused
     started_at: datetime | None = None  # the first job a worker started (UTC)
     last_finished_at: datetime | None = None  # the last job a worker finished (UTC)
+    priority: str = "normal"  # high, normal or low
+    paused: bool = False  # workers start none of its queued jobs until it is resumed
+    cancelled: bool = False  # a user cancelled it: its queued jobs ended as cancelled
 
     @property
     def finished(self) -> int:
-        return self.by_status.get("done", 0) + self.by_status.get("failed", 0)
+        """Jobs in a terminal state: done, failed or cancelled."""
+        return sum(self.by_status.get(s, 0) for s in ("done", "failed", "cancelled"))
+
+    @property
+    def state(self) -> str:
+        """The batch as a whole: cancelled, paused, finished, running or queued."""
+        if self.cancelled:
+            return "cancelled"
+        if self.complete:
+            return "finished"
+        if self.paused:
+            return "paused"
+        return "running" if self.by_status.get("running") or self.started_at else "queued"
 
     @property
     def complete(self) -> bool:
         return self.finished >= self.total
 
     def rate(self, now: datetime) -> float | None:
-        """Jobs the workers finished per second so far (reused ones not counted)."""
-        processed = self.finished - self.reused
+        """Jobs the workers finished per second so far (reused and cancelled ones not
+        counted)."""
+        processed = self.finished - self.reused - self.by_status.get("cancelled", 0)
         if self.started_at is None or processed <= 0:
             return None
         end = self.last_finished_at if self.complete and self.last_finished_at else now
@@ -190,3 +207,24 @@ class BatchCounts:
             return 0.0
         rate = self.rate(now)
         return (self.total - self.finished) / rate if rate else None
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """A device worker process as it reports itself at each heartbeat (``pixelmill.db.fleet``)
+    and as the dashboard reads it back (``heartbeat_at`` UTC)."""
+
+    name: str  # Celery's hostname for it: unique per host and device
+    host: str
+    device: str  # cuda:N or cpu
+    pid: int
+    state: str  # starting, idle, busy, stopping, stopped
+    models: tuple[str, ...] = ()
+    batch_id: str | None = None  # the batch it works on
+    items: int = 0  # finished since it started
+    recent: tuple[tuple[int, int], ...] = ()  # (unix minute, items finished in it)
+    memory_used: int | None = None  # bytes
+    memory_total: int | None = None
+    utilization: float | None = None  # 0..1, NVML
+    started_at: datetime | None = None
+    heartbeat_at: datetime | None = None

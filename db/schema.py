@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -23,12 +24,27 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class JobStatus(enum.StrEnum):
-    """A job's state. It only moves forward: queued -> running -> done | failed."""
+    """A job's state. It moves forward: queued -> running -> done | failed, or queued ->
+    cancelled (a user's ``cancel``). The ways back: a user's ``retry`` (failed -> queued), and
+    the reconciler's (running -> queued, when the job's worker died and its lease ran out)."""
 
     queued = "queued"
     running = "running"
     done = "done"
     failed = "failed"
+    cancelled = "cancelled"
+
+
+# The states a job ends in.
+TERMINAL = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+
+
+class Priority(enum.StrEnum):
+    """A batch's place in the queue: its messages are taken before those of a lower one."""
+
+    high = "high"
+    normal = "normal"
+    low = "low"
 
 
 NAMING = {
@@ -72,6 +88,12 @@ class Batch(Base):
     source_key: Mapped[str | None] = mapped_column(String(64), index=True)
     # What the submit found: {"new": n, "changed": n, "stale": n, "reused": n}.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # high, normal or low: its messages' priority on the broker (``pixelmill.wire``).
+    priority: Mapped[str] = mapped_column(String(8), default="normal", server_default="normal")
+    # Set while the batch is paused: workers start none of its queued jobs.
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set when a user cancelled it: its queued jobs ended as cancelled.
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -220,3 +242,45 @@ class ModelRevision(Base):
     model: Mapped[str] = mapped_column(String(500), primary_key=True)
     revision: Mapped[str] = mapped_column(String(100))
     seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(Base):
+    """A device worker process as it last reported itself (every heartbeat): what the
+    dashboard's fleet view and the heartbeat-age metric read. A row outlives its process; its
+    ``heartbeat_at`` says how long ago it was last heard from."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery's hostname
+    host: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(32))
+    pid: Mapped[int] = mapped_column(Integer)
+    # starting, idle, busy, stopping, stopped.
+    state: Mapped[str] = mapped_column(String(16))
+    models: Mapped[list[str]] = mapped_column(JSON, default=list)
+    batch_id: Mapped[str | None] = mapped_column(String(36))  # the batch it works on
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    items: Mapped[int] = mapped_column(BigInteger, default=0)  # finished since it started
+    # Items finished per minute over the last minutes: [[unix minute, items], ...].
+    recent: Mapped[list[list[int]]] = mapped_column(JSON, default=list)
+    # Device memory in bytes (allocated by this process, and the device's total), if known.
+    memory_used: Mapped[int | None] = mapped_column(BigInteger)
+    memory_total: Mapped[int | None] = mapped_column(BigInteger)
+    utilization: Mapped[float | None] = mapped_column(Float)  # GPU busy fraction (NVML)
+
+
+class MetricTotal(Base):
+    """Running totals behind the Prometheus counters and histograms, added to in the same
+    transaction as the state change they count: they hold across processes and hosts, and
+    survive any restart. ``name`` is the metric, ``key`` the outcome or histogram bucket
+    (``le=0.5``, ``sum``, ``count``)."""
+
+    __tablename__ = "metric_totals"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(500), primary_key=True)
+    device: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[float] = mapped_column(Float, default=0.0)

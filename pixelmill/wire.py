@@ -34,6 +34,14 @@ MAX_MESSAGE_BYTES = 1 << 20  # a message body (JSON); 4096 ids take about 164 KB
 DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch size
 
 
+# A batch's priority -> its messages' priority on Redis. kombu's Redis transport keeps one list
+# per priority step (the queue's name, then "<queue>\x06\x163", "<queue>\x06\x166", ...) and
+# every worker's BRPOP names them in step order, so a message on a lower step is always taken
+# first: on Redis, 0 is the highest priority. A message sent without one lands on step 0.
+PRIORITY_STEPS = (0, 3, 6, 9)
+PRIORITIES = {"high": 0, "normal": 3, "low": 6}
+
+
 def message_size(options: dict[str, Any] | None) -> int:
     """Jobs per message for a batch: the batch size it was submitted with."""
     return int((options or {}).get("batch_size") or DEFAULT_MESSAGE_SIZE)
@@ -74,7 +82,11 @@ def create_app(settings: Settings) -> Celery:
         # Redis redelivers an unacked message after this long. Longer than any batch (a slow
         # generation batch must not run twice); dead workers' jobs come back much sooner
         # through the reconciler (leases), not through this.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            "priority_steps": list(PRIORITY_STEPS),
+            "queue_order_strategy": "priority",
+        },
         # Reconnect forever and resume consuming when the broker comes back.
         broker_connection_retry=True,
         broker_use_ssl=broker_ssl(settings),
@@ -82,15 +94,37 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-def enqueue(app: Celery, job_ids: list[str], size: int) -> int:
-    """One message per ``size`` job ids, in order; returns the number of messages."""
+def enqueue(app: Celery, job_ids: list[str], size: int, priority: str = "normal") -> int:
+    """One message per ``size`` job ids, in order, at a batch's ``priority`` (high, normal,
+    low); returns the number of messages."""
     messages = 0
     size = max(1, min(size, MAX_BATCH_IDS))  # a bigger message would be refused
+    level = PRIORITIES[priority]
     with app.producer_or_acquire() as producer:
         for start in range(0, len(job_ids), size):
-            app.send_task(PROCESS_BATCH, args=[job_ids[start : start + size]], producer=producer)
+            app.send_task(
+                PROCESS_BATCH,
+                args=[job_ids[start : start + size]],
+                producer=producer,
+                priority=level,
+            )
             messages += 1
     return messages
+
+
+def queue_lengths(app: Celery, queue: str) -> dict[str, int]:
+    """Messages waiting per priority (high, normal, low, and "other" for the last step): the
+    length of each Redis list the queue really uses. Empty on another transport."""
+    names = {v: k for k, v in PRIORITIES.items()}
+    with app.connection_for_read() as conn, conn.channel() as channel:
+        q_for_pri = getattr(channel, "_q_for_pri", None)
+        if q_for_pri is None:
+            return {}
+        with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            for step in PRIORITY_STEPS:
+                pipe.llen(q_for_pri(queue, step))
+            sizes = pipe.execute()
+    return {names.get(step, "other"): int(n) for step, n in zip(PRIORITY_STEPS, sizes, strict=True)}
 
 
 def queue_length(app: Celery, queue: str) -> int:

@@ -25,6 +25,7 @@ from pixelmill.catalog import (
     recipe,
     task_options,
 )
+from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
 from pixelmill.db.engine import configured_database
 from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
 from pixelmill.db.reads import (
@@ -56,7 +57,7 @@ from pixelmill.producer.contents import (
 )
 from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
-from pixelmill.wire import create_app, enqueue, message_size
+from pixelmill.wire import PRIORITIES, create_app, enqueue, message_size
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ class Client:
         again: bool = False,
         force: bool = False,
         upload: bool = False,
+        priority: str = "normal",
     ) -> Submission:
         """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
         (one message per model batch).
@@ -243,7 +245,13 @@ class Client:
         is the first of consecutive per-image seeds. ``options`` are the task's options
         (``pixelmill.catalog``: e.g. ``max_new_tokens`` for caption, ``steps``/``width``/
         ``height``/``strength`` for generate); a bad one raises BadInput naming it.
+
+        ``priority`` (high, normal, low): workers take a higher priority batch's messages
+        before any of a lower one's (``pause``, ``resume``, ``cancel`` and ``set_priority``
+        act on a batch afterwards).
         """
+        if priority not in PRIORITIES:
+            raise InputError(f"priority must be one of high, normal, low, not {priority!r}")
         prep = self._prepare(task, inputs, model, batch_size, options, prompts, count, seed)
         self.check_broker()
         with self._source_lock(prep.source):
@@ -300,6 +308,7 @@ class Client:
                         recipe=prep.recipe,
                         source_key=prep.source,
                         plan=reuse.counts if reuse else None,
+                        priority=priority,
                     )
             except IntegrityError:  # the same submit, at the same moment, from elsewhere
                 earlier = self._resume(print_) if print_ is not None else None
@@ -308,7 +317,7 @@ class Client:
                 return earlier
             if contents is not None:
                 remember(self.sessions, contents)
-            enqueue(self.app, new.job_ids, prep.size)
+            enqueue(self.app, new.job_ids, prep.size, priority)
         return Submission(
             batch_id=new.batch_id,
             jobs=len(prep.plan.inputs),
@@ -394,8 +403,8 @@ class Client:
             queued = queued_job_ids(session, batch.id)
             found = Submission(batch_id=batch.id, jobs=batch.total, attached=True,
                                queued=len(queued), plan=batch.plan)  # fmt: skip
-            size = message_size(batch.options)
-        enqueue(self.app, queued, size)  # harmless if they have their messages already
+            size, priority = message_size(batch.options), batch.priority
+        enqueue(self.app, queued, size, priority)  # harmless if they have messages already
         return found
 
     @contextlib.contextmanager
@@ -428,18 +437,18 @@ class Client:
             batch = batch_by_fingerprint(session, print_)
             if batch is None:
                 return None
-            if batch.recipe is not None and (
+            if batch.cancelled_at is not None or (batch.recipe is not None and (
                 (revision is not None and has_other_revision(session, batch.id, revision))
                 or batch_counts(session, batch.id).by_status.get("failed")
-            ):
-                # Stale, or with failures worth another go (a file fixed, a service back): a
-                # new batch, which reuses what was done and runs the rest again.
+            )):  # fmt: skip
+                # Cancelled, stale, or with failures worth another go (a file fixed, a service
+                # back): a new batch, which reuses what was done and runs the rest again.
                 return batch.id
             queued = queued_job_ids(session, batch.id)
-            size = message_size(batch.options)
+            size, priority = message_size(batch.options), batch.priority
             found = Submission(batch_id=batch.id, jobs=batch.total, existing=True,
                                queued=len(queued), plan=batch.plan)  # fmt: skip
-        enqueue(self.app, queued, size)
+        enqueue(self.app, queued, size, priority)
         return found
 
     def check_broker(self) -> None:
@@ -459,14 +468,41 @@ class Client:
 
     def retry(self, batch_id: str) -> int:
         """Run the batch's failed jobs again (attempts reset); returns how many."""
+        return len(self._control(batch_id, requeue_failed))
+
+    # ---- control -------------------------------------------------------------------------
+
+    def pause(self, batch_id: str) -> bool:
+        """Pause the batch: workers start none of its queued jobs (running ones finish) until
+        ``resume``. False if it was paused already; InputError if it was cancelled."""
+        with self.sessions.begin() as session:
+            return pause_batch(session, batch_id)
+
+    def resume(self, batch_id: str) -> int:
+        """Resume a paused batch where it stopped; returns how many queued jobs it has left."""
+        return len(self._control(batch_id, resume_batch))
+
+    def cancel(self, batch_id: str) -> int:
+        """Cancel the batch: its queued jobs end as cancelled (running ones finish, done ones
+        keep their results); returns how many were cancelled."""
+        with self.sessions.begin() as session:
+            return cancel_batch(session, batch_id)
+
+    def set_priority(self, batch_id: str, priority: str) -> int:
+        """Move the batch's queued jobs to ``priority`` (high, normal, low); returns how many
+        were enqueued again at it."""
+        return len(self._control(batch_id, lambda s, b, **kw: set_priority(s, b, priority, **kw)))
+
+    def _control(self, batch_id: str, change: Callable[..., list[str]]) -> list[str]:
+        """Apply ``change`` (which returns job ids to enqueue) in one transaction, then
+        enqueue those ids at the batch's priority, after the commit."""
         self.check_broker()
         with self.sessions.begin() as session:
-            size = message_size(get_batch(session, batch_id).options)
-            job_ids = requeue_failed(
-                session, batch_id, queued_lease=self.settings.queued_lease_seconds
-            )
-        enqueue(self.app, job_ids, size)
-        return len(job_ids)
+            job_ids = change(session, batch_id, queued_lease=self.settings.queued_lease_seconds)
+            batch = get_batch(session, batch_id)
+            size, priority = message_size(batch.options), batch.priority
+        enqueue(self.app, job_ids, size, priority)
+        return job_ids
 
     # ---- read ----------------------------------------------------------------------------
 

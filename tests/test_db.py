@@ -171,8 +171,10 @@ def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(sessions):
     new = _batch(sessions, 2)
     for attempt in range(3):
         with sessions.begin() as s:
+            # lease=0: the holder dies at once (its lease runs out), so the next claim may
+            # take the job again
             claimed = claim_jobs(s, new.job_ids, worker=f"w/{attempt}", device="cpu",
-                                 max_attempts=3)  # fmt: skip
+                                 max_attempts=3, lease=0)  # fmt: skip
         assert [c.attempts for c in claimed] == [attempt + 1] * 2
         with sessions.begin() as s:  # the second job finishes; the first one's worker dies
             write_outcomes(s, [Outcome(job_id=new.job_ids[1], result={"x": 1}, model="m")])
