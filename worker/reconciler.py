@@ -66,7 +66,7 @@ class Reconciler:
             # jobs that shared its batch finish and only a job that kills every worker
             # accumulates attempts (and fails at PIXELMILL_MAX_ATTEMPTS).
             size = 1 if status == JobStatus.running else message_size(group.options)
-            enqueue(self.app, group.job_ids, size)
+            enqueue(self.app, group.job_ids, size, group.priority)
             count += len(group.job_ids)
             log.warning(
                 "reconciler: %d %s job(s) of batch %s had no live holder; enqueued again",
