@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
@@ -42,10 +43,37 @@ def upgrade(engine: Engine) -> None:
     with _migration_lock(engine) as conn:
         if MigrationContext.configure(conn).get_current_revision() == head:
             return
+        _migrate(conn, command.upgrade, "head")
+
+
+def migrate(engine: Engine, target: str, *, down: bool = False) -> None:
+    """``alembic upgrade TARGET`` (``downgrade`` with ``down``), serialised as ``upgrade``."""
+    with _migration_lock(engine) as conn:
+        _migrate(conn, command.downgrade if down else command.upgrade, target)
+
+
+def _migrate(conn: Connection, action: Any, target: str) -> None:
+    """Run ``action`` to ``target`` on ``conn`` and commit. On SQLite, foreign keys are off
+    meanwhile: a migration that must copy a table (SQLite cannot alter a constraint) drops
+    the old one, which would otherwise cascade into every table that references it. They
+    are checked after the commit, then on again."""
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        conn.commit()  # a PRAGMA foreign_keys inside a transaction does nothing
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+    try:
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        action(cfg, target)
         conn.commit()
+        if sqlite:
+            broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+            if broken:
+                raise RuntimeError(f"migration to {target} broke foreign keys: {broken[:5]}")
+    finally:
+        if sqlite:
+            conn.rollback()
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 @contextlib.contextmanager

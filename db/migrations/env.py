@@ -22,9 +22,14 @@ def run_migrations() -> None:
 
     url = context.get_x_argument(as_dictionary=True).get("url")
     engine = make_engine(url or load_settings().resolved_database_url())
+    sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
+        if sqlite:  # as pixelmill.db.migrate does: a table copy must not cascade
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
         _run(conn)
         conn.commit()
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
 
 
 def _run(connection: object) -> None:
