@@ -10,7 +10,8 @@ COPY producer producer
 COPY worker worker
 COPY db db
 COPY models models
-RUN pip install .
+# [nvml]: nvidia-ml-py, for the GPU utilisation the workers report (README, Metrics).
+RUN pip install ".[nvml]"
 RUN useradd --create-home --uid 1000 pixelmill && mkdir -p /srv/pixelmill/store \
     && chown -R pixelmill /srv/pixelmill
 USER pixelmill

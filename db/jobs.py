@@ -25,7 +25,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from pixelmill.db.content import FILES, index_results
-from pixelmill.db.metrics import count_outcomes
+from pixelmill.db.control import CANCELLED
+from pixelmill.db.metrics import Total, add_totals, count_outcomes
 from pixelmill.db.reads import get_batch
 from pixelmill.db.records import (
     ArtifactRecord,
@@ -38,6 +39,7 @@ from pixelmill.db.records import (
 )
 from pixelmill.db.schema import TERMINAL, Artifact, Batch, Job, JobStatus, Result, utcnow
 from pixelmill.db.upsert import upsert
+from pixelmill.errors import InputError
 
 INSERT_CHUNK = 2000
 
@@ -56,9 +58,9 @@ UNFINISHED = JOBS.c.status.not_in(FINISHED)
 
 def claimable(now: datetime) -> ColumnElement[bool]:
     """A job a worker may start: queued, or running with its lease run out (its holder died
-    or stalled; the reconciler puts such a job back in the queue too), and not of a paused
-    batch. A running job whose holder is alive is never taken by a second worker, so a
-    duplicate message (a resume, a reprioritise, a redelivery) changes nothing."""
+    or stalled; the reconciler puts such a job back in the queue too), and not of a paused or
+    cancelled batch. A running job whose holder is alive is never taken by a second worker, so
+    a duplicate message (a resume, a reprioritise, a redelivery) changes nothing."""
     return and_(
         UNFINISHED,
         or_(
@@ -66,8 +68,16 @@ def claimable(now: datetime) -> ColumnElement[bool]:
             JOBS.c.lease_until < now,
             JOBS.c.lease_until.is_(None),
         ),
-        JOBS.c.batch_id.not_in(select(BATCHES.c.id).where(BATCHES.c.paused_at.is_not(None))),
+        JOBS.c.batch_id.not_in(HELD_BACK),
     )
+
+
+# Batches whose jobs no worker may start: paused (until resumed) or cancelled (for good: the
+# reconciler cancels a stranded job of theirs instead of enqueueing it again).
+HELD_BACK = select(BATCHES.c.id).where(
+    or_(BATCHES.c.paused_at.is_not(None), BATCHES.c.cancelled_at.is_not(None))
+)
+CANCELLED_BATCHES = select(BATCHES.c.id).where(BATCHES.c.cancelled_at.is_not(None))
 
 
 def new_id() -> str:
@@ -272,15 +282,22 @@ def _batch_infos(
     return infos
 
 
-def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
+def write_outcomes(
+    session: Session, outcomes: Sequence[Outcome], totals: Sequence[Total] = ()
+) -> None:
     """Record a batch of outcomes: job states (forward only), results and artifacts.
 
     Each job's state moves with an UPDATE .. WHERE status is still open .. RETURNING: jobs
     already done or failed (a redelivered message, a slower duplicate) are left exactly as
     they are and their outcome here is dropped. The UPDATE locks the rows on PostgreSQL, so
     two workers racing on the same jobs serialise and the second finds them finished.
+
+    ``totals`` (the message's timings: ``pixelmill.db.metrics.histogram``) are added in the
+    same transaction, after the items counted by outcome.
     """
     if not outcomes:
+        if totals:
+            add_totals(session.connection(), totals)
         return
     now = utcnow()
     conn = session.connection()
@@ -289,6 +306,7 @@ def write_outcomes(session: Session, outcomes: Sequence[Outcome]) -> None:
         count_outcomes(
             conn, [o.job_id for o in outcomes if o.job_id in moved and _kind(o) == outcome], outcome
         )
+    add_totals(conn, totals)
     results = [o for o in outcomes if o.job_id in moved and o.result is not None and not o.error]
     seen = [(o.job_id, o.content) for o in outcomes if o.job_id in moved and o.content]
     if seen:
@@ -393,8 +411,13 @@ def _artifact_row(o: Outcome, a: ArtifactRecord, now: datetime) -> dict[str, Any
 def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600) -> list[str]:
     """A user's retry: the batch's failed jobs go back to queued, with their attempts reset
     (the one move back a job's state makes, and only on request). Returns their ids, in order;
-    the caller commits, then enqueues them."""
-    get_batch(session, batch_id)
+    the caller commits, then enqueues them. A cancelled batch is not retried (InputError):
+    its cancelled jobs stay cancelled, and a submit of the same inputs makes a new batch."""
+    if get_batch(session, batch_id).cancelled_at is not None:
+        raise InputError(
+            f"batch {batch_id} was cancelled: there is nothing to retry (submit its inputs "
+            "again for a new batch)"
+        )
     rows = (
         session.connection()
         .execute(
@@ -479,11 +502,22 @@ def take_stranded(
     """Jobs in ``status`` whose lease has run out, to enqueue again: their message was lost
     (queued) or their worker died (running; such a job goes back to queued, with its attempts,
     for the next claim). Each is leased again for ``lease`` seconds by the same UPDATE, so two
-    reconcilers never take the same job twice. Paused batches' jobs wait for their resume."""
+    reconcilers never take the same job twice. Paused batches' jobs wait for their resume;
+    cancelled batches' end cancelled."""
     now = utcnow()
     conn = session.connection()
-    active = JOBS.c.batch_id.not_in(select(BATCHES.c.id).where(BATCHES.c.paused_at.is_not(None)))
-    stranded = [JOBS.c.status == status, JOBS.c.lease_until < now, active]
+    # A cancelled batch's job whose worker died is not run again: it ends cancelled.
+    conn.execute(
+        update(JOBS)
+        .where(
+            JOBS.c.status == status,
+            JOBS.c.lease_until < now,
+            JOBS.c.batch_id.in_(CANCELLED_BATCHES),
+        )
+        .values(status=JobStatus.cancelled, error=CANCELLED, finished_at=now, lease_until=None)
+    )
+    stranded = [JOBS.c.status == status, JOBS.c.lease_until < now,
+                JOBS.c.batch_id.not_in(HELD_BACK)]  # fmt: skip
     ids = (
         conn.execute(select(JOBS.c.id).where(*stranded).order_by(JOBS.c.lease_until).limit(limit))
         .scalars()

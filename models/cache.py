@@ -70,6 +70,11 @@ class ModelCache:
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._runners
 
+    def loaded(self) -> list[str]:
+        """The names of the models loaded now, least recently used first (for the worker's
+        report; read without the lock, which a load holds for minutes)."""
+        return [name for _, name in list(self._runners)]
+
     def get(self, task: str, name: str) -> Runner[Any]:
         key = (task, name)
         with self._lock:

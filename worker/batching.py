@@ -35,6 +35,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from pixelmill.catalog import STORED_INPUT, TaskOptions, job_path, task_options
 from pixelmill.db.content import record_revision
 from pixelmill.db.jobs import claim_jobs, fail_jobs, write_outcomes
+from pixelmill.db.metrics import (
+    BATCH_SECONDS,
+    BATCH_SIZE,
+    FORWARD_SECONDS,
+    SIZE_BUCKETS,
+    Total,
+    histogram,
+)
 from pixelmill.db.records import ArtifactRecord, BatchInfo, ClaimedJob, ContentSeen, Outcome
 from pixelmill.db.sources import S3Inputs, is_remote
 from pixelmill.db.store import ObjectStore, artifact_key
@@ -45,7 +53,7 @@ from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
 from pixelmill.models.images import Fetched, open_input
 from pixelmill.settings import Settings
-from pixelmill.worker.heartbeat import InProgress, Tracked
+from pixelmill.worker.heartbeat import Activity, InProgress, Tracked
 from pixelmill.worker.retrying import GaveUp, Retrier, first_line
 
 log = logging.getLogger(__name__)
@@ -112,6 +120,7 @@ class WorkerContext:
     # The batches in progress, whose jobs the heartbeat renews.
     progress: InProgress = field(default_factory=InProgress)
     device_holder: Tracked | None = None  # the batch on the device now
+    activity: Activity = field(default_factory=Activity)  # items finished, for the reports
     # (task, model, revision) this process recorded as the models' current revisions.
     recorded: set[tuple[str, str, str]] = field(default_factory=set)
     # Where s3:// inputs come from (made on first use, from the settings' S3 endpoint).
@@ -200,10 +209,34 @@ def process_batch(ctx: WorkerContext, job_ids: Sequence[str]) -> BatchReport:
     attempt is only counted when the job runs alone."""
     try:
         with ctx.isolation.shared():
-            return _process(ctx, job_ids, alone=False)
+            report = _process(ctx, job_ids, alone=False)
     except _Suspect:
         with ctx.isolation.exclusive():
-            return _process(ctx, job_ids, alone=True)
+            report = _process(ctx, job_ids, alone=True)
+    ctx.activity.finished(report.done + report.failed)
+    return report
+
+
+@dataclass
+class _Timings:
+    """A message's forward passes (items, seconds) by task and model: added to the metrics'
+    histograms (``pixelmill.db.metrics``) in the transaction that records its outcomes."""
+
+    passes: dict[tuple[str, str], list[tuple[int, float]]] = field(default_factory=dict)
+
+    def group(self, task: str, model: str) -> list[tuple[int, float]]:
+        return self.passes.setdefault((task, model), [])
+
+    def totals(self, device: str, seconds: float) -> list[Total]:
+        """The histograms' totals: each pass's duration and size, and the message's duration
+        (claim to write) once per task and model it held (nearly always one)."""
+        out: list[Total] = []
+        for (task, model), passes in self.passes.items():
+            out += histogram(FORWARD_SECONDS, task, model, device, [t for _, t in passes])
+            out += histogram(BATCH_SIZE, task, model, device, [n for n, _ in passes],
+                             SIZE_BUCKETS)  # fmt: skip
+            out += histogram(BATCH_SECONDS, task, model, device, [seconds])
+        return out
 
 
 def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> BatchReport:
@@ -232,17 +265,19 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
     ctx.remember(claimed)
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
-    with ctx.progress.track([job.job_id for job in claimed]) as tracked:
+    timings = _Timings()
+    with ctx.progress.track([job.job_id for job in claimed], claimed[0].batch_id) as tracked:
         retry.tracked = tracked
         try:
             outcomes: list[Outcome] = []
             for jobs in _by_batch(claimed):
                 try:
-                    outcomes.extend(_run_group(ctx, tracked, retry, jobs=jobs))
+                    outcomes.extend(_run_group(ctx, tracked, retry, jobs=jobs, timings=timings))
                 except Exception as exc:  # noqa: BLE001 - fails this group's jobs, with why
                     log.exception("batch of %d on %s failed", len(jobs), jobs[0].model)
                     outcomes.extend(_group_failed(ctx, jobs, exc))
-            outcomes = _write(ctx, retry, claimed, outcomes)
+            totals = timings.totals(ctx.device_label, time.perf_counter() - started)
+            outcomes = _write(ctx, retry, claimed, outcomes, totals)
         except Exception as exc:  # noqa: BLE001 - never leave the claimed jobs running
             return _fail_claimed(ctx, retry, claimed, exc, started)
     failed = sum(1 for o in outcomes if o.error is not None)
@@ -253,18 +288,23 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
 
 
 def _write(
-    ctx: WorkerContext, retry: Retrier, claimed: list[ClaimedJob], outcomes: list[Outcome]
+    ctx: WorkerContext,
+    retry: Retrier,
+    claimed: list[ClaimedJob],
+    outcomes: list[Outcome],
+    totals: Sequence[Total] = (),
 ) -> list[Outcome]:
-    """Record the outcomes in one transaction, retrying transient errors. A non-transient error
-    (a value the database refuses) falls back to one transaction per outcome, so only an
-    outcome that cannot be recorded fails, with why. Returns the outcomes as recorded."""
+    """Record the outcomes in one transaction (with the message's timings, ``totals``),
+    retrying transient errors. A non-transient error (a value the database refuses) falls back
+    to one transaction per outcome, so only an outcome that cannot be recorded fails, with why;
+    the timings then go alone. Returns the outcomes as recorded."""
 
-    def write(batch: list[Outcome]) -> None:
+    def write(batch: list[Outcome], totals: Sequence[Total] = ()) -> None:
         with ctx.sessions.begin() as session:
-            write_outcomes(session, batch)
+            write_outcomes(session, batch, totals)
 
     try:
-        retry.call(write, outcomes)
+        retry.call(write, outcomes, totals)
         return outcomes
     except GaveUp:
         raise
@@ -280,6 +320,10 @@ def _write(
         except Exception as exc:  # noqa: BLE001
             outcome = _unrecordable(ctx, retry, outcome, inputs[outcome.job_id], exc)
         recorded.append(outcome)
+    try:
+        retry.call(write, [], totals)
+    except Exception:  # noqa: BLE001 - only the metrics' timings are lost
+        log.warning("cannot record the batch's timings", exc_info=True)
     return recorded
 
 
@@ -364,9 +408,15 @@ def _group_failed(ctx: WorkerContext, jobs: list[ClaimedJob], exc: BaseException
 
 
 def _run_group(
-    ctx: WorkerContext, tracked: Tracked, retry: Retrier, *, jobs: list[ClaimedJob]
+    ctx: WorkerContext,
+    tracked: Tracked,
+    retry: Retrier,
+    *,
+    jobs: list[ClaimedJob],
+    timings: _Timings | None = None,
 ) -> list[Outcome]:
     task, model = jobs[0].task, jobs[0].model
+    passes = (timings or _Timings()).group(task, model)
 
     def failed(job: ClaimedJob, reason: str, runner: Runner[Any] | None = None) -> Outcome:
         return Outcome(
@@ -421,7 +471,9 @@ def _run_group(
                 ready.append((job, item))
         return ready
 
-    finished = _forward_isolating_failures(ctx, tracked, runner, pending, ready_items, options)
+    finished = _forward_isolating_failures(
+        ctx, tracked, runner, pending, ready_items, options, passes
+    )
     stores: list[Future[Any] | None] = [None] * len(finished)
     if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
         stores = [
@@ -589,22 +641,27 @@ def _forward_isolating_failures(
     pending: list[tuple[ClaimedJob, Future[Any]]],
     ready_items: Callable[[list[tuple[ClaimedJob, Future[Any]]]], list[tuple[ClaimedJob, Any]]],
     options: TaskOptions,
+    passes: list[tuple[int, float]] | None = None,
 ) -> list[tuple[ClaimedJob, dict[str, Any] | BaseException]]:
     """Run the message in forward passes of the device's size, each as soon as its items are
     decoded; if a pass raises, split it in halves down to single items, so that only an item
-    that fails alone fails (out-of-memory on a large batch, one poisonous input).
+    that fails alone fails (out-of-memory on a large batch, one poisonous input). Each pass's
+    size and duration, failed ones too, go to ``passes`` (the metrics' histograms).
 
     The device is held for the whole message, not per pass: the message that got there first
     finishes first (and is acked), while the next one decodes. Interleaving their passes would
     delay both, and leave a worker idle at the end of a run while another finishes two."""
 
     def forward(chunk: list[Any]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
         try:
             return runner.run(chunk, options)
         except Exception as exc:
             ctx.cache.relieve(exc, keep=runner)
             raise
         finally:
+            if passes is not None:
+                passes.append((len(chunk), time.perf_counter() - started))
             tracked.touch()
 
     size = ctx.device_batch or len(pending)

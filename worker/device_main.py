@@ -13,12 +13,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
 from pixelmill.settings import decode_threads, device_batch_size, load_settings
-from pixelmill.worker.heartbeat import Heartbeat
+from pixelmill.worker.heartbeat import Heartbeat, Reporter
 from pixelmill.worker.lifecycle import DRAIN_SECONDS, ParentWatch, set_parent_death_signal
 
 
@@ -108,12 +109,18 @@ def main(argv: list[str] | None = None) -> int:
         broker.hold()
     app = create_app(settings)
     register_tasks(app, ctx)
-    if args.ready_file:
-        from celery.signals import worker_ready
+    from celery.signals import worker_ready, worker_shutting_down
 
+    if args.ready_file:
         ready_file = Path(args.ready_file)
         worker_ready.connect(lambda **_: ready_file.touch(), weak=False)
-    heartbeat = Heartbeat(ctx, settings.lease_seconds / 4)
+    # This process's row in the workers table (the dashboard's fleet, the metrics): written
+    # now, at every heartbeat, and when it stops. Off the signal handler, in a thread.
+    reporter = Reporter(ctx, name=node, label=label, device=device)
+    worker_ready.connect(lambda **_: _report_soon(reporter, "idle"), weak=False)
+    worker_shutting_down.connect(lambda **_: _report_soon(reporter, "stopping"), weak=False)
+    reporter.try_report("starting")
+    heartbeat = Heartbeat(ctx, settings.lease_seconds / 4, reporter)
     heartbeat.start()
     log.info("device worker %s starting on %s (pid %d)", node, label, os.getpid())
     try:
@@ -134,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop(timeout=0)
         heartbeat.stop()
         ctx.close()
+        heartbeat.join(timeout=5)  # its last report is not written after this one
+        reporter.try_report("stopped")
         database.dispose()
     return 0
+
+
+def _report_soon(reporter: Reporter, state: str) -> None:
+    """Say ``state`` now, from a thread of its own (Celery sends its signals from the worker's
+    loop and its signal handlers, which must not wait on the database)."""
+    reporter.state = state
+    threading.Thread(target=reporter.try_report, name="worker-report", daemon=True).start()
 
 
 if __name__ == "__main__":
