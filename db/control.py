@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.orm import Session
 
 from pixelmill.db.reads import get_batch
@@ -24,6 +24,7 @@ from pixelmill.errors import InputError
 
 JOBS = cast(Table, Job.__table__)
 CANCELLED = "cancelled by a user"
+OPEN = (JobStatus.queued, JobStatus.running)
 
 
 def pause_batch(session: Session, batch_id: str) -> bool:
@@ -46,8 +47,17 @@ def resume_batch(session: Session, batch_id: str, *, queued_lease: float = 600) 
 
 
 def cancel_batch(session: Session, batch_id: str) -> int:
-    """Cancel the batch: its queued jobs end as cancelled; returns how many."""
+    """Cancel the batch: its queued jobs end as cancelled; returns how many. Cancelling it
+    again changes nothing; a batch that had finished (no job queued or running) is left as it
+    was, not marked cancelled."""
     batch = get_batch(session, batch_id)
+    open_jobs = session.scalar(
+        select(func.count())
+        .select_from(JOBS)
+        .where(JOBS.c.batch_id == batch_id, JOBS.c.status.in_(OPEN))
+    )
+    if batch.cancelled_at is None and not open_jobs:
+        return 0
     now = utcnow()
     if batch.cancelled_at is None:
         batch.cancelled_at = now

@@ -185,7 +185,9 @@ class BatchCounts:
             return "finished"
         if self.paused:
             return "paused"
-        return "running" if self.by_status.get("running") or self.started_at else "queued"
+        worked = self.finished - self.reused - self.by_status.get("cancelled", 0) > 0
+        running = self.by_status.get("running") or self.started_at or worked
+        return "running" if running else "queued"
 
     @property
     def complete(self) -> bool:

@@ -25,6 +25,7 @@ EXIT_JOBS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_SERVICE = 3
 EXIT_TIMEOUT = 4
+EXIT_CANCELLED = 5  # the batch was cancelled (`pixelmill cancel`): some jobs ended cancelled
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM gives 143 and SIGHUP 129 (128 + signal)
 
 

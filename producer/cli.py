@@ -1,17 +1,20 @@
-"""The commands that submit and read: submit, status, results, retry (and what `run`, a
-command of the top layer, shares with them: the submit options and the result printing)."""
+"""The commands that submit, read and control: submit, status, results, retry, pause, resume,
+cancel, priority (and what `run`, a command of the top layer, shares with them: the submit
+options and the result printing)."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from pixelmill.catalog import TASKS, parse_size
 from pixelmill.clitools import (
+    EXIT_CANCELLED,
     EXIT_JOBS_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -22,6 +25,7 @@ from pixelmill.clitools import (
 )
 from pixelmill.db.deadletters import dead_letter_count
 from pixelmill.db.engine import database_errors
+from pixelmill.db.records import BatchCounts, JobResult
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.inputs import read_prompts_file
@@ -29,10 +33,12 @@ from pixelmill.producer.output import (
     STATES,
     batches_table,
     counts_json,
+    held_state,
     pace,
     write_json_lines,
     write_text_lines,
 )
+from pixelmill.wire import PRIORITIES
 
 TASK = click.argument("task", type=click.Choice(TASKS))
 INPUTS = click.argument("inputs", nargs=-1, metavar="[INPUT]...")
@@ -70,6 +76,15 @@ UPLOAD = click.option(
     is_flag=True,
     help="Copy the input files into the object store first (by content: one already there is "
     "not copied again), so that workers on other hosts need no shared mount.",
+)
+PRIORITY = click.option(
+    "--priority",
+    type=click.Choice(list(PRIORITIES)),
+    default="normal",
+    show_default=True,
+    help="Workers take a higher priority batch's messages before any of a lower one's (each "
+    "worker first finishes the messages it holds). Nightly jobs: low. Change it later with "
+    "`pixelmill priority BATCH`.",
 )
 PLAN = click.option(
     "--plan",
@@ -113,7 +128,7 @@ TASK_OPTIONS = (
 def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
     shared = (TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN, UPLOAD,
-              *TASK_OPTIONS)  # fmt: skip
+              PRIORITY, *TASK_OPTIONS)  # fmt: skip
     for decorate in reversed(shared):
         command = decorate(command)
     return command
@@ -121,6 +136,7 @@ def submit_options(command: Callable[..., None]) -> Callable[..., None]:
 
 def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``Client.submit`` for what was typed; InputError on misuse."""
+    priority = given.pop("priority", "normal")
     prompts = list(given.pop("prompts"))
     prompts_file = given.pop("prompts_file")
     if prompts_file:
@@ -149,6 +165,7 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
         "prompts": prompts or None,
         "count": count,
         "seed": seed,
+        "priority": priority,
     }
 
 
@@ -286,6 +303,8 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
         return
     click.echo(f"batch   {counts.batch_id}" + (f"  ({counts.name})" if counts.name else ""))
     click.echo(f"task    {counts.task}   model {counts.model}")
+    held = held_state(counts)
+    click.echo(f"state   {held or counts.state}   priority {counts.priority}")
     states = "  ".join(f"{s} {counts.by_status.get(s, 0)}" for s in STATES)
     click.echo(f"jobs    {counts.total}:  {states}")
     if counts.plan is not None:
@@ -304,14 +323,14 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
 def results(batch: str, as_json: bool, download: str | None) -> None:
     """One line per job of BATCH, in submission order (--json: one JSON object per line).
 
-    Exits 1 if any job failed.
+    Exits 1 if any job failed, 5 if the batch was cancelled (some jobs ended cancelled).
     """
     settings = settings_or_exit()
     with user_errors(), database_errors(), Client(settings, create=False) as client:
-        _done, failed = print_results(client, batch, as_json)
+        _done, failed, cancelled = print_results(client, batch, as_json)
         if download:
             download_artifacts(client, batch, download)
-    sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
+    sys.exit(jobs_exit_status(failed, cancelled))
 
 
 @click.command()
@@ -332,15 +351,150 @@ def retry(batch: str, as_json: bool) -> None:
         click.echo(f"batch {batch}: {n} failed job(s) queued again")
 
 
-def print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, int]:
-    """One line per job on stdout; (done, failed). If the reader goes away (`| head`), the
-    counts come from the database, so the exit status still says how the jobs ended."""
+# ---- control: pause, resume, cancel, priority -------------------------------------------
+
+
+def _control_json(counts: BatchCounts, **extra: Any) -> str:
+    return json.dumps({"batch": counts.batch_id, "state": counts.state,
+                       "priority": counts.priority, **extra,
+                       **{s: counts.by_status.get(s, 0) for s in STATES}})  # fmt: skip
+
+
+@click.command()
+@click.argument("batch")
+@JSON
+def pause(batch: str, as_json: bool) -> None:
+    """Pause BATCH: workers start none of its queued jobs; the running ones finish.
+
+    `pixelmill resume BATCH` carries on where it stopped: nothing is lost or done twice. A
+    `pixelmill run` waiting for the batch keeps waiting (its progress says paused). Pausing a
+    paused batch changes nothing; a cancelled one cannot be paused (exit 2).
+
+    With --json prints {"batch": "<id>", "state": "paused", "priority": "<p>", "changed":
+    <bool>, "queued": <n>, "running": <n>, ...} (the counts per state).
+    """
+    settings = settings_or_exit()
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
+        changed = client.pause(batch)
+        counts = client.status(batch)
+    if as_json:
+        click.echo(_control_json(counts, changed=changed))
+        return
+    queued, running = counts.by_status.get("queued", 0), counts.by_status.get("running", 0)
+    what = "paused" if changed else "paused already"
+    click.echo(f"batch {batch}: {what}: {queued} queued job(s) wait, {running} running finish "
+               f"(`pixelmill resume {batch}` carries on)")  # fmt: skip
+
+
+@click.command()
+@click.argument("batch")
+@JSON
+def resume(batch: str, as_json: bool) -> None:
+    """Resume BATCH, paused by `pixelmill pause`: its queued jobs are enqueued again, at its
+    priority, and run; none that ran is run again.
+
+    Resuming a batch that is not paused changes nothing; a cancelled one cannot be resumed
+    (exit 2). With --json prints {"batch": "<id>", "state": "<state>", "priority": "<p>",
+    "resumed": <n queued jobs enqueued again>, "was_paused": <bool>, ...}.
+    """
+    settings = settings_or_exit()
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
+        was_paused = client.status(batch).paused
+        n = client.resume(batch)
+        counts = client.status(batch)
+    if as_json:
+        click.echo(_control_json(counts, resumed=n, was_paused=was_paused))
+    elif was_paused:
+        click.echo(f"batch {batch}: resumed: {n} queued job(s) enqueued again")
+    else:
+        click.echo(f"batch {batch}: not paused: nothing to resume")
+
+
+@click.command()
+@click.argument("batch")
+@JSON
+def cancel(batch: str, as_json: bool) -> None:
+    """Cancel BATCH: its queued jobs end as cancelled, for good; running ones finish and done
+    ones keep their results.
+
+    Cancelled is a state of its own, beside done and failed: `status`, `results` and `export`
+    show it, and `run` and `results` exit 5 for a batch with cancelled jobs. `retry` leaves
+    them; the same submit again makes a new batch. Cancelling again, or cancelling a batch that
+    has finished, changes nothing. With --json prints {"batch": "<id>", "state": "<state>",
+    "priority": "<p>", "cancelled_now": <n>, "queued": ..., "cancelled": <n>, ...}.
+    """
+    settings = settings_or_exit()
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
+        already = client.status(batch).cancelled
+        n = client.cancel(batch)
+        counts = client.status(batch)
+    if as_json:
+        click.echo(_control_json(counts, cancelled_now=n))
+    elif already:
+        click.echo(f"batch {batch}: cancelled already")
+    elif not counts.cancelled:
+        click.echo(f"batch {batch}: finished already: nothing to cancel")
+    else:
+        running, done = counts.by_status.get("running", 0), counts.by_status.get("done", 0)
+        click.echo(f"batch {batch}: cancelled: {n} queued job(s) cancelled, {running} running "
+                   f"finish, {done} done keep their results")  # fmt: skip
+
+
+@click.command()
+@click.argument("batch")
+@click.argument("level", metavar="high|normal|low", type=click.Choice(list(PRIORITIES)))
+@JSON
+def priority(batch: str, level: str, as_json: bool) -> None:
+    """Give BATCH the priority high, normal or low: its queued jobs are enqueued again at it.
+
+    Workers take a higher priority's messages first (each finishes the messages it holds
+    first). Raising takes effect at once; after lowering, the messages already queued at the
+    old priority keep their place (each job still runs once). A paused batch's jobs are
+    enqueued at the new priority when it is resumed; a cancelled batch cannot be changed
+    (exit 2). With --json prints {"batch": "<id>", "state": "<state>", "priority": "<p>",
+    "requeued": <n>, ...}.
+    """
+    settings = settings_or_exit()
+    with user_errors(), database_errors(), Client(settings, create=False) as client:
+        before = client.status(batch).priority
+        n = client.set_priority(batch, level)
+        counts = client.status(batch)
+    if as_json:
+        click.echo(_control_json(counts, requeued=n))
+    elif before == level:
+        click.echo(f"batch {batch}: priority {level} already")
+    else:
+        later = " (on resume: the batch is paused)" if counts.paused else ""
+        click.echo(f"batch {batch}: priority {before} -> {level}: {n} queued job(s) enqueued "
+                   f"again at it{later}")  # fmt: skip
+
+
+def print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, int, int]:
+    """One line per job on stdout; (done, failed, cancelled). If the reader goes away
+    (`| head`), the counts come from the database, so the exit status still says how the jobs
+    ended."""
     writer = write_json_lines if as_json else write_text_lines
-    counted = write_until_closed(lambda: writer(client.results(batch_id)))
-    if counted is not None:
-        return counted
+    seen: Counter[str] = Counter()
+
+    def counted(jobs: Iterator[JobResult]) -> Iterator[JobResult]:
+        for job in jobs:
+            seen[job.status] += 1
+            yield job
+
+    written = write_until_closed(lambda: writer(counted(client.results(batch_id))))
+    if written is not None:
+        return written[0], written[1], seen["cancelled"]
     counts = client.status(batch_id).by_status
-    return counts.get("done", 0), counts.get("failed", 0)
+    return counts.get("done", 0), counts.get("failed", 0), counts.get("cancelled", 0)
+
+
+def jobs_exit_status(failed: int, cancelled: int) -> int:
+    """How a batch's jobs ended, as the exit status (README, Exit status): 5 if it was
+    cancelled (some jobs ended cancelled: it was not all done, by a person's decision, over
+    1), 1 if any job failed, else 0."""
+    if cancelled:
+        return EXIT_CANCELLED
+    return EXIT_JOBS_FAILED if failed else EXIT_OK
 
 
 def seen_before(sub: Submission) -> str:
@@ -360,5 +514,5 @@ def download_artifacts(client: Client, batch: str, folder: str) -> None:
 
 
 def register(group: click.Group) -> None:
-    for command in (submit, status, results, retry):
+    for command in (submit, status, results, retry, pause, resume, cancel, priority):
         group.add_command(command)

@@ -533,7 +533,9 @@ class Client:
         on_progress: Callable[[BatchCounts], None] | None = None,
         check: Callable[[], None] | None = None,
     ) -> BatchCounts:
-        """Block until every job of the batch is done or failed; returns the final counts.
+        """Block until every job of the batch is done, failed or cancelled; returns the final
+        counts. A paused batch is waited for (until it is resumed, or cancelled: its running
+        jobs finish, then this returns, ``counts.cancelled`` true).
         ``check`` runs each round (e.g. to supervise local workers); ``TimeoutError`` after
         ``timeout`` seconds. A database that stops answering is waited for (the workers wait
         for it too) up to PIXELMILL_SERVICE_TIMEOUT, then ``ServiceUnavailable``."""

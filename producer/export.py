@@ -177,14 +177,18 @@ def format_for(path: str, given: str | None) -> str:
 
 @dataclass
 class Tally:
-    """What was written: rows, and how many of them were not finished yet."""
+    """What was written: rows, how many of them were not finished yet, and how many were
+    cancelled (a state of its own: neither done nor failed, and finished)."""
 
     rows: int = 0
     unfinished: int = 0
+    cancelled: int = 0
 
     def count(self, job: JobResult) -> JobResult:
         self.rows += 1
-        if job.status not in ("done", "failed"):
+        if job.status == "cancelled":
+            self.cancelled += 1
+        elif job.status not in ("done", "failed"):
             self.unfinished += 1
         return job
 

@@ -78,14 +78,14 @@ def export(
 ) -> None:
     """Write BATCH's jobs, or the latest result per input under SOURCE, to FILE.
 
-    One row per job: input, sha256 (of the input's bytes), task, model, revision, status,
-    error, reused, reused_from, finished (UTC), attempts, device, batch and job, and the
-    result. JSON lines keep the result as an object (with the artifact's URI). CSV and
-    Parquet flatten it: classify into label_1, score_1 ... label_K, score_K (--labels K);
-    caption into caption; generate into artifact and artifact_sha256; and always keep the
-    whole result as JSON text in result_json. Parquet columns are typed (float64 scores,
-    bool reused, timestamp[us, UTC] finished). --latest without --task has the columns of
-    every task.
+    One row per job: input, sha256 (of the input's bytes), task, model, revision, status (done,
+    failed or cancelled; queued or running while unfinished), error, reused, reused_from,
+    finished (UTC), attempts, device, batch and job, and the result. JSON lines keep the result
+    as an object (with the artifact's URI). CSV and Parquet flatten it: classify into label_1,
+    score_1 ... label_K, score_K (--labels K); caption into caption; generate into artifact and
+    artifact_sha256; and always keep the whole result as JSON text in result_json. Parquet
+    columns are typed (float64 scores, bool reused, timestamp[us, UTC] finished). --latest
+    without --task has the columns of every task.
 
     \b
     DuckDB, pandas and Polars read the files directly:
@@ -132,6 +132,8 @@ def export(
     notes = ""
     if tally.unfinished:
         notes = f"; {tally.unfinished} of them not finished yet"
+    if tally.cancelled:
+        notes += f"; {tally.cancelled} cancelled"
     if source is not None and tally.rows == 0:
         notes = f"; no finished job under {prefix}"
     click.echo(f"{rows} written to {where} ({fmt}){notes}", err=True)

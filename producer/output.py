@@ -78,6 +78,8 @@ def counts_json(counts: BatchCounts) -> dict[str, Any]:
         "task": counts.task,
         "model": counts.model,
         "created": counts.created_at.isoformat() if counts.created_at else None,
+        "state": counts.state,
+        "priority": counts.priority,
         "total": counts.total,
         **{s: counts.by_status.get(s, 0) for s in STATES},
         "reused": counts.reused,
@@ -92,11 +94,13 @@ STATES = tuple(status.value for status in JobStatus)  # in the order a job moves
 
 def batches_table(batches: list[BatchCounts]) -> str:
     """The newest batches as an aligned table, newest first (local time)."""
-    rows = [("BATCH", "CREATED", "TASK", "MODEL", "JOBS", *(s.upper() for s in STATES), "NAME")]
+    rows = [("BATCH", "CREATED", "TASK", "MODEL", "STATE", "PRIORITY", "JOBS",
+             *(s.upper() for s in STATES), "NAME")]  # fmt: skip
     for b in batches:
         created = b.created_at.astimezone().strftime("%Y-%m-%d %H:%M") if b.created_at else ""
         counts = (str(b.by_status.get(s, 0)) for s in STATES)
-        rows.append((b.batch_id, created, b.task, b.model, str(b.total), *counts, b.name or ""))
+        rows.append((b.batch_id, created, b.task, b.model, b.state, b.priority, str(b.total),
+                     *counts, b.name or ""))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join(
         "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip()
@@ -125,6 +129,7 @@ class Progress:
         self.every = every
         self.out = out
         self._last_line = time.monotonic()
+        self._held = ""
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -152,27 +157,44 @@ class Progress:
         return self
 
     def update(self, counts: BatchCounts) -> None:
-        speed = pace(counts)
+        held = held_state(counts)  # paused or cancelled (by `pixelmill pause`/`cancel`), or ""
+        speed = held or pace(counts)
         if self._progress is not None:
             self._progress.update(
                 self._task,
+                description=held.split(" ")[0] if held else "processing",
                 completed=counts.finished,
                 failed=counts.by_status.get("failed", 0),
                 pace=speed,
             )
             return
         now = time.monotonic()
-        if self.every and now - self._last_line >= self.every and not counts.complete:
+        changed = held != self._held  # a pause, resume or cancel is said at once
+        self._held = held
+        due = self.every and now - self._last_line >= self.every and not counts.complete
+        if changed or due:
             self._last_line = now
             out = self.out or sys.stderr
             failed = counts.by_status.get("failed", 0)
-            line = f"progress: {counts.finished}/{counts.total} finished ({failed} failed)"
+            line = f"progress: {counts.finished}/{counts.total} finished ({failed} failed"
+            cancelled = counts.by_status.get("cancelled", 0)
+            line += f", {cancelled} cancelled)" if cancelled else ")"
             out.write(line + (f", {speed}" if speed else "") + "\n")
             out.flush()
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
+
+
+def held_state(counts: BatchCounts) -> str:
+    """What holds an unfinished batch up, in words: "paused (pixelmill resume BATCH)", or
+    "cancelled" (its running jobs finish), or "" when nothing does."""
+    if counts.cancelled and not counts.complete:
+        return "cancelled (its running jobs finish)"
+    if counts.paused and not counts.complete:
+        return "paused (no new job starts until `pixelmill resume`)"
+    return ""
 
 
 def pace(counts: BatchCounts, *, clock: bool = False) -> str:
