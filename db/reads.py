@@ -4,12 +4,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, func, select, text
+from sqlalchemy import BigInteger, Integer, Row, cast, func, select, text
 from sqlalchemy.orm import Session
 
 from pixelmill.db.records import ArtifactRecord, BatchCounts, JobResult
@@ -285,3 +285,170 @@ def _code_point_order(session: Session) -> bool:
     ).one()
     c_like = collate in ("C", "POSIX") or collate.lower() in ("c.utf8", "c.utf-8")
     return c_like and provider in (None, "c")
+
+
+# ---- the dashboard's reads -------------------------------------------------------------------
+
+
+def find_batches(
+    session: Session,
+    limit: int = 50,
+    match: str | None = None,
+    *,
+    only: str | None = None,
+    times: bool = True,
+) -> list[BatchCounts]:
+    """The ``limit`` newest batches whose id, name, task or model contains ``match`` (any
+    case; ``%`` and ``_`` are plain characters), or the batch ``only``, newest first, each with
+    its counts per state and its reused jobs (what its submit reused: its plan's count), and
+    with ``times`` when its first job started and its last finished (``batch_times``).
+
+    The counts are one ``GROUP BY`` answered from the ``(batch_id, status)`` index alone, so a
+    dashboard polling them reads no job row; the times read the batches' jobs (a caller that
+    polls keeps them: ``batch_times``)."""
+    query = select(Batch).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
+    if only is not None:
+        query = query.where(Batch.id == only)
+    if match:
+        needle = match.lower()
+        query = query.where(
+            func.lower(Batch.id).contains(needle, autoescape=True)
+            | func.lower(func.coalesce(Batch.name, "")).contains(needle, autoescape=True)
+            | func.lower(Batch.task).contains(needle, autoescape=True)
+            | func.lower(Batch.model).contains(needle, autoescape=True)
+        )
+    counts = {b.id: _counts(b) for b in session.scalars(query).all()}
+    if not counts:
+        return []
+    for batch_id, status, n in session.execute(
+        select(Job.batch_id, Job.status, func.count())
+        .where(Job.batch_id.in_(counts))
+        .group_by(Job.batch_id, Job.status)
+    ):
+        counts[batch_id].by_status[JobStatus(status).value] = n
+    for found in counts.values():
+        # Only classify and caption reuse, and their submit records what it reused.
+        found.reused = int((found.plan or {}).get("reused", 0))
+    if times:
+        for batch_id, (started, last) in batch_times(session, list(counts)).items():
+            counts[batch_id].started_at, counts[batch_id].last_finished_at = started, last
+    return list(counts.values())
+
+
+def batch_times(
+    session: Session, batch_ids: Collection[str]
+) -> dict[str, tuple[datetime | None, datetime | None]]:
+    """Per batch, when a worker started its first job and finished its last (UTC; reused
+    jobs, done at submit, left out): what items/s and the ETA are computed from."""
+    if not batch_ids:
+        return {}
+    rows = session.execute(
+        select(Job.batch_id, func.min(Job.started_at), func.max(Job.finished_at))
+        .where(Job.batch_id.in_(batch_ids), Job.reused_from.is_(None))
+        .group_by(Job.batch_id)
+    )
+    return {batch_id: (_utc(started), _utc(last)) for batch_id, started, last in rows}
+
+
+def finished_per_minute(session: Session, batch_id: str) -> list[tuple[int, int]]:
+    """The batch's throughput over its life: (unix minute, jobs the workers finished in it,
+    done or failed), in time order, minutes with none left out. Reused and cancelled jobs are
+    not work done. Counted in the database (one row per minute travels), the same on SQLite and
+    PostgreSQL."""
+    minute = _unix_minute(session, Job.finished_at)
+    rows = session.execute(
+        select(minute, func.count())
+        .where(
+            Job.batch_id == batch_id,
+            Job.status.in_((JobStatus.done, JobStatus.failed)),
+            Job.reused_from.is_(None),
+            Job.finished_at.is_not(None),
+        )
+        .group_by(minute)
+        .order_by(minute)
+    ).all()
+    return [(int(m), int(n)) for m, n in rows]
+
+
+def _unix_minute(session: Session, column: Any) -> Any:
+    """``column`` (a UTC timestamp) as whole minutes since the epoch, in SQL. SQLite keeps a
+    timestamp as text (which ``strftime('%s')`` reads as UTC); PostgreSQL's ``timestamptz``
+    gives its epoch directly."""
+    if session.get_bind().dialect.name == "sqlite":
+        return (cast(func.strftime("%s", column), Integer) // 60).label("minute")
+    return cast(func.floor(func.extract("epoch", column) / 60), BigInteger).label("minute")
+
+
+def failures_by_reason(
+    session: Session, batch_id: str, *, examples: int = 3, limit: int = 20
+) -> list[tuple[str, int, list[str]]]:
+    """The batch's failed jobs grouped by reason, most frequent first: (reason, jobs, a few
+    of their inputs). A reason is the error without the input it starts with ("<input>: ..."),
+    so that one reason over many files is one group."""
+    rows = session.execute(
+        select(Job.error, func.count(), func.min(Job.input))
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.failed)
+        .group_by(Job.error)
+        .order_by(func.count().desc())
+        .limit(1000)
+    ).all()
+    groups: dict[str, tuple[int, list[str]]] = {}
+    for error, n, example in rows:
+        reason = _reason(error or "", example or "")
+        count, inputs = groups.get(reason, (0, []))
+        if len(inputs) < examples and example is not None and example not in inputs:
+            inputs.append(example)
+        groups[reason] = (count + int(n), inputs)
+    ranked = sorted(groups.items(), key=lambda item: -item[1][0])[:limit]
+    for reason, (count, inputs) in ranked:  # more examples for a reason shared by one error
+        if len(inputs) < min(examples, count):
+            more = session.scalars(
+                select(Job.input)
+                .where(
+                    Job.batch_id == batch_id,
+                    Job.status == JobStatus.failed,
+                    Job.input.not_in(inputs),
+                    Job.error.contains(reason, autoescape=True),
+                )
+                .order_by(Job.seq)
+                .limit(examples - len(inputs))
+            ).all()
+            inputs.extend(more)
+    return [(reason, count, inputs) for reason, (count, inputs) in ranked]
+
+
+def _reason(error: str, job_input: str) -> str:
+    prefix = job_input + ": "
+    return error[len(prefix) :] if job_input and error.startswith(prefix) else error
+
+
+def batch_jobs_page(
+    session: Session,
+    batch_id: str,
+    *,
+    offset: int = 0,
+    limit: int = 60,
+    status: str | None = None,
+) -> list[JobResult]:
+    """A page of the batch's jobs in submission order (only those in ``status``, if given),
+    each with its result and first artifact as ``iter_batch_jobs`` gives them."""
+    get_batch(session, batch_id)
+    query = _job_results().where(Job.batch_id == batch_id)
+    if status is not None:
+        query = query.where(Job.status == JobStatus(status))
+    rows = session.execute(query.order_by(Job.seq).offset(offset).limit(limit)).all()
+    return [_job_result(r) for r in rows]
+
+
+def job_source(session: Session, job_id: str) -> tuple[str, dict[str, Any], str | None] | None:
+    """A job's input, its params, and the object-store key of its first artifact (the job
+    that computed it, for a reused job); None for an unknown job."""
+    source = func.coalesce(Job.reused_from, Job.id)
+    row = session.execute(
+        select(Job.input, Job.params, Artifact.key)
+        .outerjoin(Artifact, (Artifact.job_id == source) & (Artifact.index == 0))
+        .where(Job.id == job_id)
+    ).first()
+    if row is None:
+        return None
+    return row[0], dict(row[1] or {}), row[2]

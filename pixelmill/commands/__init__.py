@@ -2,12 +2,14 @@
 ``pixelmill.producer.cli`` (submit, status, results, retry; export in
 ``pixelmill.producer.export_cli``), ``pixelmill.worker.cli`` (worker,
 flower, dead-letters); the ones that join producer and worker live here: ``run``
-(``pixelmill.commands.run``) and ``bench`` (``pixelmill.commands.bench_cli``).
+(``pixelmill.commands.run``), ``bench`` (``pixelmill.commands.bench_cli``) and ``dashboard``
+(``pixelmill.commands.dashboard``).
 
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or configuration error;
 3 a service (broker, database) unreachable, or local workers that cannot start; 4 run --timeout
-reached; 128+N run stopped by signal N after cleaning up (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP);
-worker drains and exits 0 on these.
+reached; 5 the batch was cancelled (run, results: some jobs ended cancelled); 128+N run stopped
+by signal N after cleaning up (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); worker drains and exits 0
+on these.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ EPILOG = """\b
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or
 configuration error; 3 a service (broker, database) unreachable, or local
 workers that cannot start; 4 run --timeout reached (results so far printed);
+5 the batch was cancelled (run, results: some jobs ended cancelled);
 128+N run stopped by signal N, after stopping what it started (130 Ctrl-C,
 143 SIGTERM, 129 SIGHUP); worker drains and exits 0 on these.
 
@@ -47,6 +50,7 @@ def cli() -> None:
 
 def _register() -> None:
     from pixelmill.commands.bench_cli import bench
+    from pixelmill.commands.dashboard.cli import dashboard
     from pixelmill.commands.run import run
     from pixelmill.producer.cli import register as register_producer
     from pixelmill.producer.export_cli import export
@@ -57,6 +61,7 @@ def _register() -> None:
     register_worker(cli)
     cli.add_command(run)
     cli.add_command(bench)
+    cli.add_command(dashboard)
     cli.add_command(dead_letters)
     cli.add_command(export)
 

@@ -50,6 +50,7 @@ class BenchConfig:
     noop_tasks: int = 2000
     repeat: int = 3  # each measure this many times; figures are medians
     options: tuple[tuple[str, Any], ...] = ()
+    with_dashboard: bool = False  # end to end plain and observed (``bench_dashboard``) only
 
     @property
     def model_name(self) -> str:
@@ -104,16 +105,31 @@ class Bench:
             sub = client.submit("generate", prompts=prompts(n), seed=0, model=model, again=True,
                                 batch_size=batch_size, options=self.options)  # fmt: skip
         else:
+            # force: every measure processes its items (classify and caption would otherwise
+            # take the results of an earlier measure over the same files, at submit).
             sub = client.submit(self.cfg.task, [str(p) for p in self.paths[:n]], model=model,
                                 batch_size=batch_size, options=self.options,
-                                again=True)  # fmt: skip
+                                again=True, force=True)  # fmt: skip
         return str(sub.batch_id)
 
-    def timed(self, client: Any, n: int, *, model: str, batch_size: int) -> float:
+    def timed(
+        self,
+        client: Any,
+        n: int,
+        *,
+        model: str,
+        batch_size: int,
+        on_submit: Callable[[str], None] | None = None,
+    ) -> float:
         """Items per second for n items, from the submit to the last result committed (as the
-        workers timestamp it: the bench polls the database rarely, to take no CPU from them)."""
+        workers timestamp it: the bench polls the database rarely, to take no CPU from them).
+        ``on_submit(batch_id)`` runs after the submit; its own time is not counted."""
         start = time.time()
         batch = self.submit(client, n, model=model, batch_size=batch_size)
+        if on_submit is not None:
+            before = time.time()
+            on_submit(batch)
+            start += time.time() - before
         counts = client.wait(batch, timeout=24 * 3600, interval=0.25)
         finished = client.finished_at(batch)
         if counts.by_status.get("done") != n or finished is None:
@@ -216,7 +232,7 @@ class Bench:
             runs.setdefault(key, []).append(value)
 
         precision = "fp32"
-        for round_ in range(cfg.repeat):
+        for round_ in range(0 if cfg.with_dashboard else cfg.repeat):
             self.say(f"model only ({round_ + 1}/{cfg.repeat})")
             ips, precision = self.model_only()
             record("model_only_ips", ips)
@@ -225,6 +241,13 @@ class Bench:
             for model in (cfg.model_name, "null"):
                 for _ in range(self.workers):
                     self.timed(client, cfg.size, model=model, batch_size=cfg.size)
+            if cfg.with_dashboard:
+                from pixelmill.commands.bench_dashboard import compare
+
+                env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}
+                env.update(client.settings.to_env())
+                compared = compare(self, client, env, self.say)
+                return {**self.settings_figures("n/a"), **compared}
             for round_ in range(cfg.repeat):
                 self.say(f"end to end, naive, null, Celery no-op ({round_ + 1}/{cfg.repeat})")
                 record("e2e_ips", self.timed(client, n, model=cfg.model_name, batch_size=cfg.size))

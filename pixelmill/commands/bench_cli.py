@@ -23,6 +23,10 @@ ROWS = [
     ("e2e_over_naive", "end to end / naive"),
     ("null_over_celery_noop", "null / Celery no-op"),
     ("null_scaling", "null: workers / one worker"),
+    ("e2e_observed_ips", "end to end, dashboard open + /metrics every 1 s (items/s)"),
+    ("observed_over_plain", "observed / plain end to end"),
+    ("dashboard_cpu_share", "dashboard process, CPU (cores) while observed"),
+    ("chromium_cpu_share", "chromium, CPU (cores) while observed"),
 ]
 
 
@@ -96,6 +100,13 @@ def _option(text: str) -> tuple[str, Any]:
     show_default=True,
     help="Runs of each measure; the figures are medians (all runs are in --json).",
 )
+@click.option(
+    "--with-dashboard",
+    is_flag=True,
+    help="Only end to end, plain and observed (`pixelmill dashboard` serving, its page open in "
+    "headless chromium, /metrics scraped every second), alternating; prints observed / plain. "
+    "Needs chromium and playwright (`scripts/setup test`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def bench(
     task: str,
@@ -109,6 +120,7 @@ def bench(
     noop_tasks: int,
     options: tuple[str, ...],
     repeat: int,
+    with_dashboard: bool,
     as_json: bool,
 ) -> None:
     """Measure throughput against its limits, side by side in one run.
@@ -140,6 +152,7 @@ def bench(
             noop_tasks=noop_tasks,
             options=tuple(_option(o) for o in options),
             repeat=repeat,
+            with_dashboard=with_dashboard,
         )
         figures = run_bench(cfg, progress=lambda step: click.echo(f"bench: {step}", err=True))
     if as_json:

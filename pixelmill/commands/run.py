@@ -13,7 +13,6 @@ from typing import Any
 import click
 
 from pixelmill.clitools import (
-    EXIT_JOBS_FAILED,
     EXIT_OK,
     EXIT_SERVICE,
     EXIT_TIMEOUT,
@@ -22,11 +21,13 @@ from pixelmill.clitools import (
     stop_signals_raise,
     user_errors,
 )
+from pixelmill.commands.dashboard.cli import served_dashboard
 from pixelmill.db.engine import database_errors
 from pixelmill.producer.cli import (
     DOWNLOAD,
     describe,
     download_artifacts,
+    jobs_exit_status,
     print_plan,
     print_results,
     submission,
@@ -62,6 +63,18 @@ from pixelmill.worker.local import local_workers as local_workers_for
     "unfinished jobs stay queued).",
 )
 @DOWNLOAD
+@click.option(
+    "--dashboard",
+    is_flag=True,
+    help="Serve the dashboard on 127.0.0.1 while the run lasts (its URL on stderr).",
+)
+@click.option(
+    "--dashboard-port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="--dashboard's port (0: any free one).",
+)
 def run(
     task: str,
     inputs: tuple[str, ...],
@@ -77,6 +90,8 @@ def run(
     local_workers: bool,
     timeout: float | None,
     download: str | None,
+    dashboard: bool,
+    dashboard_port: int,
     **task_options: Any,
 ) -> None:
     """Submit, process and print, all in one.
@@ -111,7 +126,11 @@ def run(
             sys.exit(EXIT_OK)
         log_dir = settings.data_dir / "logs"
         specs = None if devices.strip().lower() == "auto" else parse_devices(devices)
-        with embedded_broker(settings) as broker, Client(settings) as client:
+        with (
+            embedded_broker(settings) as broker,
+            Client(settings) as client,
+            served_dashboard(settings, dashboard, dashboard_port),
+        ):
 
             def submit() -> Submission:
                 return client.submit(task, model=model, name=name, batch_size=batch_size,
@@ -148,11 +167,11 @@ def run(
                     except TimeoutError:
                         timed_out = True
                 with stops.deferred():  # a stop waits (briefly) for the results to be printed
-                    done, failed = print_results(client, sub.batch_id, as_json)
+                    done, failed, cancelled = print_results(client, sub.batch_id, as_json)
                 if download:
                     download_artifacts(client, sub.batch_id, download)
         if timed_out:
-            unfinished = sub.jobs - done - failed
+            unfinished = sub.jobs - done - failed - cancelled
             fail(
                 f"timed out after {timeout:g}s: {done} done, {failed} failed, {unfinished} not "
                 f"finished; batch {sub.batch_id} stays queued for any worker on this broker "
@@ -162,7 +181,10 @@ def run(
         if not as_json:
             reused = f" ({sub.reused} reused)" if sub.reused else ""
             click.echo(f"{done} done{reused}, {failed} failed", err=True)
-    sys.exit(EXIT_JOBS_FAILED if failed else EXIT_OK)
+        if cancelled:  # stderr, also with --json: `pixelmill cancel` stopped it
+            click.echo(f"batch {sub.batch_id} was cancelled: {cancelled} job(s) cancelled",
+                       err=True)  # fmt: skip
+    sys.exit(jobs_exit_status(failed, cancelled))
 
 
 def _wait(
