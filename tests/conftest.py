@@ -177,17 +177,32 @@ def pixelmill(
     )
 
 
-@pytest.fixture
-def start_worker() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start `pixelmill worker` processes; each is stopped with SIGTERM at the end."""
-    procs: list[subprocess.Popen[bytes]] = []
+def slow_null(folder: Path, seconds: float) -> dict[str, str]:
+    """Environment for pixelmill processes whose ``null`` model spends ``seconds`` on each item
+    (a ``sitecustomize`` in ``folder``, put on PYTHONPATH): work that lasts long enough to act
+    on while it runs, on a fast or a loaded machine alike."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import time\n"
+        "import pixelmill.models.null as null\n"
+        "_prepare = null.NullRunner.prepare\n"
+        "def prepare(self, input, params, options):\n"
+        f"    time.sleep({seconds!r})\n"
+        "    return _prepare(self, input, params, options)\n"
+        "null.NullRunner.prepare = prepare\n"
+    )
+    return {"PYTHONPATH": str(folder)}
 
-    def start(env: dict[str, str], devices: str = "cpu") -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pixelmill", "worker", "--devices", devices],
-            env=env,
-            cwd=ROOT,
-        )
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[Any]]]:
+    """Start ``pixelmill ARGS...`` processes (in the checkout, with ``env``); at the end, every
+    one still running gets SIGTERM (a clean stop: drain), then SIGKILL after 60 s."""
+    procs: list[subprocess.Popen[Any]] = []
+
+    def start(*args: str, env: dict[str, str], **popen: Any) -> subprocess.Popen[Any]:
+        proc = subprocess.Popen([sys.executable, "-m", "pixelmill", *args], env=env, cwd=ROOT,
+                                **popen)  # fmt: skip
         procs.append(proc)
         return proc
 
@@ -197,6 +212,17 @@ def start_worker() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             proc.send_signal(signal.SIGTERM)
     for proc in procs:
         try:
-            proc.wait(60)
+            proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture
+def start_worker(spawn: Any) -> Callable[..., subprocess.Popen[bytes]]:
+    """Start `pixelmill worker` processes; each is stopped with SIGTERM at the end."""
+
+    def start(env: dict[str, str], devices: str = "cpu") -> subprocess.Popen[bytes]:
+        return spawn("worker", "--devices", devices, env=env)  # type: ignore[no-any-return]
+
+    return start

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from pixelmill.errors import InputError, UnknownBatch
 from pixelmill.producer import Client
 from pixelmill.settings import load_settings
 from pixelmill.wire import PRIORITIES, create_app, enqueue, queue_length, queue_lengths
-from tests.conftest import ROOT, pixelmill, pixelmill_env
+from tests.conftest import ROOT, pixelmill, pixelmill_env, slow_null
 
 # ---- the state functions, on SQLite and PostgreSQL ------------------------------------------
 
@@ -334,35 +334,24 @@ def _ts(value: str | None) -> datetime | None:
 
 
 @pytest.fixture
-def run_proc() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+def run_proc(spawn: Any) -> Callable[..., subprocess.Popen[str]]:
     """Start `pixelmill run` processes; any still running at the end is stopped."""
-    procs: list[subprocess.Popen[str]] = []
 
     def start(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-m", "pixelmill", "run", *args], env=env,
-                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)  # fmt: skip
-        procs.append(proc)
-        return proc
+        return spawn("run", *args, env=env, stdout=subprocess.PIPE,  # type: ignore[no-any-return]
+                     stderr=subprocess.PIPE, text=True)  # fmt: skip
 
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+    return start
 
 
 @pytest.mark.slow
 def test_pause_holds_a_running_batch_and_resume_finishes_it_each_job_once(
     tmp_path, redis_server, run_proc
 ):
-    env = _env(tmp_path, redis_server.url)
+    # The null model takes 0.1 s an item: the batch is still running when the command lands.
+    env = {**_env(tmp_path, redis_server.url), **slow_null(tmp_path / "hook", 0.1)}
     folder = tmp_path / "in"
-    n = 1200
+    n = 400
     _images(folder, n)
     proc = run_proc("classify", str(folder), "--model", "null", "--devices", "cpu",
                     "--batch-size", "2", "--priority", "low", "--json", env=env)  # fmt: skip
@@ -378,7 +367,7 @@ def test_pause_holds_a_running_batch_and_resume_finishes_it_each_job_once(
     held = _counts(tmp_path, batch)
     time.sleep(3)
     assert _counts(tmp_path, batch) == held
-    assert held.get("queued", 0) > n // 2, held  # the pause came early enough to mean something
+    assert held.get("queued", 0) > n // 4, held  # the pause came early enough to mean something
     with _db(tmp_path) as db:
         (last_start,) = db.execute("SELECT max(started_at) FROM jobs WHERE batch_id=?",
                                    (batch,)).fetchone()  # fmt: skip
@@ -421,9 +410,10 @@ def test_pause_holds_a_running_batch_and_resume_finishes_it_each_job_once(
 def test_cancel_ends_queued_jobs_cancelled_counted_apart_everywhere(
     tmp_path, redis_server, run_proc
 ):
-    env = _env(tmp_path, redis_server.url)
+    # The null model takes 0.1 s an item: the batch is still running when the command lands.
+    env = {**_env(tmp_path, redis_server.url), **slow_null(tmp_path / "hook", 0.1)}
     folder = tmp_path / "in"
-    n = 1200
+    n = 400
     _images(folder, n)
     proc = run_proc("classify", str(folder), "--model", "null", "--devices", "cpu",
                     "--batch-size", "2", "--json", env=env)  # fmt: skip

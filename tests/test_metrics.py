@@ -11,11 +11,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +33,7 @@ from pixelmill.db.schema import Batch
 from pixelmill.producer import Client
 from pixelmill.settings import Settings, load_settings
 from pixelmill.wire import NOOP, PRIORITIES, create_app, enqueue
-from tests.conftest import ROOT, settings_env
+from tests.conftest import ROOT, settings_env, slow_null
 from tests.services import free_port, start_redis
 
 T = TypeVar("T")
@@ -99,47 +98,18 @@ def _images(folder: Path, n: int, first: int = 0) -> list[str]:
 
 
 @pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+def workers(tmp_path: Path, spawn: Any) -> Callable[..., subprocess.Popen[bytes]]:
     """`pixelmill worker --devices cpu --cpu-workers N`; SIGTERM (drain) at the end."""
-    procs: list[subprocess.Popen[bytes]] = []
 
     def start(settings: Settings, n: int = 1, slow: float = 0.0) -> subprocess.Popen[bytes]:
         env = settings_env(settings)
         if slow:  # the null model spends ``slow`` seconds on each item, in the real workers
-            hook = tmp_path / "hook"
-            hook.mkdir(exist_ok=True)
-            (hook / "sitecustomize.py").write_text(
-                textwrap.dedent(f"""
-                import time
-                import pixelmill.models.null as null
+            env.update(slow_null(tmp_path / "hook", slow))
+        return spawn(  # type: ignore[no-any-return]
+            "worker", "--devices", "cpu", "--cpu-workers", str(n), env=env
+        )
 
-                _prepare = null.NullRunner.prepare
-
-                def prepare(self, input, params, options):
-                    time.sleep({slow!r})
-                    return _prepare(self, input, params, options)
-
-                null.NullRunner.prepare = prepare
-                """)
-            )
-            env["PYTHONPATH"] = str(hook)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu",
-             "--cpu-workers", str(n)],
-            env=env, cwd=ROOT,
-        )  # fmt: skip
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return start
 
 
 def _check_histogram(families: Families, name: str, **labels: str) -> tuple[float, float]:
