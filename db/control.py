@@ -28,9 +28,15 @@ OPEN = (JobStatus.queued, JobStatus.running)
 
 
 def pause_batch(session: Session, batch_id: str) -> bool:
-    """Pause the batch; False if it was paused already. A cancelled batch cannot be."""
+    """Pause the batch; False if it was paused already, or has nothing left to start (every job
+    finished or running: a later ``retry`` then runs at once). A cancelled batch cannot be."""
     batch = _open(session, batch_id, "pause")
     if batch.paused_at is not None:
+        return False
+    waiting = session.scalar(
+        select(Job.id).where(Job.batch_id == batch_id, Job.status == JobStatus.queued).limit(1)
+    )
+    if waiting is None:
         return False
     batch.paused_at = utcnow()
     return True

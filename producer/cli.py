@@ -345,10 +345,12 @@ def retry(batch: str, as_json: bool) -> None:
     settings = settings_or_exit()
     with user_errors(), database_errors(), Client(settings, create=False) as client:
         n = client.retry(batch)
+        paused = client.status(batch).paused
     if as_json:
-        click.echo(json.dumps({"batch": batch, "retried": n}))
+        click.echo(json.dumps({"batch": batch, "retried": n, "paused": paused}))
     else:
-        click.echo(f"batch {batch}: {n} failed job(s) queued again")
+        later = " (the batch is paused: they start when it is resumed)" if paused and n else ""
+        click.echo(f"batch {batch}: {n} failed job(s) queued again{later}")
 
 
 # ---- control: pause, resume, cancel, priority -------------------------------------------

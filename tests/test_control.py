@@ -173,6 +173,22 @@ def test_cancelling_a_finished_batch_changes_nothing(sessions):
     assert (counts.state, counts.cancelled) == ("finished", False)
 
 
+def test_pausing_a_batch_with_nothing_queued_changes_nothing_so_retry_runs(sessions):
+    new = _batch(sessions, 2)
+    with sessions.begin() as s:
+        claim_jobs(s, new.job_ids, worker="w/1", device="cpu")
+        write_outcomes(s, [*_done(new.job_ids[:1]),
+                           Outcome(job_id=new.job_ids[1], error="/in/1.jpg: broken")])  # fmt: skip
+    with sessions.begin() as s:
+        assert pause_batch(s, new.batch_id) is False  # finished: nothing to hold back
+    with sessions.begin() as s:
+        assert requeue_failed(s, new.batch_id) == new.job_ids[1:]
+    with sessions.begin() as s:  # the retried job is claimable: the batch is not paused
+        assert [c.job_id for c in claim_jobs(s, new.job_ids, worker="w/2", device="cpu")] == [
+            new.job_ids[1]
+        ]
+
+
 def test_a_cancelled_batchs_job_whose_worker_died_ends_cancelled_not_run_again(sessions):
     new = _batch(sessions, 2, queued_lease=0)
     with sessions.begin() as s:  # lease=0: its holder is as good as dead

@@ -6,10 +6,12 @@ tests/test_dashboard_browser.py.)"""
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -288,6 +290,42 @@ def test_metrics_route(served):
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_password_that_is_also_a_word_masks_secrets_not_data(settings, client, inputs):
+    """The broker's password is the queue's name and the S3 secret a quote: the secrets go
+    nowhere, and the data that merely contains their text stays intact (valid JSON, a
+    parseable /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    word = settings.queue
+    host = settings.broker_url.split("://", 1)[1]
+    settings = settings.model_copy(update={
+        "broker_url": f"redis://:{word}@{host}",
+        "s3_secret_access_key": Settings(s3_secret_access_key='"').s3_secret_access_key,  # type: ignore[arg-type]
+    })  # fmt: skip
+    sub = client.submit("classify", [str(inputs)], name=f"nightly {word}")
+    with client.sessions.begin() as s:  # an error that quotes the broker URL
+        job = s.scalars(select(Job).where(Job.batch_id == sub.batch_id)).first()
+        assert job is not None
+        job.status, job.error = "failed", f"broker: redis://:{word}@{host} refused; key {word}"  # type: ignore[assignment]
+    with Dashboard(settings, port=0) as dash:
+        http = Http(dash.url)
+        fleet = http.json("/api/fleet")
+        assert fleet["queue"]["name"] == word
+        batch = http.json(f"/api/batches/{sub.batch_id}")
+        assert batch["name"] == f"nightly {word}"
+        reasons = [f["reason"] for f in batch["failures"]]
+        assert any("redis://:***@" in r and word not in r for r in reasons), reasons
+        status, _, body = http.request("/metrics")
+        assert status == 200
+        names = {f.name for f in text_string_to_metric_families(body.decode())}
+        assert "pixelmill_jobs" in names
+        status, _, body = http.post(f"/api/batches/{sub.batch_id}/priority",
+                                    {"priority": ["high"]})  # fmt: skip
+        assert status == 400, body  # a bad value, not a crash
+        assert json.loads(body)["status"] == 400
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_basic_auth_on_every_route(settings, client, inputs):
     sub = client.submit("classify", [str(inputs)])
     creds = [("ops", "pa:ss"), ("viewer", "v1ew")]
@@ -305,6 +343,9 @@ def test_basic_auth_on_every_route(settings, client, inputs):
         http = Http(dash.url, "ops:pa:ss")
         assert http.json(f"/api/batches/{sub.batch_id}")["batch"] == sub.batch_id
         assert http.post(f"/api/batches/{sub.batch_id}/pause")[0] == 200
+        # No credentials on a POST: 401 (asked for them), before the XSRF check's 403.
+        status, _, _ = Http(dash.url).post(f"/api/batches/{sub.batch_id}/resume", xsrf=False)
+        assert status == 401
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
@@ -315,6 +356,48 @@ def test_loopback_only_without_auth(settings, served):
     http = Http(served.url)
     assert http.request("/api/batches", headers={"Host": "evil.example:80"})[0] == 403
     assert http.request("/api/batches", headers={"Host": f"127.0.0.1:{served.port}"})[0] == 200
+
+
+@pytest.mark.slow
+def test_the_command_stops_on_sigterm_and_sighup_while_serving(tmp_path):
+    """Stop signals end `pixelmill dashboard` (exit 0) while requests are being served: they
+    are taken in its main thread, never inside a request's callback (where they were once
+    logged and ignored, leaving only SIGKILL)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    env = pixelmill_env(data_dir=str(tmp_path))
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-m", "pixelmill", "dashboard", "--port", "0"],
+                                env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"http://\S+", line)
+        assert found, line
+        url = found.group(0)
+        halt = threading.Event()
+
+        def hammer(url: str = url, halt: threading.Event = halt) -> None:
+            while not halt.is_set():
+                with contextlib.suppress(OSError):
+                    Http(url).request("/api/batches?limit=500")
+
+        threads = [threading.Thread(target=hammer, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(1.5)
+            proc.send_signal(sig)
+            assert proc.wait(15) == 0, sig
+        finally:
+            halt.set()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stderr.close()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 import click
@@ -80,9 +81,14 @@ def dashboard(port: int, address: str) -> None:  # fmt: skip
         except OSError as exc:
             fail(f"cannot listen on {address}:{port}: {exc.strerror or exc}", EXIT_USAGE)
         click.echo(f"pixelmill dashboard: {server.url}", err=True)
+        # The server has a thread of its own; the main thread only waits. A stop signal then
+        # raises here, never inside one of the server's callbacks (where its event loop would
+        # log it and carry on serving).
         try:
             with stop_signals_raise():
-                server.serve_forever()
+                server.start()
+                while server.serving():
+                    time.sleep(0.5)
         except (Stopped, KeyboardInterrupt):
             pass
         finally:

@@ -55,6 +55,10 @@ STATE_SCAN = 500  # filtering by state looks among this many of the newest batch
 THROUGHPUT_SECONDS = 5.0  # a running batch's throughput chart is read again after this long
 
 
+# The JSON keys whose values are free text that may quote a setting (an error message).
+FREE_TEXT = frozenset({"error", "reason", "message", "errors"})
+
+
 class Reader:
     """The dashboard's reads and actions on one database, broker and object store."""
 
@@ -82,9 +86,23 @@ class Reader:
     def close(self) -> None:
         self.client.close()
 
+    def mask_data(self, data: Any, key: str | None = None) -> Any:
+        """``data`` (what a JSON response holds) with secrets masked, the last step before it
+        is sent: any URL's password everywhere, and in free text (errors and failure reasons,
+        where a service's message may quote its settings) every password of the configured
+        URLs and the S3 secret too. Data is never masked for merely containing a secret's
+        text: a password that is also a word (a queue name, a task) leaves it intact."""
+        if isinstance(data, dict):
+            return {k: self.mask_data(v, k) for k, v in data.items()}
+        if isinstance(data, list):
+            return [self.mask_data(v, key) for v in data]
+        if isinstance(data, str):
+            return self.mask(data) if key in FREE_TEXT else mask_secrets(data)
+        return data
+
     def mask(self, text: str) -> str:
-        """``text`` with every password of the configured URLs, the S3 secret and any URL's
-        password masked: the last step before anything is sent."""
+        """``text`` (an error, a log line) with every password of the configured URLs, the S3
+        secret and any URL's password masked."""
         text = mask_secrets(
             text, self.settings.resolved_database_url(), self.settings.resolved_broker_url()
         )
@@ -198,7 +216,7 @@ class Reader:
 
     # ---- control -----------------------------------------------------------------------------
 
-    def act(self, batch_id: str, action: str, priority: str | None = None) -> dict[str, Any]:
+    def act(self, batch_id: str, action: str, priority: Any = None) -> dict[str, Any]:
         """Pause, resume, cancel, retry (the failed jobs) or reprioritise the batch, through
         the same ``Client`` methods as the command line."""
         client = self.client
@@ -214,7 +232,7 @@ class Reader:
         elif action == "retry":
             result["retried"] = client.retry(batch_id)
         elif action == "priority":
-            if priority not in PRIORITIES:
+            if not isinstance(priority, str) or priority not in PRIORITIES:
                 raise InputError(f"priority must be one of high, normal, low, not {priority!r}")
             result["priority"] = priority
             result["requeued"] = client.set_priority(batch_id, priority)

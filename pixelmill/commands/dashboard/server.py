@@ -88,6 +88,12 @@ class Base(tornado.web.RequestHandler):
     def prepare(self) -> None:
         check_access(self)
 
+    def check_xsrf_cookie(self) -> None:
+        """Credentials first (401), then the XSRF token (403): tornado checks the token
+        before ``prepare``."""
+        check_access(self)
+        super().check_xsrf_cookie()
+
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the thread pool."""
         executor = self.application.settings["executor"]
@@ -95,10 +101,10 @@ class Base(tornado.web.RequestHandler):
 
     def send_json(self, data: Any) -> None:
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(self.reader.mask(json.dumps(data, ensure_ascii=False)))
+        self.finish(json.dumps(self.reader.mask_data(data), ensure_ascii=False))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
-        self.finish(self.reader.mask(error_body(self, status_code, **kwargs)))
+        self.finish(error_body(self, status_code, mask=self.reader.mask, **kwargs))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, tornado.web.HTTPError):
@@ -143,9 +149,14 @@ def check_access(handler: tornado.web.RequestHandler) -> None:
     raise tornado.web.HTTPError(401, "%s", "authentication required")
 
 
-def error_body(handler: tornado.web.RequestHandler, status_code: int, **kwargs: Any) -> str:
-    """The JSON of an error response (and the basic-auth challenge for a 401: ``send_error``
-    cleared every header set before)."""
+def error_body(
+    handler: tornado.web.RequestHandler,
+    status_code: int,
+    mask: Callable[[str], str] = lambda text: text,
+    **kwargs: Any,
+) -> str:
+    """The JSON of an error response, its message ``mask``ed (and the basic-auth challenge for
+    a 401: ``send_error`` cleared every header set before)."""
     if status_code == 401:
         handler.set_header("WWW-Authenticate", 'Basic realm="pixelmill", charset="UTF-8"')
     exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -154,7 +165,7 @@ def error_body(handler: tornado.web.RequestHandler, status_code: int, **kwargs: 
     else:
         message = handler._reason
     handler.set_header("Content-Type", "application/json; charset=utf-8")
-    return json.dumps({"error": message, "status": status_code})
+    return json.dumps({"error": mask(str(message)), "status": status_code})
 
 
 class Page(Base):
@@ -271,7 +282,7 @@ class Metrics(Base):
             exposition, reader.settings, reader.client.sessions, reader.client.app
         )
         self.set_header("Content-Type", content_type)
-        self.finish(reader.mask(body.decode()).encode())
+        self.finish(body)  # names and labels only: no text a secret could be in
 
 
 def _int(text: str, default: int, low: int, high: int) -> int:
@@ -379,9 +390,9 @@ class Dashboard:
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    def serve_forever(self) -> None:
-        """Serve on the calling thread until ``stop`` (from a signal handler or a thread)."""
-        self._serve()
+    def serving(self) -> bool:
+        """Whether the server's thread still runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         loop = self._loop
