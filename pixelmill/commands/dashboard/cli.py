@@ -65,7 +65,7 @@ def dashboard(port: int, address: str) -> None:  # fmt: skip
 
     Credentials come from PIXELMILL_DASHBOARD_BASIC_AUTH=user:password (several separated by
     commas), never the command line: then every route asks for them (HTTP basic auth). Without
-    them the dashboard listens on loopback only. Stops on Ctrl-C or SIGTERM (exit 0).
+    them the dashboard listens on loopback only. Stops on Ctrl-C, SIGTERM or SIGHUP (exit 0).
     """
     from pixelmill.commands.dashboard.server import Dashboard
     from pixelmill.worker.local import embedded_broker
