@@ -4,12 +4,13 @@ read by the dashboard's fleet view and the metrics (heartbeat age, device memory
 from __future__ import annotations
 
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import cast
 
 from sqlalchemy import Table, delete, select
 from sqlalchemy.orm import Session
 
+from pixelmill.db.reads import as_utc
 from pixelmill.db.records import WorkerReport
 from pixelmill.db.schema import Worker, utcnow
 from pixelmill.db.upsert import upsert
@@ -49,8 +50,8 @@ def list_workers(session: Session, *, seen_within: float = 86400) -> list[Worker
             memory_used=w.memory_used,
             memory_total=w.memory_total,
             utilization=w.utilization,
-            started_at=_utc(w.started_at),
-            heartbeat_at=_utc(w.heartbeat_at),
+            started_at=as_utc(w.started_at),
+            heartbeat_at=as_utc(w.heartbeat_at),
         )  # fmt: skip
         for w in rows
     ]
@@ -62,9 +63,3 @@ def forget_workers(session: Session, *, older_than: float = 7 * 86400) -> int:
         delete(Worker).where(Worker.heartbeat_at < utcnow() - timedelta(seconds=older_than))
     )
     return int(getattr(result, "rowcount", 0) or 0)
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value

@@ -85,7 +85,7 @@ def batch_counts(session: Session, batch_id: str) -> BatchCounts:
             Job.batch_id == batch_id, Job.reused_from.is_(None)
         )
     ).one()
-    counts.started_at, counts.last_finished_at = _utc(started), _utc(last)
+    counts.started_at, counts.last_finished_at = as_utc(started), as_utc(last)
     return counts
 
 
@@ -107,13 +107,13 @@ def recent_batches(session: Session, limit: int = 20) -> list[BatchCounts]:
 
 def _counts(batch: Batch) -> BatchCounts:
     return BatchCounts(batch_id=batch.id, task=batch.task, model=batch.model, name=batch.name,
-                       total=batch.total, created_at=_utc(batch.created_at),
+                       total=batch.total, created_at=as_utc(batch.created_at),
                        plan=batch.plan, priority=batch.priority or "normal",
                        paused=batch.paused_at is not None,
                        cancelled=batch.cancelled_at is not None)  # fmt: skip
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
     """SQLite keeps no zone; what pixelmill writes there is UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -122,7 +122,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def last_finished_at(session: Session, batch_id: str) -> datetime | None:
     """When the batch's last job finished (UTC), as the workers recorded it."""
-    return _utc(session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
+    return as_utc(session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
 
 
 def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tuple[str, int]]:
@@ -262,7 +262,7 @@ def _job_result(r: Row[Any]) -> JobResult:
         content_sha256=r.content_sha256,
         reused_from=r.reused_from,
         model_revision=r.model_revision if found else None,
-        finished_at=_utc(r.finished_at),
+        finished_at=as_utc(r.finished_at),
         batch_id=r.batch_id,
     )
 
@@ -347,7 +347,7 @@ def batch_times(
         .where(Job.batch_id.in_(batch_ids), Job.reused_from.is_(None))
         .group_by(Job.batch_id)
     )
-    return {batch_id: (_utc(started), _utc(last)) for batch_id, started, last in rows}
+    return {batch_id: (as_utc(started), as_utc(last)) for batch_id, started, last in rows}
 
 
 def finished_per_minute(session: Session, batch_id: str) -> list[tuple[int, int]]:
