@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 
 from pixelmill.db.content import FILES, index_results
 from pixelmill.db.control import CANCELLED
+from pixelmill.db.embeddings import EmbeddingRow, write_embeddings
 from pixelmill.db.metrics import Total, add_totals, count_outcomes
 from pixelmill.db.reads import get_batch
 from pixelmill.db.records import (
@@ -321,6 +322,14 @@ def write_outcomes(
             index_results(conn, ids, revision)
     artifacts = [_artifact_row(o, a, now) for o in results for a in o.artifacts]
     upsert(conn, ARTIFACTS, artifacts, key=["key"], keep=["created_at"])
+    write_embeddings(
+        conn,
+        [
+            EmbeddingRow(o.job_id, o.model, o.model_revision or "", o.embedding)
+            for o in results
+            if o.embedding is not None
+        ],
+    )
 
 
 def _kind(o: Outcome) -> str:

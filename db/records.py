@@ -94,6 +94,8 @@ class Outcome:
     device: str = "cpu"
     artifacts: tuple[ArtifactRecord, ...] = ()
     content: ContentSeen | None = None
+    # An embed job's image embedding: float32 little-endian bytes (``db.embeddings.to_bytes``).
+    embedding: bytes | None = None
 
 
 @dataclass(frozen=True)

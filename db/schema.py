@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -146,6 +147,23 @@ class Result(Base):
     model: Mapped[str] = mapped_column(String(500))
     model_revision: Mapped[str | None] = mapped_column(String(100))
     device: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Embedding(Base):
+    """One job's image embedding (task ``embed``): L2-normalised float32, little-endian, as
+    bytes (``dim`` x 4 of them), with the model and revision that made it. Keyed by job id and
+    written by upsert with the job's result. On PostgreSQL with pgvector, migration 0008 adds a
+    ``vec vector`` column beside it (``pixelmill.db.embeddings``) that search orders by."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (Index("ix_embeddings_model", "model", "model_revision", "dim"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    model: Mapped[str] = mapped_column(String(500))
+    model_revision: Mapped[str] = mapped_column(String(100))
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -27,6 +27,8 @@ KINDS = {
     "classify": "an image-classification model",
     "caption": "an image-to-text (caption) model",
     "generate": "a diffusers text-to-image pipeline",
+    "classify:labels": "a CLIP-style dual encoder (image and text towers)",
+    "embed": "a CLIP-style dual encoder (image and text towers)",
 }
 
 

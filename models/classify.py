@@ -173,14 +173,25 @@ class HFClassifier(Classifier):
         self.processor: Any = None
 
     def _load(self, device: str) -> None:
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+        from pixelmill.catalog import DUAL_ENCODER_TYPES
 
         try:
             remote = self.loading.trust_remote_code
+            config = AutoConfig.from_pretrained(self.name, trust_remote_code=remote)
+            if getattr(config, "model_type", None) in DUAL_ENCODER_TYPES:
+                raise ModelUnavailable(
+                    f"model {self.name!r} is a CLIP-style dual encoder: it classifies against "
+                    'labels you give (--labels "a cat,a dog"), or embeds images '
+                    "(pixelmill run embed); it has no classes of its own"
+                )
             processor = AutoImageProcessor.from_pretrained(self.name, trust_remote_code=remote)  # type: ignore[no-untyped-call]
             model = AutoModelForImageClassification.from_pretrained(
                 self.name, trust_remote_code=remote
             )
+        except ModelUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             raise load_failure(self.name, "an image-classification model", exc) from None
         id2label = model.config.id2label or {}

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pixelmill.catalog import TASKS
+from pixelmill.catalog import TASKS, TaskOptions
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.caption import Captioner
@@ -19,6 +19,14 @@ from pixelmill.models.classify import (
     HFClassifier,
     RandomViTB16,
 )
+from pixelmill.models.clip import (
+    RANDOM_CLIP_B32,
+    ImageEmbedder,
+    RandomCLIPClassifier,
+    RandomCLIPEmbedder,
+    ZeroShotClassifier,
+    not_dual_encoder,
+)
 from pixelmill.models.generate import ImageGenerator
 from pixelmill.models.null import NULL_MODEL, NullRunner
 from pixelmill.models.random_weights import (
@@ -28,23 +36,40 @@ from pixelmill.models.random_weights import (
     RandomSDTurbo,
 )
 
+# The runner kind of a classify batch with labels (zero-shot): a model cache key of its own,
+# since one model name loads as another kind of runner (a CLIP-style dual encoder).
+ZERO_SHOT = "classify:labels"
 BUILTIN: dict[tuple[str, str], type[Runner[Any]]] = {
     ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
     ("classify", RANDOM_VIT_B16): RandomViTB16,
+    (ZERO_SHOT, RANDOM_CLIP_B32): RandomCLIPClassifier,
+    ("embed", RANDOM_CLIP_B32): RandomCLIPEmbedder,
     ("caption", RANDOM_BLIP_BASE): RandomBlipBase,
     ("generate", RANDOM_SD_TURBO): RandomSDTurbo,
 }
-# What a hub id or a local folder is loaded as, per task.
+# What a hub id or a local folder is loaded as, per runner kind.
 PRETRAINED: dict[str, type[Runner[Any]]] = {
     "classify": HFClassifier,
+    ZERO_SHOT: ZeroShotClassifier,
     "caption": Captioner,
     "generate": ImageGenerator,
+    "embed": ImageEmbedder,
 }
+BUILTIN_NAMES = frozenset(name for _, name in BUILTIN)
+
+
+def runner_kind(task: str, options: TaskOptions) -> str:
+    """What a batch's jobs are run by: the task, or ``ZERO_SHOT`` for classify with labels."""
+    if task == "classify" and getattr(options, "labels", None) is not None:
+        return ZERO_SHOT
+    return task
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
 def check_task(task: str) -> str:
-    if task not in TASKS:
+    if task not in TASKS and task != ZERO_SHOT:
         raise ModelUnavailable(f"unknown task {task!r}; available: {', '.join(TASKS)}")
     return task
 
@@ -88,7 +113,7 @@ def create_runner(
     if name == NULL_MODEL:
         return NullRunner(loading=loading, task=task)
     cls, path = _resolve(task, name)
-    if issubclass(cls, Classifier):
+    if issubclass(cls, (Classifier, ZeroShotClassifier)):
         return cls(path, loading, top_k=top_k)
     return cls(path, loading)
 
@@ -98,6 +123,8 @@ def _resolve(task: str, name: str) -> tuple[type[Runner[Any]], str]:
     builtin = BUILTIN.get((task, name))
     if builtin is not None:
         return builtin, name
+    if task in (ZERO_SHOT, "embed") and name in BUILTIN_NAMES:
+        raise not_dual_encoder(name, "built-in")
     pretrained = PRETRAINED[task]
     folder = local_folder(name)
     if folder is not None:

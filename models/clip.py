@@ -1,0 +1,295 @@
+"""CLIP-style dual encoders (CLIP, SigLIP, ...: any model ``transformers``' ``AutoModel`` loads
+with ``get_image_features`` and ``get_text_features``): zero-shot classify against labels in
+the user's words, and image embeddings (task ``embed``) for search and relabelling.
+
+- Zero-shot: each label is put in every template; the texts are embedded once per runner and
+  label set (an LRU of ``LABEL_SETS``), the templates' unit embeddings averaged and
+  re-normalised per label (CLIP's prompt ensembling; one template: exactly the label's own
+  embedding). Scores are what transformers' ``zero-shot-image-classification`` pipeline gives:
+  ``exp(logit_scale) * cos`` (``+ logit_bias``), softmax over the labels, or for SigLIP an
+  independent sigmoid per label.
+- Embed: the image tower's projected, L2-normalised features, one float32 vector per image,
+  returned under ``EMBEDDING`` (the worker stores it in the database, not in the result JSON).
+- ``clip_vit_b32_random``: CLIP ViT-B/32 with random weights (224 px, 512-d), built in memory,
+  for throughput where the real weights cannot be downloaded. Its outputs mean nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Generic, cast
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pixelmill.catalog import (
+    DUAL_ENCODER_TYPES,
+    SIGMOID_TYPES,
+    ClassifyOptions,
+    EmbedOptions,
+    label_texts,
+)
+from pixelmill.errors import ModelUnavailable
+from pixelmill.models.base import LoadOptions, OptionsT, Runner
+from pixelmill.models.classify import DEFAULT_TOP_K
+from pixelmill.models.device import autocast, resolve_precision
+from pixelmill.models.loading import load_failure, revision_of
+
+EMBEDDING = "embedding"
+RANDOM_CLIP_B32 = "clip_vit_b32_random"
+KIND = "a CLIP-style dual encoder (image and text towers)"
+# Label sets whose text embeddings a runner keeps (a nightly job uses one or two).
+LABEL_SETS = 16
+# Texts per text-tower forward pass (thousands of labels x templates).
+TEXT_BATCH = 256
+
+
+def not_dual_encoder(name: str, model_type: str) -> ModelUnavailable:
+    return ModelUnavailable(
+        f"model {name!r} (model type {model_type or 'unknown'!r}) is not a CLIP-style dual "
+        "encoder with image and text towers: zero-shot labels, embed and search need one, e.g. "
+        "openai/clip-vit-base-patch32 or google/siglip-base-patch16-224 (a hub id or a folder)"
+    )
+
+
+def _features(out: Any) -> torch.Tensor:
+    """``get_*_features``' projected features: a tensor (transformers 4) or the output's
+    ``pooler_output`` (transformers 5)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if isinstance(pooled, torch.Tensor):
+        return pooled
+    return cast(torch.Tensor, out[0])
+
+
+class DualEncoderRunner(Runner[OptionsT], Generic[OptionsT]):
+    """Loading, preprocessing and both towers, shared by the zero-shot classifier and the
+    embedder."""
+
+    def __init__(self, name: str, loading: LoadOptions | None = None) -> None:
+        super().__init__(name, loading)
+        self.model: Any = None
+        self.image_processor: Any = None
+        self.tokenizer: Any = None
+        self.model_type = ""
+        self.sigmoid = False
+        self._min_side: int | None = None
+        self._texts_lock = threading.Lock()
+
+    # ---- loading ----
+    def _load(self, device: str) -> None:
+        from transformers import AutoConfig, AutoModel
+
+        remote = self.loading.trust_remote_code
+        try:
+            config = AutoConfig.from_pretrained(self.name, trust_remote_code=remote)
+        except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
+            raise load_failure(self.name, KIND, exc) from None
+        model_type = str(getattr(config, "model_type", "") or "")
+        if model_type not in DUAL_ENCODER_TYPES:
+            raise not_dual_encoder(self.name, model_type)
+        try:
+            model = AutoModel.from_pretrained(self.name, trust_remote_code=remote)
+            image_processor, tokenizer = self._processors(remote)
+        except Exception as exc:  # noqa: BLE001
+            raise load_failure(self.name, KIND, exc) from None
+        self._set(model, image_processor, tokenizer, revision_of(model.config, self.name), device)
+
+    def _processors(self, remote: bool) -> tuple[Any, Any]:
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        processor = AutoProcessor.from_pretrained(self.name, trust_remote_code=remote)  # type: ignore[no-untyped-call]
+        image_processor = getattr(processor, "image_processor", None)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if image_processor is None:
+            image_processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
+                self.name, trust_remote_code=remote
+            )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(self.name, trust_remote_code=remote)
+        return image_processor, tokenizer
+
+    def _set(
+        self, model: Any, image_processor: Any, tokenizer: Any, revision: str | None, device: str
+    ) -> None:
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise not_dual_encoder(self.name, str(getattr(model.config, "model_type", "")))
+        self.model_type = str(model.config.model_type)
+        self.sigmoid = self.model_type in SIGMOID_TYPES
+        self.precision = resolve_precision(device, self.loading.precision)
+        model = model.eval().to(device)
+        if self.loading.compile:
+            model.vision_model = torch.compile(model.vision_model)
+        self.model = model
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.revision = revision
+        self._min_side = _shorter_side(image_processor)
+
+    # ---- images ----
+    @property
+    def min_side(self) -> int | None:
+        return self._min_side
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        out = self.image_processor(images=image, return_tensors="pt")
+        return cast(torch.Tensor, out["pixel_values"][0])
+
+    def collate(self, items: list[Any]) -> torch.Tensor:
+        batch = torch.stack(items)
+        assert self.device is not None
+        if self.device.startswith("cuda"):
+            batch = batch.pin_memory()
+        return batch.to(self.device, non_blocking=True)
+
+    def image_features(self, batch: torch.Tensor) -> torch.Tensor:
+        """Unit-length float32 image embeddings, one row per image."""
+        with torch.inference_mode(), autocast(self.device or "cpu", self.precision):
+            feats = _features(self.model.get_image_features(pixel_values=batch))
+        feats = feats.float()
+        return cast(torch.Tensor, feats / feats.norm(p=2, dim=-1, keepdim=True))
+
+    # ---- texts ----
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """Unit-length float32 text embeddings, one row per text (tokenised as transformers'
+        zero-shot pipeline does: SigLIP padded to 64 tokens)."""
+        if self.model is None:
+            raise RuntimeError(f"model {self.name} used before load()")
+        kwargs: dict[str, Any] = {"padding": True, "truncation": True}
+        if "siglip" in self.model_type:
+            kwargs.update(padding="max_length", max_length=64)
+        rows = []
+        with torch.inference_mode(), autocast(self.device or "cpu", self.precision):
+            for start in range(0, len(texts), TEXT_BATCH):
+                tokens = self.tokenizer(
+                    texts[start : start + TEXT_BATCH], return_tensors="pt", **kwargs
+                ).to(self.device)
+                rows.append(_features(self.model.get_text_features(**tokens)).float())
+        feats = torch.cat(rows)
+        return cast(torch.Tensor, feats / feats.norm(p=2, dim=-1, keepdim=True))
+
+    def scale_bias(self) -> tuple[float, float]:
+        """``exp(logit_scale)`` and ``logit_bias`` (0 where the model has none)."""
+        scale = float(self.model.logit_scale.detach().float().exp())
+        bias = getattr(self.model, "logit_bias", None)
+        return scale, float(bias.detach().float()) if bias is not None else 0.0
+
+
+class ZeroShotClassifier(DualEncoderRunner[ClassifyOptions]):
+    """classify with ``labels``: top-k over the user's labels."""
+
+    task = "classify"
+
+    def __init__(
+        self, name: str, loading: LoadOptions | None = None, *, top_k: int = DEFAULT_TOP_K
+    ) -> None:
+        super().__init__(name, loading)
+        self.top_k = top_k
+        self._label_sets: OrderedDict[tuple[tuple[str, ...], tuple[str, ...]], torch.Tensor] = (
+            OrderedDict()
+        )
+        self.text_encodings = 0  # label sets embedded (each once per runner)
+
+    def label_matrix(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
+        """One unit-length row per label: its templates' embeddings averaged, re-normalised;
+        computed once per label set and kept."""
+        key = (labels, templates)
+        with self._texts_lock:
+            cached = self._label_sets.get(key)
+            if cached is not None:
+                self._label_sets.move_to_end(key)
+                return cached
+            feats = self.text_features(label_texts(labels, templates))
+            feats = feats.view(len(labels), len(templates), -1).mean(dim=1)
+            matrix = feats / feats.norm(p=2, dim=-1, keepdim=True)
+            self._label_sets[key] = matrix
+            self.text_encodings += 1
+            while len(self._label_sets) > LABEL_SETS:
+                self._label_sets.popitem(last=False)
+            return cast(torch.Tensor, matrix)
+
+    def scores(self, image_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per image, a score per label: softmax over the labels, or SigLIP's sigmoids."""
+        scale, bias = self.scale_bias()
+        logits = image_feats @ labels.to(image_feats.device).T * scale + bias
+        return logits.sigmoid() if self.sigmoid else logits.softmax(dim=-1)
+
+    def forward(self, batch: Any, options: ClassifyOptions) -> list[dict[str, Any]]:
+        if options.labels is None or options.templates is None:
+            raise ModelUnavailable(
+                f"model {self.name!r} is a CLIP-style dual encoder: it classifies against "
+                "labels you give (--labels)"
+            )
+        matrix = self.label_matrix(options.labels, options.templates)
+        return top_labels(self.scores(self.image_features(batch), matrix), options.labels,
+                          self.top_k)  # fmt: skip
+
+
+def top_labels(scores: torch.Tensor, labels: tuple[str, ...], top_k: int) -> list[dict[str, Any]]:
+    """Per row of ``scores``, ``{"labels": [{"label", "score"}...]}``: the top k, best first
+    (the same shape as every classifier's result)."""
+    k = min(top_k, scores.shape[-1])
+    values, indices = scores.float().topk(k, dim=-1)
+    return [
+        {
+            "labels": [
+                {"label": labels[i], "score": round(float(s), 6)}
+                for s, i in zip(row_scores, row_indices, strict=True)
+            ]
+        }
+        for row_scores, row_indices in zip(
+            values.cpu().tolist(), indices.cpu().tolist(), strict=True
+        )
+    ]
+
+
+class ImageEmbedder(DualEncoderRunner[EmbedOptions]):
+    """embed: one unit-length float32 vector per image, under ``EMBEDDING``."""
+
+    task = "embed"
+
+    def forward(self, batch: Any, options: EmbedOptions) -> list[dict[str, Any]]:
+        feats = self.image_features(batch).cpu().numpy().astype(np.float32)
+        return [{"dim": int(row.shape[0]), EMBEDDING: row} for row in feats]
+
+
+class _RandomCLIP:
+    """CLIP ViT-B/32 (``CLIPConfig()``'s defaults: ViT-B/32 at 224 px, a 12-layer text tower,
+    512-d projections) with seeded random weights, a small CLIP tokenizer and CLIP's image
+    processor."""
+
+    name: str
+    loading: LoadOptions
+
+    def _load(self, device: str) -> None:
+        from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+        from pixelmill.models.random_weights import clip_tokenizer
+
+        torch.manual_seed(0)
+        model = CLIPModel(CLIPConfig())
+        tokenizer = clip_tokenizer(["a", "photo", "of", "cat", "dog", "car", "receipt"], 77)
+        cast(Any, self)._set(model, CLIPImageProcessor(), tokenizer, "random", device)
+
+
+class RandomCLIPClassifier(_RandomCLIP, ZeroShotClassifier):
+    pass
+
+
+class RandomCLIPEmbedder(_RandomCLIP, ImageEmbedder):
+    pass
+
+
+def _shorter_side(image_processor: Any) -> int | None:
+    """The shorter side the processor resizes to (lets a large JPEG decode reduced)."""
+    size = getattr(image_processor, "size", None) or {}
+    if not isinstance(size, dict):
+        size = dict(size) if hasattr(size, "keys") else {}
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"])
+    if "height" in size and "width" in size:
+        return int(min(size["height"], size["width"]))
+    return None
