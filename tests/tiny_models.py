@@ -233,3 +233,64 @@ def build_tiny_stable_diffusion(folder: Path) -> Path:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+# Words the tiny CLIP-style tokenizers know: enough for labels, templates and search queries.
+CLIP_WORDS = [*TINY_WORDS, "this", "is", "receipt", "parcel", "damaged", "product", "night"]
+
+
+def _dual_text_config(tokenizer: object, max_positions: int) -> dict[str, object]:
+    tok = tokenizer  # a CLIPTokenizer
+    return {
+        "vocab_size": len(tok),  # type: ignore[arg-type]
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": max_positions,
+        "bos_token_id": tok.bos_token_id,  # type: ignore[attr-defined]
+        "eos_token_id": tok.eos_token_id,  # type: ignore[attr-defined]
+        "pad_token_id": tok.pad_token_id,  # type: ignore[attr-defined]
+    }
+
+
+_DUAL_VISION = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+
+
+def build_tiny_clip(folder: Path, *, seed: int = 0) -> Path:
+    """Tiny CLIP (32 px, 16-d projections) with a CLIP tokenizer over ``CLIP_WORDS``: loads with
+    ``AutoModel`` + ``AutoProcessor`` and with transformers' zero-shot pipeline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer(CLIP_WORDS, max_length=32)
+    config = CLIPConfig(
+        text_config=_dual_text_config(tokenizer, 32), vision_config=_DUAL_VISION, projection_dim=16
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def build_tiny_siglip(folder: Path, *, seed: int = 0) -> Path:
+    """Tiny SigLIP (sigmoid scores, a logit bias; texts padded to 64 tokens as the pipeline
+    pads them). Its tokenizer is a CLIP tokenizer (SigLIP's own needs a SentencePiece model
+    that cannot be built here); the processor loads it through ``AutoTokenizer``."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    tokenizer = clip_tokenizer(CLIP_WORDS, max_length=64)
+    text = _dual_text_config(tokenizer, 64)
+    text.pop("bos_token_id")
+    config = SiglipConfig(text_config=text, vision_config=_DUAL_VISION)
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    with torch.no_grad():  # a visible bias, so a test can tell sigmoid(x + b) from sigmoid(x)
+        model.logit_bias.fill_(-1.5)
+    model.save_pretrained(folder)
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    SiglipProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
