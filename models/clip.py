@@ -172,8 +172,13 @@ class DualEncoderRunner(Runner[OptionsT], Generic[OptionsT]):
         return cast(torch.Tensor, feats / feats.norm(p=2, dim=-1, keepdim=True))
 
     def scale_bias(self) -> tuple[float, float]:
-        """``exp(logit_scale)`` and ``logit_bias`` (0 where the model has none)."""
-        scale = float(self.model.logit_scale.detach().float().exp())
+        """What the cosine is multiplied by, ``exp(logit_scale)`` (ALIGN has none: it divides
+        by a ``temperature``), and ``logit_bias`` (0 where the model has none)."""
+        logit_scale = getattr(self.model, "logit_scale", None)
+        if logit_scale is not None:
+            scale = float(logit_scale.detach().float().exp())
+        else:
+            scale = 1.0 / float(self.model.temperature.detach().float())
         bias = getattr(self.model, "logit_bias", None)
         return scale, float(bias.detach().float()) if bias is not None else 0.0
 
@@ -284,12 +289,13 @@ class RandomCLIPEmbedder(_RandomCLIP, ImageEmbedder):
 
 
 def _shorter_side(image_processor: Any) -> int | None:
-    """The shorter side the processor resizes to (lets a large JPEG decode reduced)."""
-    size = getattr(image_processor, "size", None) or {}
-    if not isinstance(size, dict):
-        size = dict(size) if hasattr(size, "keys") else {}
-    if "shortest_edge" in size:
-        return int(size["shortest_edge"])
-    if "height" in size and "width" in size:
-        return int(min(size["height"], size["width"]))
+    """The shorter side the processor resizes to (lets a large image decode reduced). ``size``
+    is a dict in transformers 4 and a ``SizeDict`` (``.get``, not a ``dict``) in 5."""
+    get = getattr(getattr(image_processor, "size", None), "get", None)
+    if get is None:
+        return None
+    if get("shortest_edge"):
+        return int(get("shortest_edge"))
+    if get("height") and get("width"):
+        return int(min(get("height"), get("width")))
     return None
