@@ -69,12 +69,16 @@ class ClassifyOptions(TaskOptions):
     def _check(self) -> ClassifyOptions:
         if self.labels is None:
             if self.templates is not None:
-                raise ValueError("a template applies to zero-shot labels only (give --labels)")
+                raise ValueError("--template applies to zero-shot labels only (give --labels)")
             return self
-        if not self.labels:
-            raise ValueError("the label list is empty")
-        labels = check_labels(self.labels)
-        templates = check_templates(self.templates or (DEFAULT_TEMPLATE,))
+        try:
+            labels = check_labels(self.labels)
+        except ValueError as exc:
+            raise ValueError(f"--labels: {exc}") from None
+        try:
+            templates = check_templates(self.templates or (DEFAULT_TEMPLATE,))
+        except ValueError as exc:
+            raise ValueError(f"--template: {exc}") from None
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "templates", templates)
         return self
@@ -204,7 +208,8 @@ def task_options(task: str, options: dict[str, Any] | None, model: str) -> TaskO
         opts = OPTIONS[task].model_validate(options or {})
     except ValidationError as exc:
         problems = "; ".join(
-            f"{_flag(e['loc'])}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            (f"{_flag(e['loc'])}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
         )
         raise BadInput(f"invalid {task} options: {problems}") from None
     if isinstance(opts, GenerateOptions):

@@ -6,6 +6,7 @@ a hub model the commit its cache resolves to, so both sides agree."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from datetime import UTC, datetime
@@ -87,3 +88,50 @@ def local_revision(name: str) -> tuple[str, datetime | None] | None:
         except OSError:
             return None
     return hub_cache_revision(name)
+
+
+# Built-in model names (``pixelmill.models.registry``), and which are CLIP-style dual encoders:
+# known here without importing torch.
+BUILTIN_DUAL_ENCODERS = frozenset({"clip_vit_b32_random"})
+BUILTIN_OTHERS = frozenset(
+    {"efficientnet_lite0", "vit_b16_random", "blip_base_random", "sd_turbo_random"}
+)
+
+
+def model_config(name: str) -> dict[str, object] | None:
+    """A folder's (or a hub id's cached snapshot's) ``config.json``, without loading the
+    model; None when there is none here or it cannot be read."""
+    folder = model_folder(name)
+    if folder is None:
+        cached = hub_cache_revision(name)
+        if cached is None:
+            return None
+        from huggingface_hub import constants
+
+        folder = (
+            Path(constants.HF_HUB_CACHE)
+            / f"models--{name.replace('/', '--')}"
+            / "snapshots"
+            / cached[0]
+        )
+    try:
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def dual_encoder(name: str) -> bool | None:
+    """Whether ``name`` is a CLIP-style dual encoder (zero-shot labels, embed, search), when
+    this host can tell without loading it: a built-in name, or a ``config.json`` in a folder or
+    in the hub cache (its ``model_type``). None: unknown (the worker finds out)."""
+    from pixelmill.catalog import DUAL_ENCODER_TYPES
+
+    if name in BUILTIN_DUAL_ENCODERS:
+        return True
+    if name in BUILTIN_OTHERS:
+        return False
+    config = model_config(name)
+    if config is None:
+        return None
+    return config.get("model_type") in DUAL_ENCODER_TYPES

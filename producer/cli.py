@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from pixelmill.catalog import TASKS, parse_size
+from pixelmill.catalog import DEFAULT_TEMPLATE, DEFAULT_ZERO_SHOT_MODEL, TASKS, parse_size
 from pixelmill.clitools import (
     EXIT_CANCELLED,
     EXIT_JOBS_FAILED,
@@ -28,7 +28,7 @@ from pixelmill.db.engine import database_errors
 from pixelmill.db.records import BatchCounts, JobResult
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client, Submission
-from pixelmill.producer.inputs import read_prompts_file
+from pixelmill.producer.inputs import read_labels_file, read_prompts_file, split_labels
 from pixelmill.producer.output import (
     STATES,
     batches_table,
@@ -97,6 +97,16 @@ PLAN = click.option(
 
 
 TASK_OPTIONS = (
+    click.option("--labels", "labels_text", default=None, metavar="TEXT", help="classify: "
+                 "zero-shot labels in your own words, comma-separated (\"a cat,a dog,a "
+                 "receipt\"), scored by a CLIP-style model (default "
+                 f"{DEFAULT_ZERO_SHOT_MODEL})."),
+    click.option("--labels-file", default=None, type=click.Path(dir_okay=False),
+                 help="classify: zero-shot labels, one per line (blank lines and # comments "
+                 "skipped); with --labels, those come first."),
+    click.option("--template", "templates", multiple=True, metavar="TEXT", help="classify "
+                 "--labels: the sentence each label goes into, with {} for the label (default "
+                 f"\"{DEFAULT_TEMPLATE}\"); repeat to average several."),
     click.option("--max-new-tokens", type=int, default=None, help="caption: longest caption "
                  "in tokens (default 30)."),
     click.option("--num-beams", type=int, default=None, help="caption: beam search width "
@@ -137,6 +147,14 @@ def submit_options(command: Callable[..., None]) -> Callable[..., None]:
 def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``Client.submit`` for what was typed; InputError on misuse."""
     priority = given.pop("priority", "normal")
+    labels = zero_shot_labels(task, given.pop("labels_text"), given.pop("labels_file"))
+    templates = list(given.pop("templates"))
+    if templates and task != "classify":
+        raise InputError(f"--template is for classify --labels, not {task}")
+    if labels is not None:
+        given["labels"] = labels
+    if templates:
+        given["templates"] = templates
     prompts = list(given.pop("prompts"))
     prompts_file = given.pop("prompts_file")
     if prompts_file:
@@ -167,6 +185,18 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
         "seed": seed,
         "priority": priority,
     }
+
+
+def zero_shot_labels(task: str, text: str | None, path: str | None) -> list[str] | None:
+    """The labels of --labels and --labels-file (in that order), or None when neither."""
+    if text is None and path is None:
+        return None
+    if task != "classify":
+        raise InputError(f"--labels and --labels-file are for classify, not {task}")
+    labels = split_labels(text) if text is not None else []
+    if path is not None:
+        labels += read_labels_file(path)
+    return labels
 
 
 @click.command()

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pixelmill.catalog import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_MODELS,
+    DEFAULT_ZERO_SHOT_MODEL,
     TASKS,
     job_path,
     recipe,
@@ -56,6 +57,7 @@ from pixelmill.producer.contents import (
     upload_inputs,
 )
 from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
+from pixelmill.revisions import dual_encoder
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
 from pixelmill.wire import PRIORITIES, create_app, enqueue, message_size
 
@@ -218,6 +220,8 @@ class Client:
         force: bool = False,
         upload: bool = False,
         priority: str = "normal",
+        labels: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
     ) -> Submission:
         """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
         (one message per model batch).
@@ -249,9 +253,15 @@ class Client:
         ``priority`` (high, normal, low): workers take a higher priority batch's messages
         before any of a lower one's (``pause``, ``resume``, ``cancel`` and ``set_priority``
         act on a batch afterwards).
+
+        classify with ``labels`` (and ``templates``: sentences with ``{}``): zero-shot, scored
+        by a CLIP-style model (default ``openai/clip-vit-base-patch32``); the same as
+        ``options={"labels": ..., "templates": ...}``. ``embed``: one image embedding per
+        input, for ``search`` and ``relabel``.
         """
         if priority not in PRIORITIES:
             raise InputError(f"priority must be one of high, normal, low, not {priority!r}")
+        options = with_labels(options, labels, templates)
         prep = self._prepare(task, inputs, model, batch_size, options, prompts, count, seed)
         self.check_broker()
         with self._source_lock(prep.source):
@@ -333,10 +343,13 @@ class Client:
         model: str | None = None,
         options: dict[str, Any] | None = None,
         force: bool = False,
+        labels: Sequence[str] | None = None,
+        templates: Sequence[str] | None = None,
     ) -> Plan:
         """What ``submit`` would do with the same arguments, registering and enqueueing
-        nothing (no broker needed): each input new, changed, stale or reused. For classify
-        and caption (generate is never reused: every image is new)."""
+        nothing (no broker needed): each input new, changed, stale or reused. For classify,
+        caption and embed (generate is never reused: every image is new)."""
+        options = with_labels(options, labels, templates)
         prep = self._prepare(task, inputs, model, None, options, None, 1, None)
         revision = self._revision(prep)
         n = len(prep.plan.inputs)
@@ -370,7 +383,9 @@ class Client:
         the options validated, the recipe and the source key. BadInput on misuse."""
         if task not in TASKS:
             raise InputError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-        model = model or DEFAULT_MODELS[task]
+        zero_shot = task == "classify" and (options or {}).get("labels") is not None
+        model = model or (DEFAULT_ZERO_SHOT_MODEL if zero_shot else DEFAULT_MODELS[task])
+        check_model_kind(task, model, zero_shot)
         typed = [os.fspath(i) for i in inputs]
         remote = _LazyS3(self.settings)  # made on the first s3:// input (argument or stdin)
         listed: dict[str, RemoteObject] = {}
@@ -593,3 +608,41 @@ class Client:
             out.put(name, data, content_type=row.artifact.content_type)
             saved.append(out.root / name)
         return saved
+
+
+def with_labels(
+    options: dict[str, Any] | None,
+    labels: Sequence[str] | None,
+    templates: Sequence[str] | None,
+) -> dict[str, Any] | None:
+    """``options`` with ``labels`` and ``templates`` (keyword sugar) merged in; InputError if
+    both name the same option."""
+    extra = {k: list(v) for k, v in (("labels", labels), ("templates", templates)) if v is not None}
+    if not extra:
+        return options
+    twice = sorted(set(extra).intersection(options or {}))
+    if twice:
+        raise InputError(f"{twice[0]} given twice: as a keyword and in options")
+    return {**(options or {}), **extra}
+
+
+def check_model_kind(task: str, model: str, zero_shot: bool) -> None:
+    """Refuse at submit what a worker would refuse (when this host can tell without loading
+    the model): zero-shot labels or embed with a model that is not a CLIP-style dual encoder,
+    or a dual encoder classifying without labels."""
+    if model == "null":  # the null model runs every task
+        return
+    dual = dual_encoder(model)
+    if dual is None:
+        return
+    if (zero_shot or task == "embed") and not dual:
+        what = "--labels" if zero_shot else "embed"
+        raise InputError(
+            f"model {model!r} is not a CLIP-style dual encoder (image and text towers): {what} "
+            f"needs one, e.g. {DEFAULT_ZERO_SHOT_MODEL}"
+        )
+    if task == "classify" and not zero_shot and dual:
+        raise InputError(
+            f"model {model!r} is a CLIP-style dual encoder: give the labels to score with "
+            "--labels (it has no classes of its own)"
+        )

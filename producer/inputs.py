@@ -125,6 +125,26 @@ def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
+    """One label per line (UTF-8); blank lines and lines starting with ``#`` are skipped. A
+    file that cannot be read, or holds no label, raises InputError naming it."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise InputError(f"{path}: cannot read the labels file ({why})") from None
+    labels = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
+    if not labels:
+        raise InputError(f"{path}: the labels file holds no label (one per line)")
+    return labels
+
+
+def split_labels(text: str) -> list[str]:
+    """``--labels "a cat, a dog"`` -> ["a cat", "a dog"]; an empty list when nothing is there
+    (the options' validation says so)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def plan_jobs(
     task: str,
     paths: Sequence[str],

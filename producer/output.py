@@ -66,6 +66,8 @@ def summarize(result: dict[str, Any] | None) -> str:
         return " | ".join(f"{x['label']} ({x['score']:.2f})" for x in top)
     if "caption" in result:
         return str(result["caption"])
+    if set(result) == {"dim"}:  # embed: the vector is in the database (search, export)
+        return f"embedded ({result['dim']}-d)"
     return json.dumps(result, ensure_ascii=False)
 
 
