@@ -46,6 +46,13 @@ LABEL_SETS = 16
 TEXT_BATCH = 256
 
 
+def quiet_loading() -> None:
+    """No progress bars from transformers' loading on a person's terminal (search, relabel)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def not_dual_encoder(name: str, model_type: str) -> ModelUnavailable:
     return ModelUnavailable(
         f"model {name!r} (model type {model_type or 'unknown'!r}) is not a CLIP-style dual "
@@ -171,6 +178,16 @@ class DualEncoderRunner(Runner[OptionsT], Generic[OptionsT]):
         feats = torch.cat(rows)
         return cast(torch.Tensor, feats / feats.norm(p=2, dim=-1, keepdim=True))
 
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """``text_features`` as a float32 array (for callers that do not use torch)."""
+        return self.text_features(texts).cpu().numpy().astype(np.float32)
+
+    def embed_image(self, path: str) -> np.ndarray:
+        """One image file's unit-length embedding, as a float32 array; BadInput for a file
+        that cannot be read or decoded."""
+        item = self.prepare(path, {}, cast(Any, None))
+        return self.image_features(self.collate([item]))[0].cpu().numpy().astype(np.float32)
+
     def scale_bias(self) -> tuple[float, float]:
         """What the cosine is multiplied by, ``exp(logit_scale)`` (ALIGN has none: it divides
         by a ``temperature``), and ``logit_bias`` (0 where the model has none)."""
@@ -231,6 +248,17 @@ class ZeroShotClassifier(DualEncoderRunner[ClassifyOptions]):
         matrix = self.label_matrix(options.labels, options.templates)
         return top_labels(self.scores(self.image_features(batch), matrix), options.labels,
                           self.top_k)  # fmt: skip
+
+    def classify_vectors(
+        self, vectors: np.ndarray, options: ClassifyOptions, top_k: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Stored unit-length image embeddings (one row each) scored against the options'
+        labels: the results ``forward`` gives for the images themselves."""
+        if options.labels is None or options.templates is None:
+            raise ValueError("classify_vectors needs options with labels")
+        matrix = self.label_matrix(options.labels, options.templates)
+        feats = torch.from_numpy(np.array(vectors, dtype=np.float32))  # a copy: writable
+        return top_labels(self.scores(feats, matrix), options.labels, top_k or self.top_k)
 
 
 def top_labels(scores: torch.Tensor, labels: tuple[str, ...], top_k: int) -> list[dict[str, Any]]:

@@ -139,6 +139,10 @@ DUAL_ENCODER_TYPES = frozenset(
 SIGMOID_TYPES = frozenset({"siglip", "siglip2"})
 
 
+# The most hits one search returns.
+MAX_SEARCH_LIMIT = 1000
+
+
 class EmbedOptions(TaskOptions):
     pass
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -60,6 +60,9 @@ from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storabl
 from pixelmill.revisions import dual_encoder
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
 from pixelmill.wire import PRIORITIES, create_app, enqueue, message_size
+
+if TYPE_CHECKING:  # searching loads torch: imported when a search runs, never at submit
+    from pixelmill.producer.search import Relabelled, Searcher, SearchHit
 
 
 @dataclass(frozen=True)
@@ -184,12 +187,54 @@ class Client:
         self.engine = database.engine
         self.sessions: sessionmaker[Session] = database.sessions
         self._app: Any = None
+        self._search: Searcher | None = None
 
     @property
     def app(self) -> Any:
         if self._app is None:
             self._app = create_app(self.settings)
         return self._app
+
+    # ---- search and relabel ------------------------------------------------------------
+
+    def search(
+        self,
+        query: str | None = None,
+        *,
+        image: str | None = None,
+        model: str | None = None,
+        batch: str | None = None,
+        source: str | None = None,
+        limit: int = 20,
+    ) -> list[SearchHit]:
+        """The ``limit`` embedded images nearest the text ``query`` (or the image file
+        ``image``), best first, each input once: over ``batch``, inputs under ``source``, or
+        everything embedded with ``model`` (default: the batch's, or the only model there).
+        The query is embedded here, on the CPU (this loads torch and the model, once per
+        Client). InputError when nothing was embedded in scope with the model."""
+        return self._searcher().search(query, image=image, model=model, batch=batch,
+                                       source=source, limit=limit)  # fmt: skip
+
+    def relabel(
+        self,
+        batch: str,
+        labels: Sequence[str],
+        *,
+        templates: Sequence[str] | None = None,
+        top_k: int = 5,
+        name: str | None = None,
+    ) -> Relabelled:
+        """Score ``labels`` against embed batch ``batch``'s stored embeddings on the CPU (no
+        image read again) and record the result as a new classify batch (returned)."""
+        return self._searcher().relabel(batch, labels, templates=templates, top_k=top_k,
+                                        name=name)  # fmt: skip
+
+    def _searcher(self) -> Searcher:
+        if self._search is None:
+            from pixelmill.producer.search import Searcher
+
+            self._search = Searcher(self.sessions)
+        return self._search
 
     def close(self) -> None:
         if self._app is not None:

@@ -54,6 +54,7 @@ def _register() -> None:
     from pixelmill.commands.run import run
     from pixelmill.producer.cli import register as register_producer
     from pixelmill.producer.export_cli import export
+    from pixelmill.producer.search_cli import classify, search
     from pixelmill.worker.cli import register as register_worker
     from pixelmill.worker.deadletter_cli import dead_letters
 
@@ -64,6 +65,8 @@ def _register() -> None:
     cli.add_command(dashboard)
     cli.add_command(dead_letters)
     cli.add_command(export)
+    cli.add_command(search)
+    cli.add_command(classify)
 
 
 _register()
