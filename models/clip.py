@@ -50,7 +50,7 @@ def quiet_loading() -> None:
     """No progress bars from transformers' loading on a person's terminal (search, relabel)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def not_dual_encoder(name: str, model_type: str) -> ModelUnavailable:
