@@ -71,6 +71,7 @@ class Reader:
         self._thumbs: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._thumbs_lock = threading.Lock()
         self._cache_lock = threading.Lock()
+        self._search_lock = threading.Lock()
         self._batch_times: dict[str, tuple[Any, datetime | None, datetime | None]] = {}
         self._minutes: dict[str, tuple[Any, float, list[tuple[int, int]]]] = {}
         self._secrets = [
@@ -85,6 +86,15 @@ class Reader:
 
     def close(self) -> None:
         self.client.close()
+
+    def search(
+        self, query: str, batch: str | None = None, source: str | None = None, limit: int = 48
+    ) -> dict[str, Any]:
+        """The search box: embedded images nearest ``query`` (the model's text tower runs in
+        this process, loaded on the first search; one search at a time)."""
+        with self._search_lock:
+            hits = self.client.search(query, batch=batch, source=source, limit=limit)
+        return {"query": query, "hits": [h.to_json() for h in hits]}
 
     def mask_data(self, data: Any, key: str | None = None) -> Any:
         """``data`` (what a JSON response holds) with secrets masked, the last step before it

@@ -222,6 +222,15 @@ class Jobs(Base):
         self.send_json(await self.guarded(read))
 
 
+class Search(Base):
+    async def get(self) -> None:
+        query = self.get_query_argument("q", "")
+        batch = self.get_query_argument("batch", "") or None
+        source = self.get_query_argument("source", "") or None
+        limit = _int(self.get_query_argument("limit", "48"), 48, 1, 200)
+        self.send_json(await self.guarded(self.reader.search, query, batch, source, limit))
+
+
 class Act(Base):
     async def post(self, batch_id: str, action: str) -> None:
         if action not in ACTIONS:
@@ -304,6 +313,7 @@ def make_app(
         (r"/api/xsrf", Xsrf),
         (r"/api/fleet", Fleet),
         (r"/api/batches", Batches),
+        (r"/api/search", Search),
         (rf"/api/batches/{BATCH_ID}", BatchView),
         (rf"/api/batches/{BATCH_ID}/jobs", Jobs),
         (rf"/api/batches/{BATCH_ID}/export", Export),

@@ -296,6 +296,31 @@
     $("next").disabled = data.jobs.length < PAGE;
   }
 
+  // ---- search: the embedded images nearest a sentence, as a contact sheet ------------------
+
+  async function search(e) {
+    e.preventDefault();
+    const q = $("search-q").value.trim();
+    const source = $("search-source").value.trim();
+    if (!q) { $("search-status").textContent = "Type what you are looking for."; return; }
+    $("search-status").textContent = "Searching…";
+    const params = new URLSearchParams({ q: q, limit: "48" });
+    if (source) params.set("source", source);
+    try {
+      const data = JSON.parse(await getText("/api/search?" + params.toString()));
+      fill($("search-hits"), data.hits.map((hit) => el("figure", { class: "thumb done", "data-job": hit.job_id },
+        el("img", { alt: "", loading: "lazy", width: 160, height: 160, src: "/thumb/" + encodeURIComponent(hit.job_id) }),
+        el("figcaption", {},
+          el("div", { class: "label", text: "#" + hit.rank + "  " + hit.score.toFixed(3) }),
+          el("div", { class: "name", title: hit.input, text: hit.input }),
+          el("a", { href: "#/batch/" + encodeURIComponent(hit.batch_id), class: "sub", text: "batch " + shortId(hit.batch_id) })))));
+      $("search-status").textContent = data.hits.length + " nearest to “" + data.query + "”";
+    } catch (err) {
+      fill($("search-hits"), []);
+      $("search-status").textContent = err.message;
+    }
+  }
+
   function drawBatch(b) {
     $("batch-title").textContent = b.name || "Batch " + shortId(b.batch);
     $("batch-meta").textContent = b.batch + " · " + b.task + " · " + b.model + " · submitted " + when(b.created) + " · priority " + b.priority;
@@ -412,6 +437,7 @@
         act(action);
       });
     }
+    $("search-form").addEventListener("submit", search);
     $("priority").addEventListener("change", (e) => act("priority", { priority: e.target.value }));
     let typing = null;
     $("filter").addEventListener("input", (e) => {
