@@ -5,7 +5,10 @@ One row per job: its input, content hash, task, model and revision, status and e
 it was reused (and from which job), when it finished (UTC), its attempts and device, and the
 batch and job ids. JSON lines keep the result as an object; CSV and Parquet flatten it into
 columns chosen by the task (classify: ``label_1, score_1, ...``; caption: ``caption``;
-generate: ``artifact, artifact_sha256``) and keep the whole of it in ``result_json``.
+generate: ``artifact, artifact_sha256``) and keep the whole of it in ``result_json``. embed
+adds the image embedding: an ``embedding`` list of floats in JSON lines, a list<float32>
+column in Parquet (fixed-size when every vector has one length); CSV leaves it out (a vector
+is no spreadsheet cell: export Parquet or JSON lines for it).
 
 Streamed both ways: the rows are read a page at a time and written as they come (a Parquet
 row group every ``ROW_GROUP`` rows), so memory does not grow with the export. A file is written
@@ -30,6 +33,7 @@ from typing import Any, TextIO
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.catalog import TASKS
+from pixelmill.db.embeddings import embedded_models, job_embeddings
 from pixelmill.db.reads import get_batch, iter_batch_jobs, iter_latest_jobs
 from pixelmill.db.records import JobResult
 from pixelmill.db.sources import is_remote, split_uri
@@ -45,8 +49,8 @@ PAGE = 1000  # rows per database read
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a CSV or Parquet export: its name and type (string, float, int, bool or
-    timestamp; a timestamp is UTC, microseconds)."""
+    """One column of a CSV or Parquet export: its name and type (string, float, int, bool,
+    timestamp (UTC, microseconds) or vector (float32s; Parquet only))."""
 
     name: str
     kind: str = "string"
@@ -70,6 +74,10 @@ BASE_COLUMNS = (
     Column("job"),
 )
 RESULT_JSON = Column("result_json")
+EMBEDDING = Column("embedding", "vector")
+# An embed job's vector by job id, filled a page at a time as the jobs stream
+# (``with_vectors``); empty when nothing exported is an embed job.
+Vectors = dict[str, list[float]]
 
 
 def result_columns(tasks: Collection[str], labels: int = DEFAULT_LABELS) -> list[Column]:
@@ -82,6 +90,8 @@ def result_columns(tasks: Collection[str], labels: int = DEFAULT_LABELS) -> list
         columns.append(Column("caption"))
     if "generate" in tasks:
         columns += [Column("artifact"), Column("artifact_sha256")]
+    if "embed" in tasks:
+        columns.append(EMBEDDING)
     return columns
 
 
@@ -93,13 +103,16 @@ def columns_for(tasks: Collection[str], labels: int = DEFAULT_LABELS) -> list[Co
     return [*BASE_COLUMNS, *result_columns(tasks, labels), RESULT_JSON]
 
 
-def flat_row(job: JobResult, columns: Collection[Column]) -> list[Any]:
+def flat_row(
+    job: JobResult, columns: Collection[Column], vectors: Vectors | None = None
+) -> list[Any]:
     """``job`` as the values of ``columns`` (None where there is nothing: a failed job's
     result, a fourth label of three)."""
     result = job.result
     values = _base(job)
     values["caption"] = _text(result.get("caption")) if result else None
     values["result_json"] = _json(result) if result is not None else None
+    values["embedding"] = (vectors or {}).get(job.job)
     labels = result.get("labels") if result else None
     if isinstance(labels, list):
         for i, item in enumerate(labels, 1):
@@ -109,13 +122,16 @@ def flat_row(job: JobResult, columns: Collection[Column]) -> list[Any]:
     return [values.get(c.name) for c in columns]
 
 
-def json_row(job: JobResult) -> dict[str, Any]:
-    """``job`` as one JSON lines object: the result as an object, the artifact's URI."""
+def json_row(job: JobResult, vectors: Vectors | None = None) -> dict[str, Any]:
+    """``job`` as one JSON lines object: the result as an object, the artifact's URI (and an
+    embed job's ``embedding``)."""
     row = _base(job)
     row["finished"] = job.finished_at.isoformat() if job.finished_at else None
     row["result"] = job.result
     row["artifact"] = row.pop("artifact")  # after the result, as the other keys
     row["artifact_sha256"] = row.pop("artifact_sha256")
+    if job.task == "embed":
+        row["embedding"] = (vectors or {}).get(job.job)
     return row
 
 
@@ -193,9 +209,9 @@ class Tally:
         return job
 
 
-def write_jsonl(jobs: Iterable[JobResult], out: TextIO) -> None:
+def write_jsonl(jobs: Iterable[JobResult], out: TextIO, vectors: Vectors | None = None) -> None:
     for job in jobs:
-        out.write(_json(json_row(job)) + "\n")
+        out.write(_json(json_row(job, vectors)) + "\n")
 
 
 def write_csv(jobs: Iterable[JobResult], out: TextIO, columns: list[Column]) -> None:
@@ -217,7 +233,10 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
-def parquet_schema(columns: list[Column], metadata: dict[str, str] | None = None) -> Any:
+def parquet_schema(
+    columns: list[Column], metadata: dict[str, str] | None = None, dim: int | None = None
+) -> Any:
+    """``dim``: the length of every embedding (a fixed-size list), or None (a list)."""
     import pyarrow as pa
 
     types = {
@@ -226,6 +245,7 @@ def parquet_schema(columns: list[Column], metadata: dict[str, str] | None = None
         "int": pa.int64(),
         "bool": pa.bool_(),
         "timestamp": pa.timestamp("us", tz="UTC"),
+        "vector": pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32()),
     }
     return pa.schema([pa.field(c.name, types[c.kind]) for c in columns], metadata=metadata)
 
@@ -237,6 +257,8 @@ def write_parquet(
     *,
     metadata: dict[str, str] | None = None,
     row_group: int = ROW_GROUP,
+    vectors: Vectors | None = None,
+    dim: int | None = None,
 ) -> None:
     """A Parquet file at ``path``, a row group every ``row_group`` jobs (only one row group's
     values are held at a time). Typed columns: strings, float64 scores, a bool ``reused``,
@@ -244,7 +266,7 @@ def write_parquet(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = parquet_schema(columns, metadata)
+    schema = parquet_schema(columns, metadata, dim)
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
         group: list[list[Any]] = [[] for _ in columns]
 
@@ -263,7 +285,7 @@ def write_parquet(
 
         n = 0
         for job in jobs:
-            for values, value in zip(group, flat_row(job, columns), strict=True):
+            for values, value in zip(group, flat_row(job, columns, vectors), strict=True):
                 values.append(value)
             n += 1
             if n % row_group == 0:
@@ -329,28 +351,37 @@ def write_export(
     columns: list[Column],
     *,
     metadata: dict[str, str] | None = None,
+    vectors: Vectors | None = None,
+    dim: int | None = None,
 ) -> Tally:
-    """Write ``jobs`` to ``path`` (``-``: standard output, for jsonl and csv) in ``fmt``."""
+    """Write ``jobs`` to ``path`` (``-``: standard output, for jsonl and csv) in ``fmt``;
+    ``vectors`` holds the embeddings of the jobs being written (``with_vectors``)."""
     tally = Tally()
     counted = (tally.count(job) for job in jobs)
     if path == STDOUT:
         if fmt == "parquet":
             raise InputError("parquet needs a file: pass -o FILE.parquet (not -o -)")
-        _write_text(counted, fmt, sys.stdout, columns)
+        _write_text(counted, fmt, sys.stdout, columns, vectors)
         sys.stdout.flush()
         return tally
     with replacing(path) as tmp:
         if fmt == "parquet":
-            write_parquet(counted, tmp, columns, metadata=metadata)
+            write_parquet(counted, tmp, columns, metadata=metadata, vectors=vectors, dim=dim)
         else:
             with open(tmp, "w", encoding="utf-8", newline="") as out:
-                _write_text(counted, fmt, out, columns)
+                _write_text(counted, fmt, out, columns, vectors)
     return tally
 
 
-def _write_text(jobs: Iterable[JobResult], fmt: str, out: TextIO, columns: list[Column]) -> None:
+def _write_text(
+    jobs: Iterable[JobResult],
+    fmt: str,
+    out: TextIO,
+    columns: list[Column],
+    vectors: Vectors | None = None,
+) -> None:
     if fmt == "jsonl":
-        write_jsonl(jobs, out)
+        write_jsonl(jobs, out, vectors)
     else:
         write_csv(jobs, out, columns)
 
@@ -378,6 +409,9 @@ class Export:
     tasks: tuple[str, ...]
     jobs: Callable[[Session], Iterator[JobResult]]
     source: str
+    # Where its embeddings are (embedded_models' scope): a batch, or inputs under a prefix.
+    batch: str | None = None
+    prefix: str | None = None
 
 
 def batch_export(sessions: sessionmaker[Session], batch_id: str) -> Export:
@@ -388,6 +422,7 @@ def batch_export(sessions: sessionmaker[Session], batch_id: str) -> Export:
         tasks=(task,),
         jobs=lambda session: iter_batch_jobs(session, batch_id, page=PAGE),
         source=f"batch {batch_id}",
+        batch=batch_id,
     )
 
 
@@ -403,6 +438,7 @@ def latest_export(prefix: str, *, task: str | None = None, model: str | None = N
                 *([f"model {model}"] if model else []),
             ]
         ),
+        prefix=prefix,
     )
 
 
@@ -416,9 +452,46 @@ def run_export(
 ) -> Tally:
     """Write ``export`` to ``path`` in ``fmt``; returns what was written."""
     columns = columns_for(export.tasks, labels)
+    if fmt == "csv":
+        columns = [c for c in columns if c.kind != "vector"]
     metadata = {
         "pixelmill.export": export.source,
         "pixelmill.exported_at": datetime.now(UTC).isoformat(),
     }
-    with sessions() as session:
-        return write_export(export.jobs(session), fmt, path, columns, metadata=metadata)
+    vectors: Vectors = {}
+    dim = None
+    if "embed" in export.tasks and fmt != "csv":
+        with sessions() as session:
+            dims = {e.dim for e in embedded_models(session, batch=export.batch,
+                                                   source=export.prefix)}  # fmt: skip
+        dim = dims.pop() if len(dims) == 1 else None
+    with sessions() as session, sessions() as lookups:
+        jobs = export.jobs(session)
+        if "embed" in export.tasks and fmt != "csv":
+            jobs = with_vectors(lookups, jobs, vectors)
+        return write_export(jobs, fmt, path, columns, metadata=metadata, vectors=vectors,
+                            dim=dim)  # fmt: skip
+
+
+def with_vectors(
+    session: Session, jobs: Iterable[JobResult], vectors: Vectors, page: int = PAGE
+) -> Iterator[JobResult]:
+    """``jobs`` as they come, with ``vectors`` holding the embeddings of the embed jobs of
+    the page being yielded (read a page at a time: memory does not grow with the export)."""
+    buffered: list[JobResult] = []
+
+    def pages() -> Iterator[list[JobResult]]:
+        for job in jobs:
+            buffered.append(job)
+            if len(buffered) == page:
+                yield buffered
+        if buffered:
+            yield buffered
+
+    for chunk in pages():
+        vectors.clear()
+        wanted = [j.job for j in chunk if j.task == "embed" and j.status == "done"]
+        found = job_embeddings(session, wanted) if wanted else {}
+        vectors.update({job_id: vector.tolist() for job_id, vector in found.items()})
+        yield from list(chunk)
+        chunk.clear()

@@ -84,8 +84,10 @@ def export(
     as an object (with the artifact's URI). CSV and Parquet flatten it: classify into label_1,
     score_1 ... label_K, score_K (--labels K); caption into caption; generate into artifact and
     artifact_sha256; and always keep the whole result as JSON text in result_json. Parquet
-    columns are typed (float64 scores, bool reused, timestamp[us, UTC] finished). --latest
-    without --task has the columns of every task.
+    columns are typed (float64 scores, bool reused, timestamp[us, UTC] finished). embed adds
+    the image embedding: "embedding" in JSON lines (a list of floats) and Parquet (a
+    fixed-size list of float32); CSV leaves it out. --latest without --task has the columns
+    of every task.
 
     \b
     DuckDB, pandas and Polars read the files directly:

@@ -12,6 +12,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
@@ -156,6 +158,17 @@ def test_search_and_relabel(database_url, tmp_path, redis_server, start_worker, 
             )
         }
     engine.dispose()
+
+    # Export: the vectors as a fixed-size float32 list column (Parquet), a list (JSON lines).
+    exported = pixelmill("export", embed_batch, "-o", str(tmp_path / "e.parquet"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 16)
+    for path, vector in zip(table.column("input").to_pylist(),
+                            table.column("embedding").to_pylist(), strict=True):  # fmt: skip
+        assert vector == stored[path].tolist()
+    lines = _json_lines(pixelmill("export", embed_batch, "-o", "-", "-f", "jsonl", env=env).stdout)
+    assert all(row["embedding"] == stored[row["input"]].tolist() for row in lines)
 
     # Text search: the nearest by cosine, best first, scores as computed here independently.
     runner = create_runner("embed", str(tiny_clip))
