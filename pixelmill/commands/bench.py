@@ -33,6 +33,7 @@ from pixelmill.settings import device_batch_size, load_settings
 from pixelmill.worker.devices import cpu_workers
 
 NULL_ITEMS = 16384
+RANDOM_CLIP_B32 = "clip_vit_b32_random"  # pixelmill.models.clip (not imported: torch)
 PROMPTS = ["a lighthouse at dusk", "a red bicycle", "a bowl of fruit", "a city street at night"]
 PHOTOS = ["chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "astronaut.png"]
 
@@ -54,7 +55,14 @@ class BenchConfig:
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_MODELS[self.task]
+        """The model asked for; else the task's default, except where that cannot be had
+        offline: embed and zero-shot classify (``--labels``) take the random-weight CLIP
+        ViT-B/32, the real model's compute."""
+        if self.model:
+            return self.model
+        if self.task == "embed" or dict(self.options).get("labels"):
+            return RANDOM_CLIP_B32
+        return DEFAULT_MODELS[self.task]
 
     @property
     def size(self) -> int:
@@ -314,13 +322,13 @@ def _model_only(
     beforehand; and the precision it ran in."""
     import torch
 
-    from pixelmill.models.registry import create_runner
+    from pixelmill.models.registry import create_runner, runner_kind
 
     if threads:
         torch.set_num_threads(threads)
-    runner = create_runner(task, model)
-    runner.load(device)
     opts = task_options(task, options, model)
+    runner = create_runner(runner_kind(task, opts), model)
+    runner.load(device)
     items = [runner.prepare(x, {"prompt": x, "seed": i}, opts) for i, x in enumerate(inputs)]
     batches = [items[i : i + forward_batch] for i in range(0, len(items), forward_batch)]
     on_device = [runner.collate(b) for b in batches]
@@ -358,6 +366,8 @@ def ratios(f: dict[str, float]) -> dict[str, float]:
 
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    # Bad options are a usage error here, before any process starts (BadInput).
+    task_options(cfg.task, {**dict(cfg.options), "batch_size": cfg.size}, cfg.model_name)
     work = Path(tempfile.mkdtemp(prefix="pixelmill-bench-"))
     try:
         return Bench(cfg, work, progress).run()

@@ -11,6 +11,7 @@ import click
 from pixelmill.catalog import TASKS, parse_size
 from pixelmill.clitools import user_errors
 from pixelmill.db.engine import database_errors
+from pixelmill.errors import InputError
 
 ROWS = [
     ("model_only_ips", "model only (items/s): the ceiling"),
@@ -49,7 +50,7 @@ def _option(text: str) -> tuple[str, Any]:
     help="Default: the task's default. Also: null, a hub id or a folder, or a full-size "
     "architecture with random weights (the real model's compute, where its weights cannot be "
     "downloaded): vit_b16_random (classify), blip_base_random (caption), sd_turbo_random "
-    "(generate).",
+    "(generate), clip_vit_b32_random (embed and classify --labels: their default here).",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda:N.")
 @click.option(
@@ -107,6 +108,21 @@ def _option(text: str) -> tuple[str, Any]:
     "headless chromium, /metrics scraped every second), alternating; prints observed / plain. "
     "Needs chromium and playwright (`scripts/setup test`).",
 )
+@click.option(
+    "--labels",
+    "labels_text",
+    default=None,
+    metavar="TEXT",
+    help="classify: zero-shot labels, comma-separated (the model defaults to "
+    "clip_vit_b32_random: CLIP ViT-B/32 with random weights).",
+)
+@click.option(
+    "--template",
+    "templates",
+    multiple=True,
+    metavar="TEXT",
+    help="classify --labels: the sentence each label goes into, with {}; repeatable.",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def bench(
     task: str,
@@ -121,6 +137,8 @@ def bench(
     options: tuple[str, ...],
     repeat: int,
     with_dashboard: bool,
+    labels_text: str | None,
+    templates: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Measure throughput against its limits, side by side in one run.
@@ -136,6 +154,8 @@ def bench(
       pixelmill bench classify --device cuda:0 --model vit_b16_random --batch-size 256
       pixelmill bench caption --device cuda:0 --model blip_base_random --images 2048
       pixelmill bench generate --device cuda:0 --model sd_turbo_random --images 256
+      pixelmill bench embed --images 512
+      pixelmill bench classify --labels "a cat,a dog,a receipt,a parcel,a car" --images 512
     """
     from pixelmill.commands.bench import BenchConfig, run_bench
 
@@ -150,7 +170,7 @@ def bench(
             image_size=parse_size(image_size),
             naive_images=naive_images,
             noop_tasks=noop_tasks,
-            options=tuple(_option(o) for o in options),
+            options=tuple(_option(o) for o in options) + _zero_shot(task, labels_text, templates),
             repeat=repeat,
             with_dashboard=with_dashboard,
         )
@@ -159,6 +179,23 @@ def bench(
         click.echo(json.dumps(figures))
         return
     _table(figures)
+
+
+def _zero_shot(
+    task: str, labels_text: str | None, templates: tuple[str, ...]
+) -> tuple[tuple[str, Any], ...]:
+    """--labels and --template as task options (classify only)."""
+    from pixelmill.producer.cli import zero_shot_labels
+
+    labels = zero_shot_labels(task, labels_text, None)
+    if templates and labels is None:
+        raise InputError("--template applies to --labels")
+    out: tuple[tuple[str, Any], ...] = ()
+    if labels is not None:
+        out += (("labels", labels),)
+    if templates:
+        out += (("templates", list(templates)),)
+    return out
 
 
 def _table(figures: dict[str, Any]) -> None:
