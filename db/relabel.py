@@ -43,8 +43,8 @@ def embedded_jobs(
         .where(Job.batch_id == batch_id, Job.status == JobStatus.done)
         .order_by(Job.seq)
     )
-    result = session.execute(stmt.execution_options(yield_per=chunk))
-    for part in result.partitions(chunk):
+    result = session.connection().execute(stmt.execution_options(stream_results=True))
+    while part := result.fetchmany(chunk):
         jobs = [EmbeddedJob(r[0], r[1], r[2]) for r in part]
         revisions = {r[4] for r in part}
         if len(revisions) > 1:

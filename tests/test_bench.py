@@ -46,3 +46,19 @@ def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
                       timeout=600)  # fmt: skip
     assert table.returncode == 0, table.stderr
     assert "end to end / model only" in table.stdout and "null" in table.stdout
+
+
+def test_bench_search_fills_and_times_a_search(tmp_path):
+    """`pixelmill bench-search` on a small table: it fills, searches and prints its figures."""
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    out = pixelmill("bench-search", "--rows", "3000", "--dim", "16", "--queries", "2", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "sqlite, 3,000 embeddings x 16-d, vectorised scan" in out.stdout, out.stdout
+    for line in ("fill", "first query", "median query", "slowest query"):
+        assert line in out.stdout
+
+
+def test_bench_refuses_bad_labels_before_starting(tmp_path):
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    out = pixelmill("bench", "classify", "--labels", "a,a", "--images", "4", env=env, timeout=60)
+    assert out.returncode == 2 and "given twice" in out.stderr, out.stderr

@@ -50,6 +50,7 @@ def cli() -> None:
 
 def _register() -> None:
     from pixelmill.commands.bench_cli import bench
+    from pixelmill.commands.bench_search import bench_search
     from pixelmill.commands.dashboard.cli import dashboard
     from pixelmill.commands.run import run
     from pixelmill.producer.cli import register as register_producer
@@ -62,6 +63,7 @@ def _register() -> None:
     register_worker(cli)
     cli.add_command(run)
     cli.add_command(bench)
+    cli.add_command(bench_search)
     cli.add_command(dashboard)
     cli.add_command(dead_letters)
     cli.add_command(export)

@@ -1,0 +1,132 @@
+"""`pixelmill bench-search`: how long one search takes over many stored embeddings.
+
+Fills a throwaway database (a temporary SQLite file, or the empty PostgreSQL database
+``--database`` names) with ``--rows`` synthetic unit-length embeddings (one embed batch of done
+jobs, as workers would leave them), then times ``pixelmill.db.embeddings.nearest`` -- what
+`pixelmill search` runs once the query is embedded -- for ``--queries`` random queries: the
+first, the median and the slowest, and the rows scanned per second. It says whether
+pgvector's index answered or the vectors were scanned.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pixelmill.clitools import user_errors
+from pixelmill.db.engine import database_errors
+
+MODEL, REVISION = "synthetic", "bench"
+CHUNK = 10_000
+
+
+def fill(url: str, rows: int, dim: int, say: Any) -> float:
+    """``rows`` done jobs with embeddings in one batch; returns the seconds it took."""
+    from sqlalchemy import insert
+
+    from pixelmill.db.embeddings import EMBEDDINGS
+    from pixelmill.db.engine import make_engine
+    from pixelmill.db.migrate import upgrade
+    from pixelmill.db.schema import Batch, Job, JobStatus, utcnow
+
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        batch = str(uuid.uuid4())
+        now = utcnow()
+        with engine.begin() as conn:
+            conn.execute(insert(Batch.__table__), [{  # type: ignore[arg-type]
+                "id": batch, "task": "embed", "model": MODEL, "options": {}, "total": rows,
+                "created_at": now, "priority": "normal"}])  # fmt: skip
+        for first in range(0, rows, CHUNK):
+            n = min(CHUNK, rows - first)
+            vectors = rng.standard_normal((n, dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            ids = [str(uuid.uuid4()) for _ in range(n)]
+            with engine.begin() as conn:
+                conn.execute(insert(Job.__table__), [  # type: ignore[arg-type]
+                    {"id": ids[i], "batch_id": batch, "seq": first + i,
+                     "input": f"/archive/{(first + i) // 1000:04d}/img{first + i:07d}.jpg",
+                     "status": JobStatus.done, "attempts": 1, "created_at": now,
+                     "finished_at": now} for i in range(n)])  # fmt: skip
+                conn.execute(insert(EMBEDDINGS), [
+                    {"job_id": ids[i], "model": MODEL, "model_revision": REVISION, "dim": dim,
+                     "vector": vectors[i].astype("<f4").tobytes(), "created_at": now}
+                    for i in range(n)])  # fmt: skip
+            if (first // CHUNK) % 20 == 0:
+                say(f"{first + n:,} / {rows:,} rows")
+        return time.perf_counter() - start
+    finally:
+        engine.dispose()
+
+
+def measure(url: str, dim: int, queries: int) -> dict[str, Any]:
+    from pixelmill.db.embeddings import nearest, pgvector_enabled
+    from pixelmill.db.engine import make_engine, make_sessionmaker
+
+    engine = make_engine(url)
+    rng = np.random.default_rng(1)
+    times = []
+    try:
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            indexed = pgvector_enabled(session.connection())
+        for _ in range(queries):
+            query = rng.standard_normal(dim).astype(np.float32)
+            with sessions() as session:
+                start = time.perf_counter()
+                hits = nearest(session, query, model=MODEL, revision=REVISION, limit=20)
+                times.append(time.perf_counter() - start)
+            assert len(hits) == 20
+    finally:
+        engine.dispose()
+    return {"indexed": indexed, "times": times}
+
+
+@click.command("bench-search")
+@click.option("--rows", type=click.IntRange(1), default=1_000_000, show_default=True,
+              help="Stored embeddings.")  # fmt: skip
+@click.option("--dim", type=click.IntRange(1, 4096), default=512, show_default=True)
+@click.option("--queries", type=click.IntRange(1, 1000), default=5, show_default=True)
+@click.option("--database", default=None, metavar="URL", help="An empty PostgreSQL database "
+              "to fill (default: a temporary SQLite file, removed afterwards).")  # fmt: skip
+def bench_search(rows: int, dim: int, queries: int, database: str | None) -> None:
+    """Time `pixelmill search` over many stored embeddings (synthetic, unit length): the
+    latency of one query (20 hits) once the query is embedded, on SQLite or PostgreSQL.
+
+    \b
+    Example:
+      pixelmill bench-search --rows 1000000 --dim 512
+    """
+
+    def say(text: str) -> None:
+        click.echo(f"bench-search: {text}", err=True)
+
+    work = Path(tempfile.mkdtemp(prefix="pixelmill-bench-search-"))
+    url = database or f"sqlite:///{work / 'search.db'}"
+    try:
+        with user_errors(), database_errors():
+            filled = fill(url, rows, dim, say)
+            say(f"filled in {filled:.1f} s; searching")
+            got = measure(url, dim, queries)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    times = got["times"]
+    kind = "postgresql" if url.startswith("postgresql") else "sqlite"
+    how = "pgvector index" if got["indexed"] else "vectorised scan (numpy, chunks)"
+    click.echo(f"{kind}, {rows:,} embeddings x {dim}-d, {how}")
+    click.echo(f"  fill            {filled:10.1f} s")
+    click.echo(f"  first query     {times[0] * 1000:10.0f} ms")
+    click.echo(f"  median query    {statistics.median(times) * 1000:10.0f} ms  "
+               f"({rows / statistics.median(times):,.0f} rows/s)")  # fmt: skip
+    click.echo(f"  slowest query   {max(times) * 1000:10.0f} ms  ({queries} queries)")
