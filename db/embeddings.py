@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Table, bindparam, func, inspect, select, text
+from sqlalchemy import Connection, Engine, Table, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from pixelmill.db.schema import Embedding, Job, JobStatus, utcnow
@@ -77,9 +77,12 @@ def pgvector_enabled(conn: Connection) -> bool:
         known = _vector_columns.get(key)
     if known is not None:
         return known
-    has = conn.dialect.name == "postgresql" and any(
-        c["name"] == "vec" for c in inspect(conn).get_columns("embeddings")
-    )
+    has = conn.dialect.name == "postgresql" and bool(
+        conn.execute(
+            text("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                 "'embeddings' AND column_name = 'vec' AND table_schema = current_schema()")
+        ).scalar()
+    )  # fmt: skip
     with _lock:
         if key not in _vector_columns and conn.dialect.name == "postgresql" and not has:
             log.warning(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import inspect, select, text
+from sqlalchemy import select, text
 
 from pixelmill.catalog import task_options
 from pixelmill.db.embeddings import (
@@ -165,12 +165,23 @@ def test_embed_night_after_night(database_url, tmp_path, redis_server, start_wor
         assert vector.dtype == np.float32 and vector.shape == (16,)
         assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-5)
         np.testing.assert_allclose(vector, _embedding_of(embedder, path), atol=1e-5)
-    if database_url.startswith("postgresql"):  # the test server has no pgvector: blobs only
+    if database_url.startswith("postgresql"):  # pgvector's column only where it is installed
         engine = make_engine(database_url)
         with engine.connect() as conn:
-            assert "vec" not in {c["name"] for c in inspect(conn).get_columns("embeddings")}
+            has = _pgvector_installable(conn)
+            columns = (
+                conn.execute(
+                    text(
+                        "SELECT column_name FROM information_schema.columns "
+                        "WHERE table_name = 'embeddings'"
+                    )
+                )
+                .scalars()
+                .all()
+            )
+            assert ("vec" in columns) == has
             forget_vector_support(engine)
-            assert pgvector_enabled(conn) is False
+            assert pgvector_enabled(conn) is has
         engine.dispose()
 
     # The next night, the same command: every image reused, nothing computed again.
@@ -365,9 +376,7 @@ def test_postgresql_without_pgvector_stores_blobs_and_says_so_once(postgres_serv
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            if conn.execute(text(
-                "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
-            )).scalar():  # fmt: skip
+            if _pgvector_installable(conn):
                 pytest.skip("this PostgreSQL has pgvector: the other path")
         upgrade(engine)
         sessions = make_sessionmaker(engine)
@@ -394,6 +403,55 @@ def test_postgresql_without_pgvector_stores_blobs_and_says_so_once(postgres_serv
             assert from_bytes(blob).tolist() == vector.tolist()
             hits = nearest(session, vector, model="m", revision="r")  # the scan finds it
             assert [(h.job_id, round(h.score, 5)) for h in hits] == [(batch.job_ids[0], 1.0)]
+    finally:
+        forget_vector_support()
+        engine.dispose()
+
+
+def _pgvector_installable(conn: Any) -> bool:
+    return bool(conn.execute(text(
+        "SELECT count(*) FROM pg_available_extensions WHERE name = 'vector'"
+    )).scalar())  # fmt: skip
+
+
+def test_postgresql_with_pgvector_fills_the_vector_column_and_its_index(postgres_server):
+    """Where the server has pgvector (not on CI machines: no package for it there), the
+    migration creates the extension and the column; writes fill it, the first write of a
+    dimension makes its HNSW index, and the index answers as the scan does."""
+    url = postgres_server.create_database("with_pgvector")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not _pgvector_installable(conn):
+                pytest.skip("this PostgreSQL has no pgvector (CI machines): the blob path only")
+        upgrade(engine)
+        forget_vector_support()
+        sessions = make_sessionmaker(engine)
+        rng = np.random.default_rng(3)
+        vectors = rng.standard_normal((40, 8)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        with sessions.begin() as session:
+            batch = create_batch(session, task="embed", model="m",
+                                 inputs=[f"/x/{i}.png" for i in range(40)])  # fmt: skip
+            claim_jobs(session, batch.job_ids, worker="w", device="cpu")
+            write_outcomes(session, [
+                Outcome(job_id, result={"dim": 8}, model="m", model_revision="r",
+                        embedding=to_bytes(v))
+                for job_id, v in zip(batch.job_ids, vectors, strict=True)])  # fmt: skip
+        with sessions() as session:
+            assert pgvector_enabled(session.connection()) is True
+            filled = session.execute(text("SELECT count(*) FROM embeddings WHERE vec IS NOT NULL"))
+            assert filled.scalar() == 40
+            indexes = session.execute(text("SELECT indexname FROM pg_indexes WHERE tablename = "
+                                           "'embeddings'")).scalars().all()  # fmt: skip
+            assert "ix_embeddings_vec_8" in indexes
+            query = rng.standard_normal(8).astype(np.float32)
+            hits = nearest(session, query, model="m", revision="r", limit=5)
+            expected = sorted(range(40), key=lambda i: -float(vectors[i] @ query))[:5]
+            assert [h.input for h in hits] == [f"/x/{i}.png" for i in expected]
+            q = query / np.linalg.norm(query)
+            for h, i in zip(hits, expected, strict=True):
+                assert h.score == pytest.approx(float(vectors[i] @ q), abs=1e-5)
     finally:
         forget_vector_support()
         engine.dispose()

@@ -32,7 +32,7 @@ def fill(url: str, rows: int, dim: int, say: Any) -> float:
     """``rows`` done jobs with embeddings in one batch; returns the seconds it took."""
     from sqlalchemy import insert
 
-    from pixelmill.db.embeddings import EMBEDDINGS
+    from pixelmill.db.embeddings import EmbeddingRow, write_embeddings
     from pixelmill.db.engine import make_engine
     from pixelmill.db.migrate import upgrade
     from pixelmill.db.schema import Batch, Job, JobStatus, utcnow
@@ -59,10 +59,10 @@ def fill(url: str, rows: int, dim: int, say: Any) -> float:
                      "input": f"/archive/{(first + i) // 1000:04d}/img{first + i:07d}.jpg",
                      "status": JobStatus.done, "attempts": 1, "created_at": now,
                      "finished_at": now} for i in range(n)])  # fmt: skip
-                conn.execute(insert(EMBEDDINGS), [
-                    {"job_id": ids[i], "model": MODEL, "model_revision": REVISION, "dim": dim,
-                     "vector": vectors[i].astype("<f4").tobytes(), "created_at": now}
-                    for i in range(n)])  # fmt: skip
+                # As a worker writes them (with pgvector: the vector column and its index).
+                write_embeddings(conn, [EmbeddingRow(ids[i], MODEL, REVISION,
+                                                     vectors[i].astype("<f4").tobytes())
+                                        for i in range(n)])  # fmt: skip
             if (first // CHUNK) % 20 == 0:
                 say(f"{first + n:,} / {rows:,} rows")
         return time.perf_counter() - start
