@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import Connection, Engine, Table, bindparam, func, select, text
+from sqlalchemy import Connection, Engine, Table, func, select, text
 from sqlalchemy.orm import Session
 
 from pixelmill.db.schema import Embedding, Job, JobStatus, utcnow
@@ -36,6 +36,8 @@ SCAN_CHUNK = 20_000
 # Candidates kept per chunk, as a multiple of the hits asked for, before duplicates of one
 # input (the same image in several batches) are folded; widened and re-run if too few remain.
 SLACK = 8
+# The most candidates asked of pgvector's index at once (its ef_search limit); past that, scan.
+MAX_EF_SEARCH = 1000
 
 
 def to_bytes(vector: Any) -> bytes:
@@ -252,12 +254,15 @@ def nearest(
     limit: int = 20,
 ) -> list[Hit]:
     """The ``limit`` inputs in scope whose embeddings are nearest ``query`` (cosine), best
-    first; an input in several batches appears once (its best job). Through pgvector's index
-    where it is there, else a vectorised scan."""
+    first; an input in several batches appears once (its best job). Over everything
+    embedded with the model, through pgvector's index where it is there; a scope (``batch``,
+    ``source``: the jobs that reused a vector count too) and a database without pgvector are
+    scanned."""
     q = normalised(query)
     slack = SLACK
+    indexed = batch is None and source is None and pgvector_enabled(session.connection())
     while True:
-        if pgvector_enabled(session.connection()):
+        if indexed and limit * slack <= MAX_EF_SEARCH:
             candidates, complete = _pgvector_candidates(
                 session, q, model, revision, batch, source, limit * slack
             )
@@ -326,27 +331,29 @@ def _pgvector_candidates(
     source: str | None,
     keep: int,
 ) -> tuple[list[Hit], bool]:
-    """The ``keep`` nearest rows by pgvector's inner-product operator (``<#>`` is the negated
-    inner product), through the per-dimension HNSW index."""
+    """The ``keep`` nearest vectors of the model by pgvector's HNSW index (``<#>``: the negated
+    inner product; the vectors are unit length), each with the job that computed it. The
+    index is asked for ``keep`` candidates (``hnsw.ef_search``) and, on pgvector 0.8+, to go
+    on past rows of other models (``hnsw.iterative_scan``)."""
+    assert batch is None and source is None  # a scope is scanned (``nearest``)
     dim = int(q.shape[0])
-    where = ["e.model = :model", "e.model_revision = :revision", f"e.dim = {dim}",
-             "j.status = 'done'"]  # fmt: skip
-    params: dict[str, Any] = {"model": model, "revision": revision, "q": _vector_literal(q),
-                              "keep": keep}  # fmt: skip
-    if batch is not None:
-        where.append("j.batch_id = :batch")
-        params["batch"] = batch
-    if source is not None:
-        where.append("starts_with(j.input, :source)")
-        params["source"] = source
+    conn = session.connection()
+    conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, int(keep))}"))
+    try:
+        with conn.begin_nested():
+            conn.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+    except Exception:  # noqa: BLE001 - pgvector before 0.8: no iterative scans
+        log.debug("pgvector without iterative scans")
     sql = text(
-        "SELECT j.id, j.batch_id, j.input, "
-        f"-((e.vec::vector({dim})) <#> CAST(:q AS vector({dim}))) AS score "
-        "FROM jobs j JOIN embeddings e ON e.job_id = coalesce(j.reused_from, j.id) "
-        f"WHERE {' AND '.join(where)} "
-        f"ORDER BY (e.vec::vector({dim})) <#> CAST(:q AS vector({dim})) LIMIT :keep"
-    ).bindparams(bindparam("keep", type_=None))
-    rows = session.execute(sql, params).all()
+        "SELECT j.id, j.batch_id, j.input, -c.distance FROM ("
+        f"SELECT e.job_id, (e.vec::vector({dim})) <#> CAST(:q AS vector({dim})) AS distance "
+        "FROM embeddings e WHERE e.model = :model AND e.model_revision = :revision "
+        f"AND e.dim = {dim} ORDER BY distance LIMIT :keep) c "
+        "JOIN jobs j ON j.id = c.job_id ORDER BY c.distance"
+    )
+    rows = conn.execute(
+        sql, {"model": model, "revision": revision, "q": _vector_literal(q), "keep": keep}
+    ).all()
     return [Hit(r[0], r[1], r[2], float(r[3])) for r in rows], len(rows) < keep
 
 
