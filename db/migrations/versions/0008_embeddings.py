@@ -43,7 +43,9 @@ def upgrade() -> None:
             bind.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
     except sa.exc.DBAPIError as exc:
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        log.warning(
+        # INFO: the command that migrates is often `pixelmill run`, whose stderr a script reads;
+        # the worker that writes embeddings says it once in its log (pixelmill.db.embeddings).
+        log.info(
             "pgvector is not available (%s): embeddings are stored as blobs and search scans "
             "them (not indexed)",
             reason,
