@@ -3,6 +3,7 @@ Hugging Face image-classification model (hub id or local folder)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -67,20 +68,25 @@ class Classifier(Runner[ClassifyOptions]):
                 scale, shift = self.scale_shift
                 batch = batch.float().mul_(scale).add_(shift)
             logits = self._logits(batch)
-        probs = logits.float().softmax(dim=-1)
-        k = min(self.top_k, probs.shape[-1])
-        scores, indices = probs.topk(k, dim=-1)
-        return [
-            {
-                "labels": [
-                    {"label": self.labels[i], "score": round(float(s), 6)}
-                    for s, i in zip(row_scores, row_indices, strict=True)
-                ]
-            }
-            for row_scores, row_indices in zip(
-                scores.cpu().tolist(), indices.cpu().tolist(), strict=True
-            )
-        ]
+        return top_labels(logits.float().softmax(dim=-1), self.labels, self.top_k)
+
+
+def top_labels(scores: torch.Tensor, labels: Sequence[str], top_k: int) -> list[dict[str, Any]]:
+    """Per row of ``scores``, ``{"labels": [{"label", "score"}...]}``: the top k, best first
+    (the same shape as every classifier's result)."""
+    k = min(top_k, scores.shape[-1])
+    values, indices = scores.float().topk(k, dim=-1)
+    return [
+        {
+            "labels": [
+                {"label": labels[i], "score": round(float(s), 6)}
+                for s, i in zip(row_scores, row_indices, strict=True)
+            ]
+        }
+        for row_scores, row_indices in zip(
+            values.cpu().tolist(), indices.cpu().tolist(), strict=True
+        )
+    ]
 
 
 class EfficientNetLite0(Classifier):

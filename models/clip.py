@@ -33,7 +33,7 @@ from pixelmill.catalog import (
 )
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, OptionsT, Runner
-from pixelmill.models.classify import DEFAULT_TOP_K
+from pixelmill.models.classify import DEFAULT_TOP_K, top_labels
 from pixelmill.models.device import autocast, resolve_precision
 from pixelmill.models.loading import load_failure, revision_of
 
@@ -259,24 +259,6 @@ class ZeroShotClassifier(DualEncoderRunner[ClassifyOptions]):
         matrix = self.label_matrix(options.labels, options.templates)
         feats = torch.from_numpy(np.array(vectors, dtype=np.float32))  # a copy: writable
         return top_labels(self.scores(feats, matrix), options.labels, top_k or self.top_k)
-
-
-def top_labels(scores: torch.Tensor, labels: tuple[str, ...], top_k: int) -> list[dict[str, Any]]:
-    """Per row of ``scores``, ``{"labels": [{"label", "score"}...]}``: the top k, best first
-    (the same shape as every classifier's result)."""
-    k = min(top_k, scores.shape[-1])
-    values, indices = scores.float().topk(k, dim=-1)
-    return [
-        {
-            "labels": [
-                {"label": labels[i], "score": round(float(s), 6)}
-                for s, i in zip(row_scores, row_indices, strict=True)
-            ]
-        }
-        for row_scores, row_indices in zip(
-            values.cpu().tolist(), indices.cpu().tolist(), strict=True
-        )
-    ]
 
 
 class ImageEmbedder(DualEncoderRunner[EmbedOptions]):
