@@ -228,9 +228,12 @@ def scope_vectors(
 ) -> Iterator[tuple[list[tuple[str, str, str]], np.ndarray]]:
     """The done jobs in scope with an embedding by ``model`` at ``revision``, in chunks:
     ``[(job_id, batch_id, input)], matrix`` (one float32 row per job)."""
+    # Unscoped: every vector once, with the job that computed it (a join on the primary key);
+    # a scope also counts the jobs that reused a vector (found from the jobs' side).
+    joined = _source() if batch is not None or source is not None else Job.id
     stmt = _scoped(
         select(Job.id, Job.batch_id, Job.input, Embedding.vector)
-        .join(Embedding, _source() == Embedding.job_id)
+        .join(Embedding, joined == Embedding.job_id)
         .where(Embedding.model == model, Embedding.model_revision == revision),
         batch=batch,
         source=source,

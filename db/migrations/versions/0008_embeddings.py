@@ -36,6 +36,9 @@ def upgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
+    # A 512-d vector is 2 KB, just past PostgreSQL's TOAST threshold: kept out of line, a scan
+    # fetched each one separately (minutes per million). MAIN keeps it in the row.
+    bind.exec_driver_sql("ALTER TABLE embeddings ALTER COLUMN vector SET STORAGE MAIN")
     # pgvector where the server has it: a savepoint, so that a server without the extension
     # (or a role that may not create it) leaves the migration's transaction usable.
     try:
