@@ -9,10 +9,17 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, Row, cast, func, select, text
+from sqlalchemy import BigInteger, ColumnElement, Integer, Row, and_, case, cast, func, select, text
 from sqlalchemy.orm import Session
 
-from pixelmill.db.records import ArtifactRecord, BatchCounts, JobResult
+from pixelmill.db.records import (
+    ArtifactRecord,
+    BatchCounts,
+    FailureExample,
+    FailureGroup,
+    Failures,
+    JobResult,
+)
 from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result
 from pixelmill.errors import UnknownBatch
 
@@ -123,17 +130,6 @@ def as_utc(value: datetime | None) -> datetime | None:
 def last_finished_at(session: Session, batch_id: str) -> datetime | None:
     """When the batch's last job finished (UTC), as the workers recorded it."""
     return as_utc(session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
-
-
-def failure_reasons(session: Session, batch_id: str, limit: int = 20) -> list[tuple[str, int]]:
-    rows = session.execute(
-        select(Job.error, func.count())
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.failed)
-        .group_by(Job.error)
-        .order_by(func.count().desc())
-        .limit(limit)
-    ).all()
-    return [(r[0] or "", r[1]) for r in rows]
 
 
 def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterator[JobResult]:
@@ -379,47 +375,60 @@ def _unix_minute(session: Session, column: Any) -> Any:
     return cast(func.floor(func.extract("epoch", column) / 60), BigInteger).label("minute")
 
 
-def failures_by_reason(
+def batch_failures(
     session: Session, batch_id: str, *, examples: int = 3, limit: int = 20
-) -> list[tuple[str, int, list[str]]]:
-    """The batch's failed jobs grouped by reason, most frequent first: (reason, jobs, a few
-    of their inputs). A reason is the error without the input it starts with ("<input>: ..."),
-    so that one reason over many files is one group."""
+) -> Failures:
+    """The batch's failed jobs grouped by kind (``records.failure_kind``: the reason without
+    the input and its own details), most frequent first, each with its first ``examples``
+    inputs; at most ``limit`` kinds, and how many kinds and jobs there are in all. Grouped in
+    the database, so that a batch of a million failures costs one pass, not a million rows."""
+    kind = _failure_kind(session)
+    failed = (Job.batch_id == batch_id, Job.status == JobStatus.failed)
+    kinds, jobs = session.execute(
+        select(func.count(kind.distinct()), func.count()).where(*failed)
+    ).one()
+    if not jobs:
+        return Failures([], 0, 0)
+    ranked = (
+        select(
+            kind.label("kind"),
+            Job.input,
+            Job.error,
+            func.count().over(partition_by=kind).label("n"),
+            func.row_number().over(partition_by=kind, order_by=Job.seq).label("rn"),
+        )
+        .where(*failed)
+        .subquery()
+    )
     rows = session.execute(
-        select(Job.error, func.count(), func.min(Job.input))
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.failed)
-        .group_by(Job.error)
-        .order_by(func.count().desc())
-        .limit(1000)
+        select(ranked.c.kind, ranked.c.n, ranked.c.input, ranked.c.error)
+        .where(ranked.c.rn <= examples)
+        .order_by(ranked.c.n.desc(), ranked.c.kind, ranked.c.rn)
+        .limit(limit * examples)
     ).all()
-    groups: dict[str, tuple[int, list[str]]] = {}
-    for error, n, example in rows:
-        reason = _reason(error or "", example or "")
-        count, inputs = groups.get(reason, (0, []))
-        if len(inputs) < examples and example is not None and example not in inputs:
-            inputs.append(example)
-        groups[reason] = (count + int(n), inputs)
-    ranked = sorted(groups.items(), key=lambda item: -item[1][0])[:limit]
-    for reason, (count, inputs) in ranked:  # more examples for a reason shared by one error
-        if len(inputs) < min(examples, count):
-            more = session.scalars(
-                select(Job.input)
-                .where(
-                    Job.batch_id == batch_id,
-                    Job.status == JobStatus.failed,
-                    Job.input.not_in(inputs),
-                    Job.error.contains(reason, autoescape=True),
-                )
-                .order_by(Job.seq)
-                .limit(examples - len(inputs))
-            ).all()
-            inputs.extend(more)
-    return [(reason, count, inputs) for reason, (count, inputs) in ranked]
+    groups: dict[str, FailureGroup] = {}
+    for name, n, job_input, error in rows:
+        group = groups.get(name)
+        if group is None:
+            if len(groups) == limit:
+                break
+            group = groups[name] = FailureGroup(name, int(n), [])
+        group.examples.append(FailureExample(job_input, error or ""))
+    return Failures(list(groups.values()), int(kinds), int(jobs))
 
 
-def _reason(error: str, job_input: str) -> str:
-    prefix = job_input + ": "
-    return error[len(prefix) :] if job_input and error.startswith(prefix) else error
+def _failure_kind(session: Session) -> ColumnElement[str]:
+    """``records.failure_kind`` of a job's error, in SQL: without a leading "<input>: ", and
+    without a trailing parenthesised detail."""
+    error = func.coalesce(Job.error, "")
+    after = func.length(Job.input) + 3
+    reason = case(
+        (func.substr(error, 1, after - 1) == Job.input + ": ", func.substr(error, after)),
+        else_=error,
+    )
+    find = func.strpos if session.get_bind().dialect.name == "postgresql" else func.instr
+    at = find(reason, " (")
+    return case((and_(at > 1, reason.like("%)")), func.substr(reason, 1, at - 1)), else_=reason)
 
 
 def batch_jobs_page(

@@ -232,3 +232,54 @@ class WorkerReport:
     utilization: float | None = None  # 0..1, NVML
     started_at: datetime | None = None
     heartbeat_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FailureExample:
+    input: str
+    error: str  # the job's whole error
+
+    @property
+    def detail(self) -> str:
+        """What the error says about this input beyond its kind ("" if nothing)."""
+        return failure_kind(self.error, self.input)[1]
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    kind: str  # the reason without the input and its own details: one per kind of failure
+    jobs: int
+    examples: list[FailureExample]  # the first few, in submission order
+
+
+@dataclass(frozen=True)
+class Failures:
+    """A batch's failed jobs by kind, most frequent first; ``groups`` may hold fewer kinds
+    than ``kinds`` (the rest: ``more_kinds`` of them, ``more_jobs`` jobs between them)."""
+
+    groups: list[FailureGroup]
+    kinds: int
+    jobs: int
+
+    @property
+    def more_kinds(self) -> int:
+        return self.kinds - len(self.groups)
+
+    @property
+    def more_jobs(self) -> int:
+        return self.jobs - sum(g.jobs for g in self.groups)
+
+
+def failure_kind(error: str, job_input: str) -> tuple[str, str]:
+    """An error split into (kind, detail). Errors read "<input>: <reason>", and a reason may
+    end in a parenthesised detail of this input ("corrupt or truncated image (image file is
+    truncated (64 bytes not processed))"): the kind is the reason without either, so that
+    one kind over many files is one group. ``pixelmill.db.reads.batch_failures`` groups by the same
+    rule in SQL."""
+    reason = error
+    if job_input and error.startswith(job_input + ": "):
+        reason = error[len(job_input) + 2 :]
+    at = reason.find(" (")
+    if at > 0 and reason.endswith(")"):
+        return reason[:at], reason[at + 1 :]
+    return reason, ""

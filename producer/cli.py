@@ -33,6 +33,8 @@ from pixelmill.producer.output import (
     STATES,
     batches_table,
     counts_json,
+    failures_json,
+    failures_text,
     held_state,
     pace,
     write_json_lines,
@@ -301,7 +303,8 @@ def print_plan(
     help="Without BATCH: how many of the newest batches to list.",
 )  # fmt: skip
 def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
-    """Counts per state for BATCH, and its failures grouped by reason.
+    """Counts per state for BATCH, its pace (and ETA while running), and its failures by
+    kind: how many jobs each, the first few inputs, and how many more are not shown.
 
     Without BATCH: the newest batches, newest first, with their counts (--json: one object
     per line)."""
@@ -325,11 +328,9 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
         return
     with user_errors(), database_errors(), Client(settings, create=False) as client:
         counts = client.wait(batch) if wait_ else client.status(batch)
-        failures = client.failures(batch) if counts.by_status.get("failed") else []
+        found = client.failures(batch) if counts.by_status.get("failed") else None
     if as_json:
-        data = counts_json(counts)
-        data["failures"] = [{"reason": r, "jobs": n} for r, n in failures]
-        click.echo(json.dumps(data))
+        click.echo(json.dumps(counts_json(counts) | failures_json(found)))
         return
     click.echo(f"batch   {counts.batch_id}" + (f"  ({counts.name})" if counts.name else ""))
     click.echo(f"task    {counts.task}   model {counts.model}")
@@ -342,8 +343,8 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     speed = pace(counts, clock=True)
     if speed:
         click.echo(f"pace    {speed}")
-    for reason, n in failures:
-        click.echo(f"  failed x{n}: {reason}")
+    for line in failures_text(found, counts.batch_id) if found else []:
+        click.echo(line)
 
 
 @click.command()

@@ -32,7 +32,7 @@ from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
 from pixelmill.db.reads import (
     batch_by_fingerprint,
     batch_counts,
-    failure_reasons,
+    batch_failures,
     get_batch,
     has_other_revision,
     iter_batch_jobs,
@@ -41,7 +41,7 @@ from pixelmill.db.reads import (
     recent_batches,
     unfinished_batch,
 )
-from pixelmill.db.records import BatchCounts, JobResult
+from pixelmill.db.records import BatchCounts, Failures, JobResult
 from pixelmill.db.sources import RemoteObject, S3Inputs, is_remote
 from pixelmill.db.store import LocalStore, open_store
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
@@ -580,9 +580,11 @@ class Client:
         with self.sessions() as session:
             return last_finished_at(session, batch_id)
 
-    def failures(self, batch_id: str) -> list[tuple[str, int]]:
+    def failures(self, batch_id: str, *, examples: int = 3, limit: int = 20) -> Failures:
+        """The batch's failed jobs by kind of failure, most frequent first, with a few example
+        inputs each (``limit`` kinds at most; ``Failures.more_kinds`` says how many more)."""
         with self.sessions() as session:
-            return failure_reasons(session, batch_id)
+            return batch_failures(session, batch_id, examples=examples, limit=limit)
 
     def wait(
         self,

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from pixelmill.db.records import BatchCounts, JobResult
+from pixelmill.db.records import BatchCounts, Failures, JobResult
 from pixelmill.db.schema import JobStatus
 
 
@@ -92,6 +92,49 @@ def counts_json(counts: BatchCounts) -> dict[str, Any]:
 
 
 STATES = tuple(status.value for status in JobStatus)  # in the order a job moves
+
+
+def failures_json(found: Failures | None) -> dict[str, Any]:
+    """A batch's failures by kind, for ``status --json`` and the dashboard's API: per kind
+    its jobs and first inputs (``inputs``; ``examples``: each with what its error says beyond
+    the kind), then how many kinds and jobs are not listed."""
+    found = found or Failures([], 0, 0)
+    return {
+        "failures": [
+            {
+                "reason": g.kind,
+                "jobs": g.jobs,
+                "inputs": [e.input for e in g.examples],
+                "examples": [{"input": e.input, "detail": e.detail} for e in g.examples],
+            }
+            for g in found.groups
+        ],
+        "failures_not_shown": {"kinds": found.more_kinds, "jobs": found.more_jobs},
+    }
+
+
+def failures_text(found: Failures, batch_id: str) -> list[str]:
+    """A batch's failures by kind, as lines: the count and kind, then its first inputs (each
+    with its own detail), then how many more inputs, and kinds, are not shown."""
+    if not found.jobs:
+        return []
+    plural = "s" if found.kinds != 1 else ""
+    lines = [f"failed  {found.jobs} job(s), {found.kinds} kind{plural} of failure:"]
+    width = len(str(found.groups[0].jobs)) if found.groups else 1
+    for group in found.groups:
+        lines.append(f"  {group.jobs:>{width}} × {group.kind}")
+        for example in group.examples:
+            detail = f"  {example.detail}" if example.detail else ""
+            lines.append(f"  {'':>{width}}     {example.input}{detail}")
+        more = group.jobs - len(group.examples)
+        if more > 0:
+            lines.append(f"  {'':>{width}}     … and {more} more")
+    if found.more_kinds:
+        lines.append(
+            f"  … and {found.more_kinds} more kind(s) of failure ({found.more_jobs} job(s)) not "
+            f"shown: `pixelmill results {batch_id}` lists every job"
+        )
+    return lines
 
 
 def batches_table(batches: list[BatchCounts]) -> str:

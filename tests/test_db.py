@@ -8,8 +8,8 @@ from sqlalchemy import func, inspect, select
 from pixelmill.db.engine import make_engine, make_sessionmaker
 from pixelmill.db.jobs import claim_jobs, create_batch, write_outcomes
 from pixelmill.db.migrate import current_revision, head_revision, upgrade
-from pixelmill.db.reads import batch_counts, failure_reasons, iter_batch_jobs
-from pixelmill.db.records import Outcome
+from pixelmill.db.reads import batch_counts, batch_failures, iter_batch_jobs
+from pixelmill.db.records import Outcome, failure_kind
 from pixelmill.db.schema import Job, JobStatus, Result
 from pixelmill.errors import UnknownBatch
 
@@ -73,7 +73,57 @@ def test_redelivered_batch_changes_nothing_once_done(sessions):
         rows = list(iter_batch_jobs(s, new.batch_id))
         assert [r.status for r in rows] == [JobStatus.done, JobStatus.failed]
         assert rows[1].error == "/in/1.jpg: broken" and rows[1].result is None
-        assert failure_reasons(s, new.batch_id) == [("/in/1.jpg: broken", 1)]
+        found = batch_failures(s, new.batch_id)
+        assert [(g.kind, g.jobs) for g in found.groups] == [("broken", 1)]
+        assert [e.input for e in found.groups[0].examples] == ["/in/1.jpg"]
+
+
+def test_failures_group_by_kind_not_by_file_and_say_what_is_not_shown(sessions):
+    """Ten truncated files, each with its own detail, are one kind; the examples are the first
+    inputs in submission order, with their details; the kinds and jobs past the limit are
+    counted. The database groups by the same rule as ``failure_kind``."""
+    names = [f"/in/trunc {i} 100% é.jpg" for i in range(10)] + ["/in/a.txt", "/in/b.txt"]
+    names += ["/in/c.jpg", "/in/d.jpg", "/in/e.jpg"]
+    errors = [
+        f"{n}: corrupt or truncated image (image file is truncated ({i} bytes not processed))"
+        for i, n in enumerate(names[:10])
+    ]
+    errors += [f"{n}: not an image file (format not recognised)" for n in names[10:12]]
+    errors += [
+        "unexpected error: RuntimeError: boom (a bug)",  # no input in front: the whole error
+        "gave up after 3 attempts: the worker stopped (crashed or was killed) each time",
+        "/in/e.jpg: cannot read the file (Permission denied)",
+    ]
+    with sessions.begin() as s:
+        new = create_batch(s, task="classify", model="m", inputs=names)
+        claim_jobs(s, new.job_ids, worker="w", device="cpu")
+        write_outcomes(
+            s,
+            [
+                Outcome(job_id=j, error=e, model="m", device="cpu")
+                for j, e in zip(new.job_ids, errors, strict=True)
+            ],
+        )
+    with sessions() as s:
+        found = batch_failures(s, new.batch_id, examples=3, limit=2)
+        everything = batch_failures(s, new.batch_id, examples=20, limit=20)
+    assert (found.jobs, found.kinds, found.more_kinds, found.more_jobs) == (15, 5, 3, 3)
+    truncated, not_image = found.groups
+    assert (truncated.kind, truncated.jobs) == ("corrupt or truncated image", 10)
+    assert [e.input for e in truncated.examples] == names[:3]
+    assert truncated.examples[1].detail == "(image file is truncated (1 bytes not processed))"
+    assert (not_image.kind, not_image.jobs) == ("not an image file", 2)
+    kinds = {g.kind: g.jobs for g in everything.groups}
+    assert kinds == {
+        "corrupt or truncated image": 10,
+        "not an image file": 2,
+        "unexpected error: RuntimeError: boom": 1,
+        "gave up after 3 attempts: the worker stopped (crashed or was killed) each time": 1,
+        "cannot read the file": 1,
+    }
+    for group in everything.groups:  # SQL and Python agree
+        for example in group.examples:
+            assert failure_kind(example.error, example.input)[0] == group.kind
 
 
 def test_results_upsert_keeps_one_row_per_job(sessions):

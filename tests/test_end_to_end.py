@@ -63,6 +63,11 @@ def test_run_on_the_embedded_default_classifies_photos_and_fails_only_bad_files(
     assert [(b["batch"], b["done"], b["failed"]) for b in listed] == [
         (batch, len(PHOTOS), len(bad_files))
     ]
+    # Its failures by kind: each bad file once, under its kind, without its path in the kind.
+    text = pixelmill("status", batch, env=env).stdout
+    assert f"failed  {len(bad_files)} job(s)" in text, text
+    assert all(text.count(str(path)) == 1 for path in bad_files.values()), text
+    assert "× not an image file\n" in text and "× empty file\n" in text, text
 
 
 def test_run_reads_paths_from_stdin_and_exits_0_when_all_done(tmp_path, photos):
@@ -99,7 +104,9 @@ def test_submit_then_worker_on_postgres_and_redis(
     counts = json.loads(status.stdout)
     assert (counts["done"], counts["failed"]) == (len(PHOTOS), 1)
     assert counts["failures"][0]["jobs"] == 1
-    assert str(bad_files["text"]) in counts["failures"][0]["reason"]
+    assert counts["failures"][0]["inputs"] == [str(bad_files["text"])]
+    assert counts["failures"][0]["reason"] == "not an image file"
+    assert counts["failures_not_shown"] == {"kinds": 0, "jobs": 0}
 
     res = pixelmill("results", batch, "--json", env=env)
     assert res.returncode == 1

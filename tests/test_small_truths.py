@@ -335,3 +335,24 @@ def test_a_path_list_with_windows_line_endings_names_the_files(tmp_path):
     b.write_bytes(b"x")
     paths = expand_inputs(["-"], stdin=io.StringIO(f"{a}\r\n{b}\r\n"))
     assert paths == [str(a), str(b)]
+
+
+def test_failures_text_says_how_many_inputs_and_kinds_are_not_shown():
+    from pixelmill.db.records import FailureExample, FailureGroup, Failures
+    from pixelmill.producer.output import failures_json, failures_text
+
+    examples = [
+        FailureExample(f"/in/{i}.jpg", f"/in/{i}.jpg: truncated ({i} bytes)") for i in range(3)
+    ]
+    found = Failures([FailureGroup("truncated", 10, examples)], kinds=3, jobs=14)
+    lines = failures_text(found, "b1")
+    assert lines[0] == "failed  14 job(s), 3 kinds of failure:"
+    assert lines[1] == "  10 × truncated"
+    assert lines[2].endswith("/in/0.jpg  (0 bytes)")
+    assert lines[4].endswith("/in/2.jpg  (2 bytes)")
+    assert lines[5].endswith("… and 7 more")
+    assert lines[6].startswith("  … and 2 more kind(s) of failure (4 job(s)) not shown")
+    assert "pixelmill results b1" in lines[6]
+    data = failures_json(found)
+    assert data["failures_not_shown"] == {"kinds": 2, "jobs": 4}
+    assert data["failures"][0]["examples"][0] == {"input": "/in/0.jpg", "detail": "(0 bytes)"}

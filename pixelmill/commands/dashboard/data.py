@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 from pixelmill.catalog import STORED_INPUT, job_path
 from pixelmill.db.fleet import list_workers
 from pixelmill.db.reads import (
+    batch_failures,
     batch_jobs_page,
     batch_times,
-    failures_by_reason,
     find_batches,
     finished_per_minute,
     get_batch,
@@ -37,7 +37,7 @@ from pixelmill.db.store import ObjectStore, open_store
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client
 from pixelmill.producer.export import FORMATS, batch_export, run_export
-from pixelmill.producer.output import counts_json
+from pixelmill.producer.output import counts_json, failures_json
 from pixelmill.settings import Settings, mask_secrets
 from pixelmill.wire import PRIORITIES, queue_lengths
 
@@ -161,13 +161,11 @@ class Reader:
             counts = find_batches(session, 1, only=batch_id, times=False)[0]
             self._times(session, [counts])
             failed = counts.by_status.get("failed")
-            failures = failures_by_reason(session, batch_id) if failed else []
+            found = batch_failures(session, batch_id) if failed else None
             minutes = self._throughput(session, counts)
         data = batch_json(counts)
         data["options"] = options
-        data["failures"] = [
-            {"reason": reason, "jobs": n, "inputs": inputs} for reason, n, inputs in failures
-        ]
+        data.update(failures_json(found))
         data["throughput"] = throughput(minutes)
         return data
 

@@ -241,11 +241,21 @@
     fill($("throughput"), [box, peak]);
   }
 
-  function drawFailures(failures) {
-    const items = failures.map((f) => el("li", {},
-      el("div", {}, el("span", { class: "badge failed", text: "×" + f.jobs }), " ", el("span", { class: "reason", text: f.reason })),
-      el("ul", { class: "inputs" }, ...f.inputs.map((i) => el("li", { class: "input", text: i }))),
-    ));
+  function drawFailures(shown) {
+    const [failures, notShown] = shown;
+    const items = failures.map((f) => {
+      const inputs = f.examples.map((e) => el("li", { class: "input" },
+        e.input, e.detail ? el("span", { class: "detail", text: "  " + e.detail }) : null));
+      const more = f.jobs - f.examples.length;
+      if (more > 0) inputs.push(el("li", { class: "more", text: "… and " + more + " more" }));
+      return el("li", {},
+        el("div", {}, el("span", { class: "badge failed", text: "×" + f.jobs }), " ", el("span", { class: "reason", text: f.reason })),
+        el("ul", { class: "inputs" }, ...inputs),
+      );
+    });
+    if (notShown && notShown.kinds > 0) {
+      items.push(el("li", { class: "more", text: "… and " + notShown.kinds + " more kind(s) of failure (" + notShown.jobs + " job(s)) not shown" }));
+    }
     fill($("failures"), items);
     $("failures-empty").hidden = items.length > 0;
   }
@@ -343,7 +353,7 @@
       $("export-" + fmt).href = "/api/batches/" + encodeURIComponent(b.batch) + "/export?format=" + fmt;
     }
     drawIfNew("throughput", JSON.stringify(b.throughput), drawThroughput);
-    drawIfNew("failures", JSON.stringify(b.failures), drawFailures);
+    drawIfNew("failures", JSON.stringify([b.failures, b.failures_not_shown]), drawFailures);
   }
 
   // ---- polling ----------------------------------------------------------------------------
