@@ -15,7 +15,7 @@ from PIL import Image
 from pixelmill.catalog import CaptionOptions
 from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
-from pixelmill.models.loading import load_failure, revision_of
+from pixelmill.models.loading import load_failure, pretrained_options, revision_of
 
 
 class Captioner(Runner[CaptionOptions]):
@@ -45,8 +45,8 @@ class Captioner(Runner[CaptionOptions]):
             AutoTokenizer,
         )
 
-        remote = {"trust_remote_code": self.loading.trust_remote_code}
         try:
+            remote = pretrained_options(self.name, trust_remote_code=self.loading.trust_remote_code)
             model = AutoModelForImageTextToText.from_pretrained(self.name, **remote)
             processor = AutoProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
             if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer"):

@@ -14,7 +14,7 @@ from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.device import autocast, resolve_precision
-from pixelmill.models.loading import load_failure, revision_of
+from pixelmill.models.loading import load_failure, pretrained_options, revision_of
 
 BUILTIN_EFFICIENTNET = "efficientnet_lite0"
 RANDOM_VIT_B16 = "vit_b16_random"
@@ -185,17 +185,16 @@ class HFClassifier(Classifier):
 
         try:
             remote = self.loading.trust_remote_code
-            config = AutoConfig.from_pretrained(self.name, trust_remote_code=remote)
+            options = pretrained_options(self.name, trust_remote_code=remote)
+            config = AutoConfig.from_pretrained(self.name, **options)
             if getattr(config, "model_type", None) in DUAL_ENCODER_TYPES:
                 raise ModelUnavailable(
                     f"model {self.name!r} is a CLIP-style dual encoder: it classifies against "
                     'labels you give (--labels "a cat,a dog"), or embeds images '
                     "(pixelmill run embed); it has no classes of its own"
                 )
-            processor = AutoImageProcessor.from_pretrained(self.name, trust_remote_code=remote)  # type: ignore[no-untyped-call]
-            model = AutoModelForImageClassification.from_pretrained(
-                self.name, trust_remote_code=remote
-            )
+            processor = AutoImageProcessor.from_pretrained(self.name, **options)  # type: ignore[no-untyped-call]
+            model = AutoModelForImageClassification.from_pretrained(self.name, **options)
         except ModelUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...

@@ -35,7 +35,7 @@ from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, OptionsT, Runner
 from pixelmill.models.classify import DEFAULT_TOP_K, top_labels
 from pixelmill.models.device import autocast, resolve_precision
-from pixelmill.models.loading import load_failure, revision_of
+from pixelmill.models.loading import load_failure, pretrained_options, revision_of
 
 EMBEDDING = "embedding"
 RANDOM_CLIP_B32 = "clip_vit_b32_random"
@@ -90,33 +90,31 @@ class DualEncoderRunner(Runner[OptionsT], Generic[OptionsT]):
     def _load(self, device: str) -> None:
         from transformers import AutoConfig, AutoModel
 
-        remote = self.loading.trust_remote_code
         try:
-            config = AutoConfig.from_pretrained(self.name, trust_remote_code=remote)
+            remote = pretrained_options(self.name, trust_remote_code=self.loading.trust_remote_code)
+            config = AutoConfig.from_pretrained(self.name, **remote)
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             raise load_failure(self.name, KIND, exc) from None
         model_type = str(getattr(config, "model_type", "") or "")
         if model_type not in DUAL_ENCODER_TYPES:
             raise not_dual_encoder(self.name, model_type)
         try:
-            model = AutoModel.from_pretrained(self.name, trust_remote_code=remote)
+            model = AutoModel.from_pretrained(self.name, **remote)
             image_processor, tokenizer = self._processors(remote)
         except Exception as exc:  # noqa: BLE001
             raise load_failure(self.name, KIND, exc) from None
         self._set(model, image_processor, tokenizer, revision_of(model.config, self.name), device)
 
-    def _processors(self, remote: bool) -> tuple[Any, Any]:
+    def _processors(self, remote: dict[str, Any]) -> tuple[Any, Any]:
         from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
-        processor = AutoProcessor.from_pretrained(self.name, trust_remote_code=remote)  # type: ignore[no-untyped-call]
+        processor = AutoProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
         image_processor = getattr(processor, "image_processor", None)
         tokenizer = getattr(processor, "tokenizer", None)
         if image_processor is None:
-            image_processor = AutoImageProcessor.from_pretrained(  # type: ignore[no-untyped-call]
-                self.name, trust_remote_code=remote
-            )
+            image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
         if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(self.name, trust_remote_code=remote)
+            tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
         return image_processor, tokenizer
 
     def _set(

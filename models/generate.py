@@ -19,7 +19,7 @@ from pixelmill.errors import BadInput, ModelUnavailable
 from pixelmill.models.base import IMAGE, LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
 from pixelmill.models.images import Fetched
-from pixelmill.models.loading import load_failure, revision_of
+from pixelmill.models.loading import load_failure, pretrained_options, revision_of
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,8 @@ class ImageGenerator(Runner[GenerateOptions]):
         from diffusers import AutoPipelineForText2Image
 
         try:
-            return AutoPipelineForText2Image.from_pretrained(  # type: ignore[no-untyped-call]
-                self.name, dtype=dtype, trust_remote_code=self.loading.trust_remote_code
-            )
+            remote = pretrained_options(self.name, trust_remote_code=self.loading.trust_remote_code)
+            return AutoPipelineForText2Image.from_pretrained(self.name, dtype=dtype, **remote)  # type: ignore[no-untyped-call]
         except Exception as exc:  # noqa: BLE001 - diffusers raises OSError, ValueError, ...
             raise load_failure(self.name, "a diffusers text-to-image pipeline", exc) from None
 

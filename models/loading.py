@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from pixelmill.errors import ModelUnavailable
-from pixelmill.revisions import folder_revision, model_folder
+from pixelmill.models.hub import HubError, hub_options, offline_reason
+from pixelmill.revisions import folder_revision, hub_cache_revision, model_folder
 
 SNAPSHOT = re.compile(r"/snapshots/([0-9a-f]{40})(/|$)")
 
@@ -27,6 +28,16 @@ def is_folder(name: str) -> bool:
         return False
 
 
+def pretrained_options(name: str, *, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``from_pretrained``'s keyword arguments for model ``name``: for a hub name, read only
+    the local cache when the hub is away (``models.hub``: asked once, no minutes of retries);
+    ``HubError`` if the model cannot be had at all (a load turns it into ``load_failure``)."""
+    options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if not is_folder(name):
+        options.update(hub_options(name))
+    return options
+
+
 def reason_of(exc: BaseException) -> str:
     """An exception's whole first line (its type when it has no message), without a trailing
     period; cut at a word boundary only past ``MAX_REASON`` characters."""
@@ -41,7 +52,12 @@ def reason_of(exc: BaseException) -> str:
 def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
     """A ModelUnavailable that names the model, says the real cause and what to do about it."""
     reason = reason_of(exc)
-    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+    away = offline_reason()
+    if away is not None and not isinstance(exc, HubError) and not is_folder(name):
+        reason += f" (only this host's Hugging Face cache was read: {away})"
+    if isinstance(exc, HubError) and not exc.offline:
+        hint = "Pass a model id as the hub spells it (org/name), or a local folder with --model."
+    elif type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
         hint = (
             "The device ran out of memory even with every other model dropped: use a smaller "
             "model or precision, or a device with more memory."
@@ -64,7 +80,8 @@ def load_failure(name: str, kind: str, exc: BaseException) -> ModelUnavailable:
 
 def revision_of(config: Any, name: str) -> str | None:
     """The revision a model was loaded as: a local folder's content fingerprint (the one a
-    producer computes too, ``pixelmill.revisions``), else the hub commit it was loaded from."""
+    producer computes too, ``pixelmill.revisions``), else the hub commit it was loaded from
+    (or, loaded from the cache alone, the commit the cache resolves it to)."""
     folder = model_folder(name)
     if folder is not None:
         return folder_revision(folder)
@@ -76,4 +93,7 @@ def revision_of(config: Any, name: str) -> str | None:
     if commit:
         return str(commit)
     match = SNAPSHOT.search(path)
-    return match.group(1) if match else None
+    if match:
+        return match.group(1)
+    cached = hub_cache_revision(name)  # read from the cache alone (offline): its main ref
+    return cached[0] if cached else None

@@ -14,8 +14,23 @@ from typing import Any
 
 import pytest
 
-from pixelmill.settings import Settings
-from tests.services import (
+
+def _closed_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Hermetic: the Hugging Face hub is a closed loopback port for every test and every process
+# they start (set before huggingface_hub is imported), so a hub name behaves the same on a host
+# with a network as on one without: unreachable, at once. tests/test_hub.py points it elsewhere.
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_loopback_port()}"
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+from pixelmill.settings import Settings  # noqa: E402
+from tests.services import (  # noqa: E402
     PostgresServer,
     RedisServer,
     S3Server,
