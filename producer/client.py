@@ -21,6 +21,7 @@ from pixelmill.catalog import (
     DEFAULT_BATCH_SIZES,
     DEFAULT_MODELS,
     DEFAULT_ZERO_SHOT_MODEL,
+    IMAGE_EXTENSIONS,
     TASKS,
     job_path,
     recipe,
@@ -148,6 +149,17 @@ def source_key(
         "listed": list(paths) if "-" in typed else None,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def no_images_found(typed: Sequence[str]) -> str:
+    """What a submit that found nothing says: where it looked, and for what."""
+    where = ", ".join("stdin" if t == "-" else t for t in typed[:3])
+    where += f" and {len(typed) - 3} more" if len(typed) > 3 else ""
+    kinds = " ".join(sorted(IMAGE_EXTENSIONS))
+    return (
+        f"no input images found in {where}: folders are searched recursively for files "
+        f"named {kinds} (any case; hidden ones skipped)"
+    )
 
 
 class _LazyS3:
@@ -436,7 +448,7 @@ class Client:
         listed: dict[str, RemoteObject] = {}
         paths = expand_inputs(typed, remote=remote, listed=listed)
         if typed and not paths:
-            raise InputError("no input images found")
+            raise InputError(no_images_found(typed))
         plan = storable(plan_jobs(task, paths, prompts=prompts, count=count, seed=seed))
         size = batch_size or self.settings.batch_size or DEFAULT_BATCH_SIZES[task]
         given = {**(options or {}), "batch_size": size}

@@ -260,6 +260,11 @@ def pace(counts: BatchCounts, *, clock: bool = False) -> str:
     return text
 
 
+def elapsed(seconds: float) -> str:
+    """``seconds`` as 9.4s under a minute, else as ``duration``."""
+    return f"{seconds:.1f}s" if seconds < 59.95 else duration(seconds)
+
+
 def duration(seconds: float) -> str:
     """``seconds`` as 42s, 3m05s or 2h07m."""
     seconds = int(round(seconds))

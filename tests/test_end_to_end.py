@@ -63,6 +63,9 @@ def test_run_on_the_embedded_default_classifies_photos_and_fails_only_bad_files(
     assert [(b["batch"], b["done"], b["failed"]) for b in listed] == [
         (batch, len(PHOTOS), len(bad_files))
     ]
+    # --json keeps stdout to the lines; the summary, with its pace, is on stderr.
+    summary = rf"^{len(PHOTOS)} done, {len(bad_files)} failed in \S+ \(\d+\.\d images/s\)$"
+    assert re.search(summary, proc.stderr, re.M), proc.stderr
     # Its failures by kind: each bad file once, under its kind, without its path in the kind.
     text = pixelmill("status", batch, env=env).stdout
     assert f"failed  {len(bad_files)} job(s)" in text, text
@@ -77,7 +80,10 @@ def test_run_reads_paths_from_stdin_and_exits_0_when_all_done(tmp_path, photos):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.splitlines()
     assert len(out) == 2 and all(line.startswith("done") for line in out)
-    assert "2 done, 0 failed" in proc.stderr
+    # The last line: how many, how long, how fast.
+    assert re.search(r"^2 done, 0 failed in \d+\.\ds \(\d+\.\d images/s\)$", proc.stderr, re.M), (
+        proc.stderr
+    )
 
 
 def test_submit_then_worker_on_postgres_and_redis(

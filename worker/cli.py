@@ -40,7 +40,7 @@ def worker(devices: str, cpu_workers: int | None) -> None:
     `pixelmill submit` from another shell reaches it.
     """
     from pixelmill.db.engine import configured_database
-    from pixelmill.worker.devices import parse_devices
+    from pixelmill.worker.devices import describe_devices, parse_devices
     from pixelmill.worker.local import embedded_broker
     from pixelmill.worker.supervisor import Supervisor
 
@@ -51,7 +51,7 @@ def worker(devices: str, cpu_workers: int | None) -> None:
         # A configured SQLite file's folder must exist (exit 2 naming it, not a crash loop).
         configured_database(settings, migrate=False).dispose()
         click.echo(
-            f"pixelmill worker: {', '.join(d.label for d in specs)} on "
+            f"pixelmill worker: {describe_devices(specs)} on "
             f"{mask_url(settings.resolved_broker_url())}",
             err=True,
         )

@@ -27,6 +27,18 @@ class DeviceSpec:
         return f"{base}-{self.slot}" if self.slot else base
 
 
+def describe_devices(specs: list[DeviceSpec]) -> str:
+    """The worker processes one per device, by name: "cuda0, cuda1", or "cpu, cpu-1 (1 torch
+    thread each)"."""
+    text = ", ".join(d.name for d in specs)
+    threads = {d.threads for d in specs if d.visible is None}
+    if len(threads) == 1 and None not in threads:
+        (n,) = threads
+        each = " each" if len(specs) > 1 else ""
+        text += f" ({n} torch thread{'s' if n != 1 else ''}{each})"
+    return text
+
+
 def nvidia_driver_present() -> bool:
     """Whether this host has an NVIDIA driver loaded (its /proc entry or device nodes): without
     one, CUDA sees no device, and nobody needs to start torch to find that out."""
