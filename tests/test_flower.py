@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ def test_flower_shows_the_worker_and_requires_its_password(tmp_path, redis_serve
     flower = subprocess.Popen(
         [sys.executable, "-m", "pixelmill", "flower", f"--port={port}",
          "--basic-auth=ops:s3cret"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(tmp_path / "flower.log").open("w"),
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/workers"
@@ -50,6 +51,12 @@ def test_flower_shows_the_worker_and_requires_its_password(tmp_path, redis_serve
                 pass
             time.sleep(1)
         assert "pixelmill-cpu@" in body
+        # pixelmill's task among Flower's own registered tasks, and among the worker's.
+        log = (tmp_path / "flower.log").read_text()
+        assert "'pixelmill.process_batch'" in log.split("Registered tasks", 1)[1], log
+        status, workers = _get(f"http://127.0.0.1:{port}/api/workers?refresh=1", "ops:s3cret")
+        registered = [t for w in json.loads(workers).values() for t in w.get("registered", [])]
+        assert status == 200 and "pixelmill.process_batch" in registered
         assert _get(url)[0] == 401
         assert _get(url, "ops:wrong")[0] == 401
     finally:

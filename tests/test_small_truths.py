@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -110,7 +111,8 @@ def test_the_worker_banner_and_logs_never_show_the_broker_password(tmp_path):
         # Until its device worker has failed to connect at least once (or gave up trying).
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and proc.poll() is None:
-            if "Cannot connect to" in log.read_text(errors="replace"):
+            seen = log.read_text(errors="replace")
+            if "Cannot connect to" in seen and "reconciler: the broker" in seen:
                 break
             time.sleep(0.5)
     finally:
@@ -124,6 +126,15 @@ def test_the_worker_banner_and_logs_never_show_the_broker_password(tmp_path):
     assert "pixelmill worker:" in text and "redis://:***@127.0.0.1:" in text, text[-3000:]
     assert "Cannot connect to" in text, text[-3000:]  # connection refused, not a parse error
     assert not _shows_password(text), _shows_password(text)
+    # A broker away is one line per attempt, naming it (masked) and when it is tried again;
+    # a traceback is for bugs.
+    assert "Traceback" not in text, text[-3000:]
+    retry = r"Cannot connect to redis://:\*\*@127\.0\.0\.1:\d+/0: .+ Trying again in [\d.]+ seconds"
+    assert re.search(retry, text), text[-3000:]
+    away = (
+        r"reconciler: the broker redis://:\*\*\*@127\.0\.0\.1:\d+/0 cannot be reached \(.+\); next"
+    )
+    assert re.search(away, text), text[-3000:]
 
 
 def test_a_broker_error_never_shows_the_password(tmp_path):
@@ -356,3 +367,23 @@ def test_failures_text_says_how_many_inputs_and_kinds_are_not_shown():
     data = failures_json(found)
     assert data["failures_not_shown"] == {"kinds": 2, "jobs": 4}
     assert data["failures"][0]["examples"][0] == {"input": "/in/0.jpg", "detail": "(0 bytes)"}
+
+
+def test_the_worker_header_names_each_process_once():
+    from pixelmill.worker.devices import DeviceSpec, cpu_workers, describe_devices
+
+    assert describe_devices(cpu_workers(2)) == "cpu, cpu-1 (1 torch thread each)"
+    assert describe_devices([DeviceSpec("cuda:0", "0"), DeviceSpec("cuda:1", "1")]) == (
+        "cuda0, cuda1"
+    )
+
+
+def test_no_input_images_says_where_it_looked_and_for_what(tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image\n")
+    proc = pixelmill("submit", "classify", str(folder), env=pixelmill_env(data_dir=str(tmp_path)))
+    assert proc.returncode == 2
+    assert f"no input images found in {folder}: folders are searched recursively" in proc.stderr
+    assert ".jpg" in proc.stderr and ".heic" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -97,7 +97,9 @@ def flower(port: int, address: str, basic_auth: str | None) -> None:
         env["FLOWER_BASIC_AUTH"] = basic_auth
     else:
         env.pop("FLOWER_BASIC_AUTH", None)
-    argv = python_command("-m", "celery", "flower", f"--port={port}", f"--address={address}")
+    # pixelmill's own app: its broker settings, and its task names among Flower's registered.
+    argv = python_command("-m", "celery", "-A", "pixelmill.worker.flower_app", "flower",
+                          f"--port={port}", f"--address={address}")  # fmt: skip
     argv.append("--broker-api=")  # the Redis broker needs no management API
     os.execve(sys.executable, argv, env)
 

@@ -21,11 +21,13 @@ import logging
 import time
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.db.jobs import take_stranded
 from pixelmill.db.schema import JobStatus
-from pixelmill.settings import Settings
+from pixelmill.settings import Settings, mask_url
 from pixelmill.wire import enqueue, message_size, queue_length
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,33 @@ class Reconciler:
         self._next = now + self.settings.reconcile_interval
         try:
             return self.run_once()
-        except Exception:  # noqa: BLE001 - the database or broker away: try again next pass
-            log.warning("reconciler pass failed; retrying later", exc_info=True)
+        except Exception as exc:  # noqa: BLE001 - the database or broker away: try again next pass
+            away = self.service_away(exc)
+            if away is None:  # not a service away: a bug, with its traceback
+                log.warning("reconciler pass failed; retrying later", exc_info=True)
+            else:  # one line a pass: which service, where, and when the next try is
+                log.warning(
+                    "reconciler: %s; next pass in %gs", away, self.settings.reconcile_interval
+                )
             return 0
+
+    def service_away(self, exc: BaseException) -> str | None:
+        """ "the broker redis://:***@host:6379/0 cannot be reached (Error 111 …)" when ``exc``
+        says a service is away (the database or the broker: unreachable, refusing, timing
+        out), else None."""
+        from kombu.exceptions import OperationalError as BrokerError
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeout
+
+        if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
+            why = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            where = mask_url(self.settings.resolved_database_url())
+            return f"the database {where} cannot be reached ({why[0] if why else exc})"
+        if isinstance(exc, BrokerError | RedisConnectionError | RedisTimeout | OSError):
+            why = str(exc).strip().splitlines()
+            where = mask_url(self.settings.resolved_broker_url())
+            return f"the broker {where} cannot be reached ({why[0] if why else type(exc).__name__})"
+        return None
 
     def run_once(self) -> int:
         count = self._requeue(JobStatus.running, self.settings.lease_seconds)
