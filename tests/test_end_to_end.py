@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -150,6 +152,48 @@ def test_python_api_with_a_local_hugging_face_model(tmp_path, photos, redis_serv
         assert r.model == str(model_dir)
         assert {x["label"] for x in r.result["labels"]} <= set(TINY_LABELS)
         assert len(r.result["labels"]) == 5
+
+
+QUIET_SCRIPT = """
+import os, signal, sys, time
+from pixelmill import Client, load_settings, local_cluster
+
+settings = load_settings()
+with local_cluster(settings, "cpu") as cluster, Client(settings) as pm:
+    # A worker killed under the script is restarted, as under `pixelmill run`.
+    first = cluster.children[0].process
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = cluster.children[0].process
+        if now is not None and now.pid != first.pid and now.poll() is None:
+            break
+        time.sleep(0.2)
+    print("restarted", now is not None and now.pid != first.pid)
+    batch = pm.submit("classify", sys.argv[1:], model=None)
+    pm.wait(batch.batch_id, timeout=300)
+    for job in pm.results(batch.batch_id):
+        print(job.status, job.input)
+"""
+
+
+def test_the_python_api_keeps_the_scripts_stderr_quiet_and_watches_its_workers(tmp_path, photos):
+    """The README's script: no Celery banner, warning or log line of the workers on the
+    script's stderr (they go to DATA_DIR/logs, as for `pixelmill run`)."""
+    script = tmp_path / "script.py"
+    script.write_text(QUIET_SCRIPT)
+    names = sorted(str(p) for p in photos.iterdir())[:2]
+    proc = subprocess.run(
+        [sys.executable, str(script), *names],
+        env=pixelmill_env(data_dir=str(tmp_path / "data")),
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    # Only what the script should know: the worker it killed, restarted.
+    assert proc.stderr == "worker for cpu exited with -9; restarting in 1s\n"
+    assert proc.stdout.splitlines() == ["restarted True", *(f"done {n}" for n in names)]
+    logs = {p.name: p.read_text() for p in (tmp_path / "data" / "logs").iterdir()}
+    assert "worker-cpu.log" in logs and "SecurityWarning" in "".join(logs.values())
 
 
 def test_usage_errors_exit_2_and_unreachable_broker_exits_3(tmp_path, photos):

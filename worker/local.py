@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,10 +56,46 @@ def local_cluster(
     workers: bool = True,
     log_dir: Path | None = None,
 ) -> Iterator[Supervisor | None]:
-    """Embedded broker if needed, plus one worker per device unless ``workers`` is False."""
+    """Embedded broker if needed, plus one worker per device unless ``workers`` is False, all
+    stopped on exit (the workers drain).
+
+    The workers write to ``log_dir`` (default: ``DATA_DIR/logs``, as for `pixelmill run`), so
+    a script's own stderr stays its own. A thread watches them as `pixelmill run` does:
+    a crashed worker is restarted, the embedded broker brought back; a worker that cannot
+    start at all is logged once (ERROR, with its log's path) on the ``pixelmill`` logger."""
+    log_dir = log_dir if log_dir is not None else settings.data_dir / "logs"
     with embedded_broker(settings) as broker:
         if not workers:
             yield None
             return
-        with local_workers(settings, devices, log_dir=log_dir, broker=broker) as supervisor:
+        with (
+            local_workers(settings, devices, log_dir=log_dir, broker=broker) as supervisor,
+            _watched(supervisor),
+        ):
             yield supervisor
+
+
+@contextlib.contextmanager
+def _watched(supervisor: Supervisor, interval: float = 1.0) -> Iterator[None]:
+    """``supervisor.poll()`` every ``interval`` seconds from a thread, until the block ends."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        told = False
+        while not stop.wait(interval):
+            try:
+                supervisor.poll()
+            except Exception:  # noqa: BLE001 - the watch goes on; the next poll may succeed
+                log.exception("pixelmill: watching the local workers failed")
+            why = supervisor.failing_to_start
+            if why is not None and not told:
+                log.error("pixelmill: %s", why)
+                told = True
+
+    thread = threading.Thread(target=watch, name="pixelmill-local-cluster", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
