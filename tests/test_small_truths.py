@@ -387,3 +387,18 @@ def test_no_input_images_says_where_it_looked_and_for_what(tmp_path):
     assert f"no input images found in {folder}: folders are searched recursively" in proc.stderr
     assert ".jpg" in proc.stderr and ".heic" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_demo_uses_its_own_data_folder_and_says_where(tmp_path):
+    """scripts/demo never writes into the user's data folder (nor uses their services)."""
+    demo, theirs = tmp_path / "demo", tmp_path / "theirs"
+    env = pixelmill_env(data_dir=str(theirs), broker_url="redis://127.0.0.1:1/0")
+    env["PIXELMILL_DEMO_DIR"] = str(demo)
+    proc = subprocess.run(
+        [str(ROOT / "scripts" / "demo")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith(f"demo: data folder {demo} (not yours")
+    assert len(proc.stdout.splitlines()) == 6
+    assert (demo / "pixelmill.db").exists() and not theirs.exists()
