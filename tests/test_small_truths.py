@@ -402,3 +402,23 @@ def test_the_demo_uses_its_own_data_folder_and_says_where(tmp_path):
     assert proc.stderr.splitlines()[0].startswith(f"demo: data folder {demo} (not yours")
     assert len(proc.stdout.splitlines()) == 6
     assert (demo / "pixelmill.db").exists() and not theirs.exists()
+
+
+def test_status_pace_gives_the_rate_and_while_running_the_time_left_and_the_end():
+    from datetime import UTC, datetime, timedelta
+
+    from pixelmill.db.records import BatchCounts
+    from pixelmill.producer.output import pace
+
+    started = datetime.now(UTC) - timedelta(seconds=100)
+    states = {"done": 18, "failed": 2, "running": 4, "queued": 36}
+    running = BatchCounts(
+        "b", "classify", "m", None, total=60, started_at=started, by_status=states
+    )
+    text = pace(running, clock=True)
+    assert re.fullmatch(r"0\.2 items/s, about 3m\d\ds left \(ends ~\d\d:\d\d:\d\d\)", text), text
+    assert re.fullmatch(r"0\.2 items/s, ETA 3m\d\ds", pace(running)), pace(running)
+    done = BatchCounts("b", "classify", "m", None, total=20, started_at=started,
+                       last_finished_at=started + timedelta(seconds=40),
+                       by_status={"done": 20}, reused=10)  # fmt: skip
+    assert pace(done, clock=True) == "0.2 items/s"  # reused jobs are not counted as work
