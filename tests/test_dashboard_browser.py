@@ -147,10 +147,11 @@ def test_the_page_live_with_a_worker(tmp_path, dashboard_process, start_worker, 
         # the failure list shows the bad file's reason; the hostile name stays text
         client.wait(small.batch_id, timeout=120)
         page.goto(url + f"#/batch/{small.batch_id}")
-        reason = next(r for r, _ in client.failures(small.batch_id))
+        group = client.failures(small.batch_id).groups[0]
         failures = page.locator("#failures")
         expect(failures).to_contain_text("notes.jpg", timeout=10_000)
-        expect(failures).to_contain_text(reason.split(": ", 1)[-1][:40])
+        expect(failures).to_contain_text(group.kind)  # the kind, then each input with its detail
+        expect(failures).to_contain_text(group.examples[0].detail)
         sheet = page.locator("#sheet")
         expect(sheet.locator("figure")).to_have_count(4, timeout=10_000)
         hostile = page.get_by_text(str(mixed / HOSTILE), exact=True)
