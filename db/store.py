@@ -68,8 +68,8 @@ class LocalStore:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        except OSError as exc:
-            raise StoreError(f"cannot write {key} in {self.root}: {exc}") from exc
+        except OSError as exc:  # the object's key last, so one fault over many jobs is one kind
+            raise StoreError(f"cannot write in {self.root}: {exc} (object {key})") from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -79,7 +79,8 @@ class LocalStore:
         except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
             if isinstance(exc, OSError):
-                raise StoreError(f"cannot write {key} in {self.root}: {exc}") from exc
+                reason = exc.strerror or exc  # without the temporary file's name
+                raise StoreError(f"cannot write in {self.root}: {reason} (object {key})") from exc
             raise
         return _stored(key, path.as_uri(), data, content_type, hashlib.sha256(data).hexdigest())
 

@@ -124,7 +124,8 @@ def test_submit_then_worker_on_postgres_and_redis(
         if line["status"] == "done":
             _assert_photo_labels(line)
     human = pixelmill("status", batch, env=env).stdout
-    assert "failed x1" in human and "done 4" in human
+    assert "failed  1 job(s), 1 kind of failure:" in human and "done 4" in human
+    assert "1 × not an image file" in human and str(bad_files["text"]) in human
     table = pixelmill("status", env=env).stdout.splitlines()
     assert table[0].split()[:2] == ["BATCH", "CREATED"] and table[1].startswith(batch)
     assert table[1].split()[-1] == "nightly"

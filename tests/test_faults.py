@@ -151,8 +151,9 @@ def test_an_input_that_kills_every_worker_fails_after_max_attempts(tmp_path, red
         counts = client.wait(sub.batch_id, timeout=240)
         reasons = client.failures(sub.batch_id)
     assert counts.by_status == {"done": 15, "failed": 1}, counts.by_status
-    ((reason, n),) = reasons
-    assert n == 1 and "gave up after 3 attempts" in reason
+    ((group,),) = [reasons.groups]
+    assert group.jobs == 1 and "gave up after 3 attempts" in group.kind, group
+    assert [e.input for e in group.examples] == [str(crasher)]
     assert _one_result_per_done_job(tmp_path, sub.batch_id) == (15, 1)
     status = pixelmill("status", sub.batch_id, env=env)
     assert "gave up after 3 attempts" in status.stdout

@@ -472,8 +472,9 @@ def test_unloadable_models_fail_their_jobs_in_a_worker(tmp_path, redis_server, s
         for model, cause in models.items():
             counts = client.wait(subs[model].batch_id, timeout=90)
             assert counts.by_status == {"failed": 3}, (model[:40], counts.by_status)
-            ((reason, n),) = client.failures(subs[model].batch_id)
-            assert n == 3 and model in reason and cause in reason, reason
+            (group,) = client.failures(subs[model].batch_id).groups
+            reason = group.examples[0].error  # the kind, and the OS's detail in brackets
+            assert group.jobs == 3 and model in reason and cause in reason, reason
         # and the worker is still up for a model that loads
         good = client.submit("classify", paths, model="null")
         assert client.wait(good.batch_id, timeout=60).by_status == {"done": 3}
@@ -514,10 +515,11 @@ def test_a_hung_read_in_a_worker_fails_its_job_and_the_rest_finish(tmp_path, red
         counts = client.wait(sub.batch_id, timeout=120)
         reasons = client.failures(sub.batch_id)
     assert counts.by_status == {"done": 12, "failed": 3}, counts.by_status
-    assert {r.split(": ", 1)[1] for r, _ in reasons} == {
-        "reading or decoding took longer than 2 s (a hung file system?)"
+    (group,) = reasons.groups
+    assert group.jobs == 3 and group.kind == "reading or decoding took longer than 2 s", group
+    assert {e.error for e in group.examples} == {
+        f"{path}: reading or decoding took longer than 2 s (a hung file system?)" for path in hung
     }
-    assert {r.split(": ", 1)[0] for r, _ in reasons} == set(hung)
 
 
 def _generate(client: Any, tiny_sd: Path, n: int) -> Any:
@@ -561,7 +563,9 @@ def test_an_object_store_away_for_good_fails_the_jobs_with_the_real_reason(
         counts = client.wait(sub.batch_id, timeout=120)
         reasons = client.failures(sub.batch_id)
     assert counts.by_status == {"failed": 4}, counts.by_status
-    for reason, _ in reasons:
-        assert reason.startswith("object store: cannot write batches/"), reason
+    (group,) = reasons.groups  # one kind of failure over the four jobs
+    assert group.jobs == 4 and group.kind.startswith("object store: cannot write in "), group
+    for reason in (e.error for e in group.examples):
+        assert "(object batches/" in reason, reason
         assert "Not a directory" in reason or "File exists" in reason
     assert _attempts(tmp_path, sub.batch_id) == [("failed", 1)] * 4
