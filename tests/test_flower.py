@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, pixelmill, pixelmill_env
 from tests.services import free_port
+from tests.test_compose import healthcheck
 
 pytestmark = pytest.mark.slow
 
@@ -59,9 +62,30 @@ def test_flower_shows_the_worker_and_requires_its_password(tmp_path, redis_serve
         assert status == 200 and "pixelmill.process_batch" in registered
         assert _get(url)[0] == 401
         assert _get(url, "ops:wrong")[0] == 401
+        # docker-compose.yml's healthchecks, run as Docker runs them in the containers: Flower's
+        # on its port, the worker's on this host's node (cpu here, cuda0 in the container).
+        flower_check = _compose_check("flower", {"5555": str(port)}, env)
+        assert flower_check.returncode == 0, flower_check.stderr
+        worker_check = _compose_check("worker-gpu0", {"pixelmill-cuda0@": "pixelmill-cpu@"}, env)
+        assert worker_check.returncode == 0, worker_check.stderr
+        absent = {"pixelmill-cuda0@": "pixelmill-cuda7@", "-t 10": "-t 2"}
+        assert _compose_check("worker-gpu0", absent, env).returncode != 0  # no such worker
     finally:
         flower.terminate()
         flower.wait(30)
+    assert _compose_check("flower", {"5555": str(port)}, env).returncode != 0
+
+
+def _compose_check(service: str, swap: dict[str, str], env: dict[str, str]) -> Any:
+    """Run a service's healthcheck from docker-compose.yml with ``swap``'s replacements, in the
+    environment the container has (python is this interpreter, HOSTNAME is set by Docker)."""
+    argv = [arg for arg in healthcheck(service)]
+    for old, new in swap.items():
+        argv = [arg.replace(old, new) for arg in argv]
+    argv = [sys.executable if arg == "python" else arg for arg in argv]
+    argv = [arg.replace("python -m", f"{sys.executable} -m") for arg in argv]
+    env = dict(env, HOSTNAME=socket.gethostname())
+    return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
 def test_flower_refuses_a_public_address_without_auth(tmp_path):
