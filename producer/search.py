@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,9 +26,9 @@ from pixelmill.db.embeddings import Embedded, embedded_models, nearest
 from pixelmill.db.reads import get_batch
 from pixelmill.db.relabel import EmbeddedJob, embedded_jobs, record_relabel
 from pixelmill.errors import BadInput, InputError
-from pixelmill.models.classify import DEFAULT_TOP_K
-from pixelmill.models.clip import DualEncoderRunner, ZeroShotClassifier, quiet_loading
-from pixelmill.models.registry import ZERO_SHOT, create_runner
+
+if TYPE_CHECKING:  # torch: imported when a model is loaded, so that a refusal is instant
+    from pixelmill.models.clip import DualEncoderRunner
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,9 @@ class Searcher:
         with self._lock:
             runner = self._runners.get((kind, model))
             if runner is None:
+                from pixelmill.models.clip import DualEncoderRunner, quiet_loading
+                from pixelmill.models.registry import create_runner
+
                 quiet_loading()
                 made = create_runner(kind, model)
                 if not isinstance(made, DualEncoderRunner):
@@ -179,11 +182,17 @@ class Searcher:
         labels: Sequence[str],
         *,
         templates: Sequence[str] | None = None,
-        top_k: int = DEFAULT_TOP_K,
+        top_k: int | None = None,
         name: str | None = None,
     ) -> Relabelled:
         """Score ``labels`` against the embed batch's stored vectors (no image read) and record
-        the result as a new classify batch; returns it."""
+        the result as a new classify batch (``top_k`` labels each, default the classifiers');
+        returns it."""
+        from pixelmill.models.classify import DEFAULT_TOP_K
+        from pixelmill.models.clip import ZeroShotClassifier
+        from pixelmill.models.registry import ZERO_SHOT
+
+        top_k = DEFAULT_TOP_K if top_k is None else top_k
         given: dict[str, Any] = {"labels": list(labels)}
         if templates:
             given["templates"] = list(templates)
