@@ -53,7 +53,7 @@ class Captioner(Runner[CaptionOptions]):
                 self.image_processor = processor.image_processor
                 self.tokenizer = processor.tokenizer
             else:  # VisionEncoderDecoder folders carry the two parts without a processor class
-                self.image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
+                self.image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)
                 self.tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
         except Exception as exc:  # noqa: BLE001 - transformers raises OSError, ValueError, ...
             raise load_failure(self.name, "an image-to-text (caption) model", exc) from None

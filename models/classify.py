@@ -193,7 +193,7 @@ class HFClassifier(Classifier):
                     'labels you give (--labels "a cat,a dog"), or embeds images '
                     "(pixelmill run embed); it has no classes of its own"
                 )
-            processor = AutoImageProcessor.from_pretrained(self.name, **options)  # type: ignore[no-untyped-call]
+            processor = AutoImageProcessor.from_pretrained(self.name, **options)
             model = AutoModelForImageClassification.from_pretrained(self.name, **options)
         except ModelUnavailable:
             raise

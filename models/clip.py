@@ -112,7 +112,7 @@ class DualEncoderRunner(Runner[OptionsT], Generic[OptionsT]):
         image_processor = getattr(processor, "image_processor", None)
         tokenizer = getattr(processor, "tokenizer", None)
         if image_processor is None:
-            image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)  # type: ignore[no-untyped-call]
+            image_processor = AutoImageProcessor.from_pretrained(self.name, **remote)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(self.name, **remote)
         return image_processor, tokenizer
