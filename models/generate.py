@@ -1,9 +1,12 @@
 """Image generation through diffusers' auto pipelines: text-to-image, and image+text-to-image
 (img2img) over init images, from a hub id or a local folder.
 
-Batched: one pipeline call per batch of prompts, with one seeded generator per item, so an
-image depends on its own prompt, seed and settings only. Generators live on the CPU: the same
-seed gives the same starting noise on every device.
+One pipeline call per image, with its own seeded generator, so that an image depends on its
+own model, prompt, seed and settings, and on nothing it was batched with. Batching prompts into
+one call made it depend on its neighbours too: on the CPU the same seed gave other pixels alone
+than beside a second prompt (a forward pass over 2 images takes other kernel paths than one over
+1), so re-generating one image of a batch from its recorded seed did not give it back. Generators
+live on the CPU: the same seed gives the same starting noise on every device.
 """
 
 from __future__ import annotations
@@ -109,38 +112,38 @@ class ImageGenerator(Runner[GenerateOptions]):
 
     def forward(self, batch: Any, options: GenerateOptions) -> list[dict[str, Any]]:
         items: list[GenerateItem] = batch
+        return [self._one(item, options) for item in items]
+
+    def _one(self, item: GenerateItem, options: GenerateOptions) -> dict[str, Any]:
+        """One image: a pipeline call of its own (see the module's docstring)."""
         width, height = self.size(options)
         kwargs: dict[str, Any] = {
-            "prompt": [item.prompt for item in items],
+            "prompt": item.prompt,
             "num_inference_steps": options.steps,
             "guidance_scale": options.guidance,
-            "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in items],
+            "generator": torch.Generator("cpu").manual_seed(item.seed),
             "output_type": "pil",
         }
         if options.negative_prompt:
-            kwargs["negative_prompt"] = [options.negative_prompt] * len(items)
+            kwargs["negative_prompt"] = options.negative_prompt
         with torch.inference_mode():
             if options.init:
-                out = self.image2image(
-                    image=[item.init for item in items], strength=options.strength, **kwargs
-                )
+                out = self.image2image(image=item.init, strength=options.strength, **kwargs)
             else:
                 out = self.text2image(height=height, width=width, **kwargs)
-        outputs = []
-        for item, image in zip(items, out.images, strict=True):
-            result: dict[str, Any] = {
-                "prompt": item.prompt,
-                "seed": item.seed,
-                "steps": options.steps,
-                "guidance": options.guidance,
-                "width": image.width,
-                "height": image.height,
-                IMAGE: image,
-            }
-            if options.init:
-                result["strength"] = options.strength
-            outputs.append(result)
-        return outputs
+        (image,) = out.images
+        result: dict[str, Any] = {
+            "prompt": item.prompt,
+            "seed": item.seed,
+            "steps": options.steps,
+            "guidance": options.guidance,
+            "width": image.width,
+            "height": image.height,
+            IMAGE: image,
+        }
+        if options.init:
+            result["strength"] = options.strength
+        return result
 
 
 def _unet_sample_size(pipe: Any) -> int | None:

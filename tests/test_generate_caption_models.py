@@ -123,6 +123,33 @@ def test_text_to_image_is_reproducible_by_seed_at_the_requested_size(sd):
     assert default.size == sd.default_size
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_image_does_not_depend_on_what_it_was_batched_with(sd, threads):
+    """Seed 12 alone, first or second of a pass of 2, and in a pass of 4: the same PNG. With
+    one torch thread (a CPU worker's, when several share the cores) a batched pipeline call gave
+    other pixels than a call for the image alone, so re-generating one image of a batch from its
+    recorded seed did not give it back; each image now has a pipeline call of its own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        size = {"steps": 2, "width": 64, "height": 32}
+        lighthouse = "a lighthouse at dusk"
+        passes = [
+            [(lighthouse, 12)],
+            [(lighthouse, 11), (lighthouse, 12)],
+            [(lighthouse, 12), ("a red bicycle", 13)],
+            [(lighthouse, 11), (lighthouse, 12), ("a red bicycle", 13), ("a red bicycle", 14)],
+        ]
+        found = set()
+        for items in passes:
+            out = _generate(sd, items, **size)
+            (twelve,) = [o for o in out if o["seed"] == 12]
+            found.add(_png(twelve[IMAGE]))
+    finally:
+        torch.set_num_threads(before)
+    assert len(found) == 1
+
+
 def test_image_to_image_depends_on_its_input_image(sd):
     given = {"init": True, "steps": 4, "strength": 0.6, "width": 32, "height": 32}
     opts = task_options("generate", given, sd.name)
