@@ -192,21 +192,63 @@ def pixelmill(
     )
 
 
-def slow_null(folder: Path, seconds: float) -> dict[str, str]:
-    """Environment for pixelmill processes whose ``null`` model spends ``seconds`` on each item
-    (a ``sitecustomize`` in ``folder``, put on PYTHONPATH): work that lasts long enough to act
-    on while it runs, on a fast or a loaded machine alike."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        "import time\n"
-        "import pixelmill.models.null as null\n"
-        "_prepare = null.NullRunner.prepare\n"
-        "def prepare(self, input, params, options):\n"
-        f"    time.sleep({seconds!r})\n"
-        "    return _prepare(self, input, params, options)\n"
-        "null.NullRunner.prepare = prepare\n"
-    )
-    return {"PYTHONPATH": str(folder)}
+class NullGate:
+    """A ``null`` model that finishes an item only when the test lets it: the pixelmill
+    processes started with ``env`` take a ticket per item (``prepare``), across processes,
+    and wait while every ticket let out so far is taken. So a batch is really still running
+    when the test acts on it, however fast or loaded the machine is; ``open`` lets everything
+    through (and is called at the end of the test, so that no worker waits for ever)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.allowed = folder / "allowed"
+        self.taken = folder / "taken"
+        self.allowed.write_text("0")
+        self.taken.write_text("0")
+        (folder / "sitecustomize.py").write_text(
+            "import fcntl, os, time\n"
+            "import pixelmill.models.null as null\n"
+            f"ALLOWED, TAKEN = {str(self.allowed)!r}, {str(self.taken)!r}\n"
+            "def _ticket():\n"
+            "    while True:\n"
+            "        with open(TAKEN, 'r+') as fp:\n"
+            "            fcntl.flock(fp, fcntl.LOCK_EX)\n"
+            "            taken = int(fp.read() or 0)\n"
+            "            with open(ALLOWED) as a:\n"
+            "                allowed = float(a.read() or 0)\n"
+            "            if taken < allowed:\n"
+            "                fp.seek(0); fp.truncate(); fp.write(str(taken + 1))\n"
+            "                return\n"
+            "        time.sleep(0.02)\n"
+            "_prepare = null.NullRunner.prepare\n"
+            "def prepare(self, input, params, options):\n"
+            "    _ticket()\n"
+            "    return _prepare(self, input, params, options)\n"
+            "null.NullRunner.prepare = prepare\n"
+        )
+        self.env = {"PYTHONPATH": str(folder)}
+
+    def allow(self, n: int) -> None:
+        """Let ``n`` items in all (since the start) finish."""
+        tmp = self.allowed.with_suffix(".tmp")
+        tmp.write_text(str(n))
+        tmp.replace(self.allowed)
+
+    def open(self) -> None:
+        self.allow(10**12)
+
+    def waiting(self) -> bool:
+        """Whether every ticket let out is taken (so the next item waits)."""
+        return int(self.taken.read_text() or 0) >= float(self.allowed.read_text() or 0)
+
+
+@pytest.fixture
+def null_gate(tmp_path: Path) -> Iterator[NullGate]:
+    gate = NullGate(tmp_path / "gate")
+    try:
+        yield gate
+    finally:
+        gate.open()
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ from pixelmill.errors import InputError, UnknownBatch
 from pixelmill.producer import Client
 from pixelmill.settings import load_settings
 from pixelmill.wire import PRIORITIES, create_app, enqueue, queue_length, queue_lengths
-from tests.conftest import ROOT, pixelmill, pixelmill_env, slow_null
+from tests.conftest import ROOT, pixelmill, pixelmill_env
 
 # ---- the state functions, on SQLite and PostgreSQL ------------------------------------------
 
@@ -362,20 +362,25 @@ def run_proc(spawn: Any) -> Callable[..., subprocess.Popen[str]]:
 
 @pytest.mark.slow
 def test_pause_holds_a_running_batch_and_resume_finishes_it_each_job_once(
-    tmp_path, redis_server, run_proc
+    tmp_path, redis_server, run_proc, null_gate
 ):
-    # The null model takes 0.1 s an item: the batch is still running when the command lands.
-    env = {**_env(tmp_path, redis_server.url), **slow_null(tmp_path / "hook", 0.1)}
+    # The null model finishes an item only when the gate lets it: 10 go through, then the
+    # batch is held running (its next jobs claimed, waiting) until the pause has landed.
+    env = {**_env(tmp_path, redis_server.url), **null_gate.env}
     folder = tmp_path / "in"
     n = 400
     _images(folder, n)
+    null_gate.allow(10)
     proc = run_proc("classify", str(folder), "--model", "null", "--devices", "cpu",
                     "--batch-size", "2", "--priority", "low", "--json", env=env)  # fmt: skip
     batch = _until(lambda: _only_batch(tmp_path), "the batch was never registered")
     _until(lambda: _counts(tmp_path, batch).get("done", 0) >= 10, "no job ever finished")
+    _until(lambda: _counts(tmp_path, batch).get("running"), "no job held running")
     paused = pixelmill("pause", batch, env=env, timeout=60)
     assert paused.returncode == 0, paused.stderr
     assert paused.stdout.startswith(f"batch {batch}: paused:"), paused.stdout
+    assert " running finish" in paused.stdout and " 0 running" not in paused.stdout
+    null_gate.open()
     with _db(tmp_path) as db:
         (paused_at,) = db.execute("SELECT paused_at FROM batches WHERE id=?", (batch,)).fetchone()
     # The running jobs finish; then nothing moves however long we look.
@@ -424,20 +429,24 @@ def test_pause_holds_a_running_batch_and_resume_finishes_it_each_job_once(
 
 @pytest.mark.slow
 def test_cancel_ends_queued_jobs_cancelled_counted_apart_everywhere(
-    tmp_path, redis_server, run_proc
+    tmp_path, redis_server, run_proc, null_gate
 ):
-    # The null model takes 0.1 s an item: the batch is still running when the command lands.
-    env = {**_env(tmp_path, redis_server.url), **slow_null(tmp_path / "hook", 0.1)}
+    # The null model finishes an item only when the gate lets it: 10 go through, then the
+    # batch is held running until the cancel has landed.
+    env = {**_env(tmp_path, redis_server.url), **null_gate.env}
     folder = tmp_path / "in"
     n = 400
     _images(folder, n)
+    null_gate.allow(10)
     proc = run_proc("classify", str(folder), "--model", "null", "--devices", "cpu",
                     "--batch-size", "2", "--json", env=env)  # fmt: skip
     batch = _until(lambda: _only_batch(tmp_path), "the batch was never registered")
     _until(lambda: _counts(tmp_path, batch).get("done", 0) >= 10, "no job ever finished")
+    _until(lambda: _counts(tmp_path, batch).get("running"), "no job held running")
     cancelled = pixelmill("cancel", batch, env=env, timeout=60)
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout.startswith(f"batch {batch}: cancelled: "), cancelled.stdout
+    null_gate.open()
     # `run` stops waiting once the running jobs finished, and says how it ended: exit 5.
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 5, err

@@ -21,18 +21,18 @@ import pytest
 import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from pixelmill.commands import metrics
 from pixelmill.commands.metrics import exposition
 from pixelmill.db.fleet import list_workers
 from pixelmill.db.jobs import create_batch
 from pixelmill.db.metrics import SIZE_BUCKETS, add_totals, histogram
-from pixelmill.db.schema import Batch
+from pixelmill.db.schema import Batch, Job
 from pixelmill.producer import Client
 from pixelmill.settings import Settings, load_settings
 from pixelmill.wire import NOOP, PRIORITIES, create_app, enqueue
-from tests.conftest import ROOT, settings_env, slow_null
+from tests.conftest import ROOT, NullGate, settings_env
 from tests.services import free_port, start_redis
 
 T = TypeVar("T")
@@ -100,10 +100,12 @@ def _images(folder: Path, n: int, first: int = 0) -> list[str]:
 def workers(tmp_path: Path, spawn: Any) -> Callable[..., subprocess.Popen[bytes]]:
     """`pixelmill worker --devices cpu --cpu-workers N`; SIGTERM (drain) at the end."""
 
-    def start(settings: Settings, n: int = 1, slow: float = 0.0) -> subprocess.Popen[bytes]:
+    def start(
+        settings: Settings, n: int = 1, gate: NullGate | None = None
+    ) -> subprocess.Popen[bytes]:
         env = settings_env(settings)
-        if slow:  # the null model spends ``slow`` seconds on each item, in the real workers
-            env.update(slow_null(tmp_path / "hook", slow))
+        if gate is not None:  # the null model finishes an item only when the test lets it
+            env.update(gate.env)
         return spawn(  # type: ignore[no-any-return]
             "worker", "--devices", "cpu", "--cpu-workers", str(n), env=env
         )
@@ -166,11 +168,13 @@ def test_items_counted_per_outcome_after_a_real_batch_with_one_bad_file(
 
 @pytest.mark.slow
 def test_two_workers_add_up_and_a_killed_worker_loses_no_counts(
-    tmp_path, redis_server, workers, uncached
+    tmp_path, redis_server, workers, uncached, null_gate
 ):
-    """Two device worker processes share the work; one is killed (SIGKILL) mid-batch and its
-    supervisor starts it again: every job is counted exactly once, the workers table names
-    both, with a fresh heartbeat, and the restarted one under the same name."""
+    """Two device worker processes share the work; one is killed (SIGKILL) mid-batch, holding
+    jobs, and its supervisor starts it again: every job is counted exactly once, the workers
+    table names both, with a fresh heartbeat, and the restarted one under the same name. The
+    null model finishes an item only when the gate lets it, so each step happens in the state
+    it names however loaded the machine is."""
     database_url = f"sqlite:///{tmp_path / 'pm.db'}"
     settings = _settings(
         tmp_path, database_url, redis_server.url, batch_size=2,
@@ -181,9 +185,24 @@ def test_two_workers_add_up_and_a_killed_worker_loses_no_counts(
     with Client(settings) as pm:
         batch = pm.submit("classify", _images(tmp_path / "a", n), model="null")
         sessions = pm.sessions
-        supervisor = workers(settings, n=2, slow=0.1)
+        supervisor = workers(settings, n=2, gate=null_gate)
+
+        def holding() -> dict[str, int]:
+            """Worker (name/pid) -> the jobs it has claimed and not finished."""
+            with sessions() as s:
+                rows = s.execute(
+                    select(Job.worker, func.count()).where(Job.status == "running")
+                    .group_by(Job.worker)
+                ).all()  # fmt: skip
+            return {str(w): c for w, c in rows}
+
+        _until(lambda: len(holding()) == 2, "both workers claimed jobs")
 
         def both_busy() -> list[Any]:
+            """Both workers' reports count finished items; until then, one more item may
+            finish whenever every item let through so far has."""
+            if null_gate.waiting():
+                null_gate.allow(int(null_gate.taken.read_text()) + 1)
             with sessions() as s:
                 found = [w for w in list_workers(s) if w.items > 0]
             return found if len(found) == 2 else []
@@ -196,13 +215,19 @@ def test_two_workers_add_up_and_a_killed_worker_loses_no_counts(
             assert value(families, "pixelmill_worker_up", **labels) == 1
             assert 0 <= value(families, "pixelmill_worker_heartbeat_age_seconds", **labels) < 10
         victim = both[0]
-        os.kill(victim.pid, signal.SIGKILL)  # mid-batch: its jobs come back through leases
+        # Mid-batch: it holds claimed jobs (waiting at the gate), which come back through
+        # their leases.
+        _until(lambda: holding().get(f"{victim.name}/{victim.pid}"), "the victim holds jobs")
+        os.kill(victim.pid, signal.SIGKILL)
 
         def restarted() -> bool:
+            """Its successor runs under its name and is ready (consuming), not only started."""
             with sessions() as s:
-                return any(w.name == victim.name and w.pid != victim.pid for w in list_workers(s))
+                return any(w.name == victim.name and w.pid != victim.pid
+                           and w.state in ("idle", "busy") for w in list_workers(s))  # fmt: skip
 
-        _until(restarted, "the killed worker restarted and reported under its name")
+        _until(restarted, "the killed worker restarted, reported under its name and got ready")
+        null_gate.open()
         counts = pm.wait(batch.batch_id, timeout=300)
         assert counts.by_status == {"done": n}
         second = pm.submit("classify", _images(tmp_path / "b", 10, first=n), model="null")

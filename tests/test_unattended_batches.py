@@ -152,7 +152,14 @@ def test_the_heartbeat_renews_only_the_jobs_of_batches_in_progress(ctx, tmp_path
     heartbeat = Heartbeat(ctx, every=0.05)
     heartbeat.start()
     try:
-        time.sleep(1.2)
+        deadline = time.monotonic() + 60  # until the working jobs' leases were renewed
+        while True:
+            after = _leases(ctx, working.job_ids + idle.job_ids)
+            if all(after[j] > before[j] for j in working.job_ids):
+                break
+            assert time.monotonic() < deadline, "the heartbeat never renewed the leases"
+            time.sleep(0.05)
+        time.sleep(0.2)  # a few more beats, each of which could have renewed the idle one
         after = _leases(ctx, working.job_ids + idle.job_ids)
     finally:
         heartbeat.stop()
