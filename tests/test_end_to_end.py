@@ -86,6 +86,16 @@ def test_run_reads_paths_from_stdin_and_exits_0_when_all_done(tmp_path, photos):
     assert re.search(r"^2 done, 0 failed in \d+\.\ds \(\d+\.\d images/s\)$", proc.stderr, re.M), (
         proc.stderr
     )
+    # Again: the same submit finds its batch, all done. No work, so no rate: it says reused.
+    again = pixelmill("run", "classify", "-", env=env, input=paths)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.splitlines()[-1].startswith("2 done (2 reused), 0 failed in "), again.stderr
+    assert "images/s" not in again.stderr
+    # --again: a new batch, its results reused from the first (the content index).
+    forced = pixelmill("run", "classify", "-", "--again", env=env, input=paths)
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stderr.splitlines()[-1].startswith("2 done (2 reused), 0 failed in ")
+    assert "images/s" not in forced.stderr
 
 
 def test_submit_then_worker_on_postgres_and_redis(
@@ -191,10 +201,15 @@ def test_the_python_api_keeps_the_scripts_stderr_quiet_and_watches_its_workers(t
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     # Only what the script should know: the worker it killed, restarted.
-    assert proc.stderr == "worker for cpu exited with -9; restarting in 1s\n"
+    assert proc.stderr == "worker cpu exited with -9; restarting in 1s\n"
     assert proc.stdout.splitlines() == ["restarted True", *(f"done {n}" for n in names)]
     logs = {p.name: p.read_text() for p in (tmp_path / "data" / "logs").iterdir()}
-    assert "worker-cpu.log" in logs and "SecurityWarning" in "".join(logs.values())
+    assert "worker-cpu.log" in logs and "device worker pixelmill-cpu@" in logs["worker-cpu.log"]
+    # The logs hold the workers' own lines: not Celery's banner, nor its warning about root
+    # once per process (the tests run as root; `pixelmill worker` says so once, itself).
+    every = "".join(logs.values())
+    assert "SecurityWarning" not in every and "superuser" not in every, every
+    assert "[config]" not in every and "[queues]" not in every, every
 
 
 def test_usage_errors_exit_2_and_unreachable_broker_exits_3(tmp_path, photos):

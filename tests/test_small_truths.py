@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import signal
 import socket
@@ -104,7 +105,7 @@ def test_the_worker_banner_and_logs_never_show_the_broker_password(tmp_path):
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu", "--cpu-workers",
-             "1"],
+             "2"],
             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
         )  # fmt: skip
     try:
@@ -125,6 +126,14 @@ def test_the_worker_banner_and_logs_never_show_the_broker_password(tmp_path):
     text = log.read_text(errors="replace")
     assert "pixelmill worker:" in text and "redis://:***@127.0.0.1:" in text, text[-3000:]
     assert "Cannot connect to" in text, text[-3000:]  # connection refused, not a parse error
+    # Each process by its own name; root said once, by the supervisor's header; no Celery
+    # banner (it repeated the header in each process) nor Celery's root warning in each one.
+    assert "started worker cpu on cpu (pid" in text and "started worker cpu-1 on cpu (pid" in text
+    header = next(x for x in text.splitlines() if x.startswith("pixelmill worker:"))
+    assert header.startswith("pixelmill worker: cpu, cpu-1 ("), header
+    assert header.endswith(" (running as root)") == (os.geteuid() == 0), header
+    assert "superuser" not in text and "SecurityWarning" not in text, text[-3000:]
+    assert "[config]" not in text and "[queues]" not in text, text[-3000:]
     assert not _shows_password(text), _shows_password(text)
     # A broker away is one line per attempt, naming it (masked) and when it is tried again;
     # a traceback is for bugs.
@@ -376,6 +385,22 @@ def test_the_worker_header_names_each_process_once():
     assert describe_devices([DeviceSpec("cuda:0", "0"), DeviceSpec("cuda:1", "1")]) == (
         "cuda0, cuda1"
     )
+
+
+def test_runs_closing_rate_is_the_workers_over_the_images_they_processed():
+    """Not the whole wall time (start-up and model loading are in the time, not the rate), and
+    no rate for a run that processed nothing."""
+    from datetime import UTC, datetime, timedelta
+
+    from pixelmill.commands.run import summary
+    from pixelmill.db.records import BatchCounts
+
+    first = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
+    pace = BatchCounts("b", "classify", "m", None, total=13, started_at=first,
+                       last_finished_at=first + timedelta(seconds=3))  # fmt: skip
+    assert summary(12, 1, 4, 9.4, 9, pace) == "12 done (4 reused), 1 failed in 9.4s (3.0 images/s)"
+    assert summary(6, 0, 6, 1.7, 0, None) == "6 done (6 reused), 0 failed in 1.7s"
+    assert summary(0, 0, 0, 0.4) == "0 done, 0 failed in 0.4s"
 
 
 def test_no_input_images_says_where_it_looked_and_for_what(tmp_path):

@@ -50,9 +50,12 @@ def worker(devices: str, cpu_workers: int | None) -> None:
         specs = parse_devices(devices, cpu=cpu_workers)
         # A configured SQLite file's folder must exist (exit 2 naming it, not a crash loop).
         configured_database(settings, migrate=False).dispose()
+        # As root, said once here (a dedicated user is safer: the Docker image runs as uid
+        # 1000), not by Celery in every device worker.
+        root = " (running as root)" if os.geteuid() == 0 else ""
         click.echo(
             f"pixelmill worker: {describe_devices(specs)} on "
-            f"{mask_url(settings.resolved_broker_url())}",
+            f"{mask_url(settings.resolved_broker_url())}{root}",
             err=True,
         )
         with embedded_broker(settings) as broker:

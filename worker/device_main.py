@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from pixelmill.errors import PixelmillError
@@ -123,9 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat = Heartbeat(ctx, settings.lease_seconds / 4, reporter)
     heartbeat.start()
     log.info("device worker %s starting on %s (pid %d)", node, label, os.getpid())
+    # Neither Celery's banner nor its warning about root, in each device worker's log or on the
+    # supervisor's stderr: the supervisor's header names the processes and their threads, and
+    # says once that it runs as root. (Messages are JSON only: no pickle, which is what makes
+    # root dangerous to Celery, and which Celery itself refuses as root.)
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings("ignore", category=SecurityWarning)
     try:
         app.worker_main(
             [
+                "--quiet",
                 "worker",
                 "--pool=threads",
                 f"--concurrency={settings.pipeline_depth}",

@@ -95,7 +95,7 @@ class Supervisor:
             if child.busy_logged != busy.holder:
                 log.warning(
                     "%s already has a worker (%s, lock %s); waiting for it to stop",
-                    device.label, busy.holder or "another process", busy.path,
+                    device.name, busy.holder or "another process", busy.path,
                 )  # fmt: skip
                 child.busy_logged = busy.holder
             return False
@@ -105,7 +105,7 @@ class Supervisor:
             child.ready_file = self._state / f"{device.name}.ready"
             child.ready_file.unlink(missing_ok=True)
             child.process = self._popen(device, lock, child.ready_file)
-            lock.record(f"pixelmill worker pid {child.process.pid} ({device.label})")
+            lock.record(f"pixelmill worker pid {child.process.pid} ({device.name})")
         finally:
             lock.release()  # the worker keeps the lock through its inherited descriptor
         child.started = time.monotonic()
@@ -144,7 +144,7 @@ class Supervisor:
         finally:
             if out is not sys.stderr:
                 out.close()
-        log.info("started worker for %s (pid %d)", device.label, proc.pid)
+        log.info("started worker %s on %s (pid %d)", device.name, device.label, proc.pid)
         return proc
 
     def log_path(self, device: DeviceSpec) -> Path:
@@ -170,7 +170,7 @@ class Supervisor:
             if child.start_failures >= MAX_START_FAILURES:
                 where = f"; its log: {self.log_path(child.device)}" if self.log_dir else ""
                 return (
-                    f"the worker for {child.device.label} exited {child.start_failures} times "
+                    f"the worker {child.device.name} exited {child.start_failures} times "
                     f"in a row before it could take any work{where}"
                 )
         return None
@@ -198,8 +198,8 @@ class Supervisor:
                     child.restarts = 0
                 delay = RESTART_BACKOFF[min(child.restarts, len(RESTART_BACKOFF) - 1)]
                 log.warning(
-                    "worker for %s exited with %s; restarting in %.0fs",
-                    child.device.label, code, delay,
+                    "worker %s exited with %s; restarting in %.0fs",
+                    child.device.name, code, delay,
                 )  # fmt: skip
                 child.restart_at = now + delay
                 self.crashes += 1
@@ -257,7 +257,7 @@ class Supervisor:
             try:
                 child.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker for %s did not stop in time; killing", child.device.label)
+                log.warning("worker %s did not stop in time; killing", child.device.name)
                 child.process.kill()
                 child.process.wait()
         for child in running:

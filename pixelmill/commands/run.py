@@ -23,6 +23,7 @@ from pixelmill.clitools import (
 )
 from pixelmill.commands.dashboard.cli import served_dashboard
 from pixelmill.db.engine import database_errors
+from pixelmill.db.records import BatchCounts
 from pixelmill.producer.cli import (
     DOWNLOAD,
     describe,
@@ -180,22 +181,38 @@ def run(
                 EXIT_TIMEOUT,
             )
         # stderr, also with --json: how it went, and how fast
-        click.echo(summary(done, failed, sub.reused, time.monotonic() - started), err=True)
+        if sub.existing:  # this exact submit was made before: its jobs were all done then
+            reused, processed = done, 0
+        else:
+            reused, processed = sub.reused, done + failed - sub.reused
+        pace = client.status(sub.batch_id) if processed > 0 else None
+        click.echo(summary(done, failed, reused, time.monotonic() - started, processed, pace),
+                   err=True)  # fmt: skip
         if cancelled:  # stderr, also with --json: `pixelmill cancel` stopped it
             click.echo(f"batch {sub.batch_id} was cancelled: {cancelled} job(s) cancelled",
                        err=True)  # fmt: skip
     sys.exit(jobs_exit_status(failed, cancelled))
 
 
-def summary(done: int, failed: int, reused: int, seconds: float) -> str:
-    """The last line of a run: "12 done (4 reused), 1 failed in 9.4s (0.9 images/s)", the
-    rate over the images this run processed (not those reused) and its whole wall time
-    (start-up and model loading included, as a script timing it would see)."""
+def summary(
+    done: int,
+    failed: int,
+    reused: int,
+    seconds: float,
+    processed: int = 0,
+    pace: BatchCounts | None = None,
+) -> str:
+    """The last line of a run: "12 done (4 reused), 1 failed in 9.4s (2.9 images/s)". The time
+    is the run's whole wall time (start-up and model loading included, as a script timing it
+    would see); the rate is the workers': the ``processed`` images (not those reused) over the
+    time from the first one a worker started to the last one it finished (``pace``). A run
+    that processed nothing shows no rate."""
     text = f"{done} done" + (f" ({reused} reused)" if reused else "") + f", {failed} failed"
     text += f" in {elapsed(seconds)}"
-    processed = done + failed - reused
-    if processed > 0 and seconds > 0:
-        text += f" ({processed / seconds:.1f} images/s)"
+    if processed > 0 and pace is not None and pace.started_at and pace.last_finished_at:
+        span = (pace.last_finished_at - pace.started_at).total_seconds()
+        if span > 0:
+            text += f" ({processed / span:.1f} images/s)"
     return text
 
 
