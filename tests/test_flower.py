@@ -57,8 +57,16 @@ def test_flower_shows_the_worker_and_requires_its_password(tmp_path, redis_serve
         # pixelmill's task among Flower's own registered tasks, and among the worker's.
         log = (tmp_path / "flower.log").read_text()
         assert "'pixelmill.process_batch'" in log.split("Registered tasks", 1)[1], log
-        status, workers = _get(f"http://127.0.0.1:{port}/api/workers?refresh=1", "ops:s3cret")
-        registered = [t for w in json.loads(workers).values() for t in w.get("registered", [])]
+        # Flower asks the worker (a broadcast it answers within 1 s, or not at all): on a busy
+        # machine, again until it answered.
+        deadline = time.monotonic() + 90
+        while True:
+            status, workers = _get(f"http://127.0.0.1:{port}/api/workers?refresh=1", "ops:s3cret")
+            answered = json.loads(workers or "{}").values()
+            registered = [t for w in answered for t in w.get("registered", [])]
+            if status == 200 and registered or time.monotonic() > deadline:
+                break
+            time.sleep(1)
         assert status == 200 and "pixelmill.process_batch" in registered
         assert _get(url)[0] == 401
         assert _get(url, "ops:wrong")[0] == 401

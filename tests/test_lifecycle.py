@@ -229,11 +229,15 @@ def test_a_new_supervisor_waits_for_the_devices_of_one_still_running(tmp_path: P
     second: subprocess.Popen[str] | None = None
     try:
         old = _until(lambda: len(w := _workers(tmp_path)) == 2 and w, "first workers", 60)
-        second = subprocess.Popen(
-            [sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu", "--cpu-workers",
-             "2"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        time.sleep(8)
+        said = tmp_path / "second.err"
+        with said.open("w") as err:
+            second = subprocess.Popen(
+                [sys.executable, "-m", "pixelmill", "worker", "--devices", "cpu",
+                 "--cpu-workers", "2"], env=env, cwd=ROOT, stderr=err, text=True,
+            )  # fmt: skip
+        # Until the second supervisor found both devices taken, and said it waits for them.
+        _until(lambda: said.read_text().count("already has a worker") == 2,
+               "the second supervisor never said it waits for both devices", 120)  # fmt: skip
         assert _workers(tmp_path) == old  # never a second worker on a device
         # The first supervisor killed outright: its workers go with it, then (and only then)
         # the second one's start.
@@ -248,8 +252,6 @@ def test_a_new_supervisor_waits_for_the_devices_of_one_still_running(tmp_path: P
         assert second.poll() is None
         second.send_signal(signal.SIGTERM)
         assert second.wait(130) == 0
-        assert second.stderr is not None
-        assert "already has a worker" in second.stderr.read()
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:
