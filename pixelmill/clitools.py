@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import click
@@ -63,6 +66,55 @@ def _detach_from_terminal(fds: list[int]) -> None:
     os.close(null)
 
 
+STALLED_AFTER = 3.0  # seconds stdout or stderr may take no output at all while stopping
+
+
+class StalledOutput(threading.Thread):
+    """A stop must not wait on a reader: after a stop signal, stdout or stderr that takes no
+    output for ``after`` seconds (a frozen SSH session whose sshd stopped reading, a terminal
+    paused with Ctrl-S, a pipe whose reader hangs) is sent to /dev/null, and every thread is
+    woken from the write it is blocked in (SIGURG, with a handler, interrupts the system call,
+    and Python retries it on the fd, now /dev/null). Without this, a write blocked in rich's
+    progress thread held its console lock, and the stop waited for it for ever.
+
+    ``start()`` from the main thread (it installs the SIGURG handler)."""
+
+    def __init__(self, fds: tuple[int, ...] = (1, 2), after: float = STALLED_AFTER) -> None:
+        super().__init__(name="stalled-output", daemon=True)
+        self.fds = list(fds)
+        self.after = after
+
+    def start(self) -> None:
+        signal.signal(signal.SIGURG, lambda *_: None)  # interrupts a blocked write(); no more
+        super().start()
+
+    def run(self) -> None:
+        since: dict[int, float] = {}
+        while self.fds:
+            time.sleep(0.1)
+            for fd in list(self.fds):
+                try:
+                    _, ready, _ = select.select([], [fd], [], 0)
+                except (OSError, ValueError):  # closed: nothing will block on it
+                    self.fds.remove(fd)
+                    continue
+                if ready:
+                    since.pop(fd, None)
+                elif time.monotonic() - since.setdefault(fd, time.monotonic()) >= self.after:
+                    self._detach(fd)
+
+    def _detach(self, fd: int) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+        os.close(null)
+        self.fds.remove(fd)
+        for thread in threading.enumerate():
+            if thread is not self and thread.ident is not None:
+                with contextlib.suppress(OSError, ProcessLookupError):
+                    signal.pthread_kill(thread.ident, signal.SIGURG)
+
+
 DEFER_AT_MOST = 5.0  # seconds a stop signal may wait for output in progress to be finished
 
 
@@ -88,6 +140,7 @@ class StopSignals:
         if self.received:
             return
         self.received.append(signum)
+        StalledOutput().start()
         if self._defer:
             self._pending = signum
             signal.setitimer(signal.ITIMER_REAL, DEFER_AT_MOST)

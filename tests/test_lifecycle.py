@@ -201,6 +201,37 @@ def test_run_stopped_by_sigterm_or_sighup_drains_and_leaves_nothing_running(
     assert counts.get("done", 0) > 0 and counts.get("queued", 0) > 0, counts
 
 
+def test_a_stop_does_not_wait_on_a_terminal_no_one_reads(tmp_path: Path) -> None:
+    """A frozen SSH session (sshd no longer reading) or a terminal paused with Ctrl-S blocks
+    every write to it. `run` was told to stop there and waited for ever: rich's progress thread
+    was blocked in a write holding its console lock, which the stop needed. Now output that
+    takes nothing for 3 s while stopping goes to /dev/null, and the drain goes on."""
+    paths = _inputs(tmp_path / "in", 400)
+    env = _env(tmp_path, slow=0.05, batch_size="8")
+    master, slave = pty.openpty()
+
+    def controlling_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    run = _start_run(env, *paths, stdout=slave, stderr=slave, stdin=subprocess.DEVNULL,
+                     preexec_fn=controlling_terminal)  # fmt: skip
+    try:
+        _started(tmp_path)
+        termios.tcflow(slave, termios.TCOOFF)  # Ctrl-S: the terminal takes no more output
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(90) == 128 + signal.SIGTERM
+    finally:
+        if run.poll() is None:
+            run.kill()
+        os.close(slave)
+        os.close(master)
+    _nothing_left(tmp_path)
+    counts = _jobs(tmp_path)
+    assert counts.get("running", 0) == 0, counts  # drained, not killed
+    assert counts.get("done", 0) > 0 and counts.get("queued", 0) > 0, counts
+
+
 def test_run_killed_with_sigkill_takes_its_workers_and_broker_with_it(tmp_path: Path) -> None:
     paths = _inputs(tmp_path / "in", 400)
     env = _env(tmp_path, slow=0.05, batch_size="8")

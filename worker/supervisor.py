@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pixelmill.clitools import StalledOutput
 from pixelmill.errors import ServiceUnavailable
 from pixelmill.settings import ENV_PREFIX, Settings
 from pixelmill.worker.devices import DeviceSpec
@@ -269,6 +270,8 @@ class Supervisor:
         received: list[int] = []
 
         def handler(signum: int, _frame: object) -> None:
+            if not received:  # the drain never waits on a terminal (or pipe) no one reads
+                StalledOutput().start()
             received.append(signum)
 
         stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
