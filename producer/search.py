@@ -13,6 +13,7 @@ that resolves to another revision now (new weights) would give vectors in anothe
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -142,6 +143,8 @@ class Searcher:
             raise InputError("the search text is empty")
         if not 1 <= limit <= MAX_LIMIT:
             raise InputError(f"--limit must be 1..{MAX_LIMIT}, not {limit}")
+        if image is not None and not os.path.isfile(image):  # refused before the model loads
+            raise InputError(f"--image {image}: no such file")
         with self.sessions() as session:
             there = self.choose(session, model, batch, source)
         name = there[0].model

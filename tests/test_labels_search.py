@@ -214,7 +214,7 @@ def test_search_and_relabel(database_url, tmp_path, redis_server, start_worker, 
         (("a", "--batch", embed_batch, "--source", "/x"), "not both"),
         (("a", "--model", "someone/other"), "were embedded with model 'someone/other'; run"),
         (("a", "--source", "/nothing/here/"), "no images in inputs under '/nothing/here/'"),
-        (("--image", str(tmp_path / "nope.png")), "nope.png"),
+        (("--image", str(tmp_path / "nope.png")), "nope.png: no such file"),
     ]:
         refused = pixelmill("search", *args, env=env)
         assert refused.returncode == 2 and says in refused.stderr, (args, refused.stderr)
