@@ -70,25 +70,33 @@ STALLED_AFTER = 3.0  # seconds stdout or stderr may take no output at all while 
 
 
 class StalledOutput(threading.Thread):
-    """A stop must not wait on a reader: after a stop signal, stdout or stderr that takes no
-    output for ``after`` seconds (a frozen SSH session whose sshd stopped reading, a terminal
-    paused with Ctrl-S, a pipe whose reader hangs) is sent to /dev/null, and every thread is
-    woken from the write it is blocked in (SIGURG, with a handler, interrupts the system call,
-    and Python retries it on the fd, now /dev/null). Without this, a write blocked in rich's
-    progress thread held its console lock, and the stop waited for it for ever.
+    """A stop must not wait on a reader: once ``arm()``ed (on a stop signal), stdout or stderr
+    that takes no output for ``after`` seconds (a frozen SSH session whose sshd stopped
+    reading, a terminal paused with Ctrl-S, a pipe whose reader hangs) is sent to /dev/null,
+    and every thread is woken from the write it is blocked in (SIGURG, with a handler,
+    interrupts the system call, and Python retries it on the fd, now /dev/null). Without
+    this, a write blocked in rich's progress thread held its console lock, and the stop waited
+    for it for ever.
 
-    ``start()`` from the main thread (it installs the SIGURG handler)."""
+    ``start()`` from the main thread, before any stop signal can come (it installs the SIGURG
+    handler, and a signal handler must not start a thread: the main thread it interrupted may
+    hold threading's own lock); ``arm()`` from the signal handler."""
 
     def __init__(self, fds: tuple[int, ...] = (1, 2), after: float = STALLED_AFTER) -> None:
         super().__init__(name="stalled-output", daemon=True)
         self.fds = list(fds)
         self.after = after
+        self.armed = threading.Event()
 
     def start(self) -> None:
         signal.signal(signal.SIGURG, lambda *_: None)  # interrupts a blocked write(); no more
         super().start()
 
+    def arm(self) -> None:
+        self.armed.set()
+
     def run(self) -> None:
+        self.armed.wait()
         since: dict[int, float] = {}
         while self.fds:
             time.sleep(0.1)
@@ -128,6 +136,8 @@ class StopSignals:
         self.terminal = _terminal_fds()
         self._defer = False
         self._pending: int | None = None
+        self.stalled = StalledOutput()
+        self.stalled.start()
 
     def handler(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -140,7 +150,7 @@ class StopSignals:
         if self.received:
             return
         self.received.append(signum)
-        StalledOutput().start()
+        self.stalled.arm()
         if self._defer:
             self._pending = signum
             signal.setitimer(signal.ITIMER_REAL, DEFER_AT_MOST)

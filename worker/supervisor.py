@@ -268,10 +268,11 @@ class Supervisor:
     def run_forever(self) -> None:
         """Supervise until SIGTERM or SIGINT, then drain."""
         received: list[int] = []
+        stalled = StalledOutput()  # the drain never waits on a terminal (or pipe) no one reads
+        stalled.start()
 
         def handler(signum: int, _frame: object) -> None:
-            if not received:  # the drain never waits on a terminal (or pipe) no one reads
-                StalledOutput().start()
+            stalled.arm()
             received.append(signum)
 
         stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
