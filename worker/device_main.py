@@ -8,6 +8,7 @@ results and Flower show the physical ``cuda:N``.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, default=None, help="die with this process")
     parser.add_argument("--ready-file", default=None, help="touched once consuming")
     args = parser.parse_args(argv)
+    # SIGUSR2 writes every thread's stack to stderr (the worker's log): the supervisor asks
+    # for it before it kills a worker that did not stop in time, and so may an operator.
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     if args.parent is not None:
         # Before anything slow: the kernel signals us (SIGTERM: drain) when the supervisor
         # dies, and the watch below exits for good if draining takes too long.

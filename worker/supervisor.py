@@ -3,6 +3,7 @@ SIGTERM. Processes are started fresh (``subprocess``), so CUDA is never inherite
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -258,7 +259,13 @@ class Supervisor:
             try:
                 child.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("worker %s did not stop in time; killing", child.device.name)
+                where = (
+                    f" (its threads' stacks: {self.log_path(child.device)})" if self.log_dir else ""
+                )
+                log.warning("worker %s did not stop in time; killing%s", child.device.name, where)
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):  # stacks, to its log
+                    child.process.send_signal(signal.SIGUSR2)
+                    child.process.wait(1)
                 child.process.kill()
                 child.process.wait()
         for child in running:
