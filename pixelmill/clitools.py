@@ -112,10 +112,7 @@ class StalledOutput(threading.Thread):
                     self._detach(fd)
 
     def _detach(self, fd: int) -> None:
-        null = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError):
-            os.dup2(null, fd)
-        os.close(null)
+        _detach_from_terminal([fd])  # a stalled pipe too: to /dev/null
         self.fds.remove(fd)
         for thread in threading.enumerate():
             if thread is not self and thread.ident is not None:
