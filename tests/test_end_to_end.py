@@ -210,6 +210,10 @@ def test_the_python_api_keeps_the_scripts_stderr_quiet_and_watches_its_workers(t
     every = "".join(logs.values())
     assert "SecurityWarning" not in every and "superuser" not in every, every
     assert "[config]" not in every and "[queues]" not in every, every
+    # One stop signal for the restarted worker, the drain's: the parent-death signal comes when
+    # the *thread* that started a worker ends, and the watch thread that restarted it used to
+    # end before the drain began (two "Warm shutdown"s, every time).
+    assert logs["worker-cpu.log"].count("Warm shutdown") == 1, logs["worker-cpu.log"]
 
 
 def test_usage_errors_exit_2_and_unreachable_broker_exits_3(tmp_path, photos):

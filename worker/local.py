@@ -68,29 +68,38 @@ def local_cluster(
         if not workers:
             yield None
             return
-        with (
-            local_workers(settings, devices, log_dir=log_dir, broker=broker) as supervisor,
-            _watched(supervisor),
-        ):
+        specs = parse_devices(devices) if isinstance(devices, str) else devices
+        supervisor = Supervisor(specs, settings=settings, log_dir=log_dir, broker=broker).start()
+        with _watched(supervisor):
             yield supervisor
 
 
 @contextlib.contextmanager
-def _watched(supervisor: Supervisor, interval: float = 1.0) -> Iterator[None]:
-    """``supervisor.poll()`` every ``interval`` seconds from a thread, until the block ends."""
+def _watched(
+    supervisor: Supervisor, interval: float = 1.0, drain_timeout: float = 120
+) -> Iterator[None]:
+    """``supervisor.poll()`` every ``interval`` seconds from a thread until the block ends;
+    then the same thread stops the workers (they drain for at most ``drain_timeout``).
+
+    The thread that restarts a worker must outlive it: the parent-death signal a worker asks
+    for comes when the *thread* that started it ends, not the process. Ending the watch first
+    sent every worker it had restarted a SIGTERM of its own, before the drain's."""
     stop = threading.Event()
 
     def watch() -> None:
         told = False
-        while not stop.wait(interval):
-            try:
-                supervisor.poll()
-            except Exception:  # noqa: BLE001 - the watch goes on; the next poll may succeed
-                log.exception("pixelmill: watching the local workers failed")
-            why = supervisor.failing_to_start
-            if why is not None and not told:
-                log.error("pixelmill: %s", why)
-                told = True
+        try:
+            while not stop.wait(interval):
+                try:
+                    supervisor.poll()
+                except Exception:  # noqa: BLE001 - the watch goes on; the next poll may succeed
+                    log.exception("pixelmill: watching the local workers failed")
+                why = supervisor.failing_to_start
+                if why is not None and not told:
+                    log.error("pixelmill: %s", why)
+                    told = True
+        finally:
+            supervisor.stop(timeout=drain_timeout)
 
     thread = threading.Thread(target=watch, name="pixelmill-local-cluster", daemon=True)
     thread.start()

@@ -279,8 +279,9 @@ class Supervisor:
         stalled.start()
 
         def handler(signum: int, _frame: object) -> None:
-            stalled.arm()
             received.append(signum)
+            if len(received) == 1:  # not again from a second signal that interrupts arm()
+                stalled.arm()
 
         stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {s: signal.signal(s, handler) for s in stops}
