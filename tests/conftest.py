@@ -164,6 +164,13 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     return files
 
 
+# pytest-timeout's 600 s per test (pyproject.toml) catches a hang. The few end-to-end tests that
+# start dozens of processes, each importing torch and transformers, take 3-4x longer beside two
+# busy loops than on a quiet machine (search_and_relabel: 167 s quiet, 358-600 s loaded), so
+# they get more room; a hang still fails them.
+MANY_PROCESSES = pytest.mark.timeout(1800)
+
+
 def pixelmill_env(**settings: str) -> dict[str, str]:
     """A clean environment for a pixelmill subprocess: no inherited PIXELMILL_* variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIXELMILL_")}

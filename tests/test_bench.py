@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import pixelmill, pixelmill_env
+from tests.conftest import MANY_PROCESSES, pixelmill, pixelmill_env
 
 pytestmark = pytest.mark.slow
 
@@ -18,6 +18,7 @@ KEYS = {
 }  # fmt: skip
 
 
+@MANY_PROCESSES
 def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
     env = pixelmill_env(data_dir=str(tmp_path / "data"))
     out = pixelmill("bench", "classify", "--images", "24", "--batch-size", "8", "--workers",

@@ -47,7 +47,7 @@ from pixelmill.errors import InputError, UnknownBatch
 from pixelmill.producer import Client
 from pixelmill.settings import load_settings
 from pixelmill.wire import PRIORITIES, create_app, enqueue, queue_length, queue_lengths
-from tests.conftest import ROOT, pixelmill, pixelmill_env
+from tests.conftest import MANY_PROCESSES, ROOT, pixelmill, pixelmill_env
 
 # ---- the state functions, on SQLite and PostgreSQL ------------------------------------------
 
@@ -428,6 +428,7 @@ def test_pause_holds_a_running_batch_and_resume_finishes_it_each_job_once(
 
 
 @pytest.mark.slow
+@MANY_PROCESSES
 def test_cancel_ends_queued_jobs_cancelled_counted_apart_everywhere(
     tmp_path, redis_server, run_proc, null_gate
 ):

@@ -174,10 +174,10 @@ with local_cluster(settings, "cpu") as cluster, Client(settings) as pm:
     # A worker killed under the script is restarted, as under `pixelmill run`.
     first = cluster.children[0].process
     os.kill(first.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        now = cluster.children[0].process
-        if now is not None and now.pid != first.pid and now.poll() is None:
+    deadline = time.monotonic() + 300  # a loaded machine takes a minute to import torch
+    while time.monotonic() < deadline:  # until the new worker is consuming, not only started
+        now, ready = cluster.children[0].process, cluster.children[0].ready_file
+        if now is not None and now.pid != first.pid and ready is not None and ready.exists():
             break
         time.sleep(0.2)
     print("restarted", now is not None and now.pid != first.pid)

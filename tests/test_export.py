@@ -40,7 +40,7 @@ from pixelmill.producer.export import (
     run_export,
     write_export,
 )
-from tests.conftest import PHOTOS, pixelmill, pixelmill_env
+from tests.conftest import MANY_PROCESSES, PHOTOS, pixelmill, pixelmill_env
 
 NIGHT1 = datetime(2024, 5, 1, 2, 0, 0, 123456, tzinfo=UTC)
 NIGHT2 = datetime(2024, 5, 2, 2, 0, 0, 654321, tzinfo=UTC)
@@ -539,6 +539,7 @@ def fill(url: str, sizes: dict[str, int]) -> dict[str, str]:
 
 
 @pytest.mark.slow
+@MANY_PROCESSES
 def test_a_large_export_runs_in_bounded_memory(tmp_path):
     url = f"sqlite:///{tmp_path / 'big.db'}"
     started = time.monotonic()

@@ -25,7 +25,7 @@ from pixelmill.errors import InputError
 from pixelmill.models.registry import BUILTIN_NAMES, create_runner
 from pixelmill.producer.client import with_labels
 from pixelmill.revisions import BUILTIN_DUAL_ENCODERS, BUILTIN_OTHERS, dual_encoder
-from tests.conftest import pixelmill, pixelmill_env
+from tests.conftest import MANY_PROCESSES, pixelmill, pixelmill_env
 from tests.services import free_port
 from tests.tiny_models import build_tiny_clip, build_tiny_vit_classifier
 
@@ -135,6 +135,7 @@ def _get(url: str) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.mark.slow
+@MANY_PROCESSES
 def test_search_and_relabel(database_url, tmp_path, redis_server, start_worker, spawn,
                             tiny_clip):  # fmt: skip
     photos = _photos(tmp_path / "photos" / "a")
