@@ -31,6 +31,16 @@ def embedded_broker(settings: Settings) -> Iterator[EmbeddedRedis | None]:
         redis.stop()
 
 
+def _started(
+    settings: Settings,
+    devices: str | list[DeviceSpec],
+    log_dir: Path | None,
+    broker: EmbeddedRedis | None,
+) -> Supervisor:
+    specs = parse_devices(devices) if isinstance(devices, str) else devices
+    return Supervisor(specs, settings=settings, log_dir=log_dir, broker=broker).start()
+
+
 @contextlib.contextmanager
 def local_workers(
     settings: Settings,
@@ -40,8 +50,7 @@ def local_workers(
     log_dir: Path | None = None,
     broker: EmbeddedRedis | None = None,
 ) -> Iterator[Supervisor]:
-    specs = parse_devices(devices) if isinstance(devices, str) else devices
-    supervisor = Supervisor(specs, settings=settings, log_dir=log_dir, broker=broker).start()
+    supervisor = _started(settings, devices, log_dir, broker)
     try:
         yield supervisor
     finally:
@@ -68,8 +77,7 @@ def local_cluster(
         if not workers:
             yield None
             return
-        specs = parse_devices(devices) if isinstance(devices, str) else devices
-        supervisor = Supervisor(specs, settings=settings, log_dir=log_dir, broker=broker).start()
+        supervisor = _started(settings, devices, log_dir, broker)
         with _watched(supervisor):
             yield supervisor
 
