@@ -330,21 +330,21 @@ def _until_held(tmp_path: Path, batch: str, gate: NullGate) -> None:
     """Wait until the gate's items are all taken, a job finished and one is held running.
 
     Not "until 10 are done": a worker writes a message's jobs together, and the 10 items the
-    gate lets through may fall into more than 5 messages (each worker has PIPELINE_DEPTH
-    messages in flight, and each item takes a ticket as its thread gets there), so a message
-    may hold an item that passed and one that waits. Loaded run 8 saw that: it stayed below
-    10 done for 120 s."""
+    gate lets through may fall into more than 5 messages (each worker has
+    PIXELMILL_PIPELINE_DEPTH messages in flight, and each item takes a ticket as its thread
+    gets there), so a message may hold an item that passed and one that waits. Loaded run 8
+    saw that: it stayed below 10 done for 120 s."""
     _until(gate.waiting, "the gate's items were never all taken")
-    seen: dict[str, int] = {}
+    last: list[dict[str, int]] = [{}]
 
     def held() -> bool:
-        seen.update(_counts(tmp_path, batch))
-        return bool(seen.get("done") and seen.get("running"))
+        last[0] = counts = _counts(tmp_path, batch)  # this read only: a status may empty
+        return bool(counts.get("done") and counts.get("running"))
 
     try:
         _until(held, "no job finished, or none is held running")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: {seen}") from None
+        raise AssertionError(f"{exc}: {last[0]}") from None
 
 
 def _only_batch(tmp_path: Path) -> str | None:
