@@ -7,14 +7,10 @@ WORKDIR /app
 # (README, Metrics) is part of it. A layer of its own, so a code change does not reinstall it.
 COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install --require-hashes --no-deps -r requirements/runtime.txt
-COPY pyproject.toml README.md hatch_build.py ./
-# The component folders sit beside pixelmill/ (which links to them, README "Layout");
-# hatch_build.py copies them into the wheel under pixelmill/, built by the locked hatchling.
+COPY pyproject.toml README.md ./
+# All of the code is the one package folder (the top-level db/, models/, ... are links into it),
+# built into a wheel by the locked hatchling.
 COPY pixelmill pixelmill
-COPY producer producer
-COPY worker worker
-COPY db db
-COPY models models
 RUN pip install --no-deps --no-build-isolation .
 RUN useradd --create-home --uid 1000 pixelmill && mkdir -p /srv/pixelmill/store \
     && chown -R pixelmill /srv/pixelmill

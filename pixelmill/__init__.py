@@ -2,12 +2,12 @@
 
     from pixelmill import Client, load_settings, local_cluster
 
-One import name. The core lives in this folder: the settings object (``pixelmill.settings``),
-the error tree (``pixelmill.errors``), the task catalogue and its options
-(``pixelmill.catalog``), the wire contract (``pixelmill.wire``: the Celery app, task names,
-enqueue, message size) and the command line (``pixelmill.commands``). The components are the
-repository's top-level folders, mapped under this name: ``pixelmill.db``, ``pixelmill.models``,
-``pixelmill.producer`` and ``pixelmill.worker`` (README, "Layout").
+One import name, one package: all of pixelmill's code is under this folder, in layers that
+import only downwards (docs/layout.md): the command line (``pixelmill.cli``); the engines that
+are not commands (``pixelmill.dashboard``, ``pixelmill.bench``); the producer and the worker
+(``pixelmill.producer``, ``pixelmill.worker``); the database and the models
+(``pixelmill.db``, ``pixelmill.models``); and the core modules beside this file (settings,
+errors, the task catalogue, the wire contract, revisions, deadlines, stopping, logs).
 
 The names below are imported when first used, so ``import pixelmill.settings`` stays light (no
 SQL, no Celery worker, no torch).

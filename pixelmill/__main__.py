@@ -1,3 +1,3 @@
-from pixelmill.commands import main
+from pixelmill.cli import main
 
 main()

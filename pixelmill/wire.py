@@ -25,7 +25,7 @@ PROCESS_BATCH = "pixelmill.process_batch"
 NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery with it
 
 # The largest message a worker takes; a bigger one is refused as permanent on arrival and
-# dead-lettered (``pixelmill.worker.deadletter``), never retried. Producers never make one:
+# dead-lettered (``pixelmill.worker.message_check``), never retried. Producers never make one:
 # ``enqueue`` cuts at MAX_BATCH_IDS (also the largest --batch-size), and job ids are
 # 36-character UUIDs.
 MAX_BATCH_IDS = 4096  # job ids per message

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from pixelmill.commands.dashboard.server import Dashboard
+from pixelmill.dashboard.server import Dashboard
 from pixelmill.db.jobs import claim_jobs, write_outcomes
 from pixelmill.db.records import Outcome
 from pixelmill.db.schema import Batch, Job

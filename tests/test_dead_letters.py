@@ -23,7 +23,7 @@ from kombu import Message
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import sessionmaker
 
-from pixelmill.db.deadletters import DeadLetterRecord, recent_dead_letters, record_dead_letter
+from pixelmill.db.dead_letters import DeadLetterRecord, recent_dead_letters, record_dead_letter
 from pixelmill.db.engine import make_engine, make_sessionmaker
 from pixelmill.db.migrate import upgrade
 from pixelmill.db.schema import DeadLetter
@@ -31,7 +31,7 @@ from pixelmill.producer import Client
 from pixelmill.settings import load_settings
 from pixelmill.wire import MAX_BATCH_IDS, MAX_MESSAGE_BYTES, NOOP, PROCESS_BATCH, create_app
 from pixelmill.wire import queue_length as broker_queue_length
-from pixelmill.worker.deadletter import DeadLetters, Refusal, check_message
+from pixelmill.worker.message_check import DeadLetters, Refusal, check_message
 from tests.conftest import ROOT, pixelmill, settings_env
 
 

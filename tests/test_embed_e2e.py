@@ -37,7 +37,7 @@ from pixelmill.models.base import Runner
 from pixelmill.models.clip import EMBEDDING
 from pixelmill.models.registry import create_runner
 from pixelmill.producer import Client
-from pixelmill.producer.contents import RACY_SECONDS
+from pixelmill.producer.reuse import RACY_SECONDS
 from pixelmill.settings import load_settings
 from tests.conftest import pixelmill, pixelmill_env
 from tests.tiny_models import build_tiny_clip

@@ -489,7 +489,7 @@ MEASURE = textwrap.dedent(
     """
     import json, sys
     import pyarrow, pyarrow.parquet, sqlalchemy
-    from pixelmill.commands import cli
+    from pixelmill.cli import cli
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -23,7 +23,7 @@ from pixelmill.db.jobs import claim_jobs, create_batch, write_outcomes
 from pixelmill.db.migrate import upgrade
 from pixelmill.db.records import Outcome
 from pixelmill.producer.client import Client
-from pixelmill.producer.contents import RACY_SECONDS, identify, remember
+from pixelmill.producer.reuse import RACY_SECONDS, identify, remember
 from pixelmill.settings import Settings
 from tests.conftest import ROOT, pixelmill, pixelmill_env
 from tests.tiny_models import build_tiny_vit_classifier

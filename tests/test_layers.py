@@ -1,11 +1,12 @@
-"""The arrows of the design point one way (README, "Layout"), checked by
-import-linter with the contracts in pyproject.toml."""
+"""The arrows of the design point one way (docs/layout.md), checked by import-linter with the
+contracts in pyproject.toml; and every module of the package is in a layer."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +48,18 @@ def _loaded_after(statement: str) -> set[str]:
 def test_the_core_stays_light_and_the_python_api_never_loads_torch() -> None:
     assert _loaded_after("import pixelmill, pixelmill.settings, pixelmill.catalog") == set()
     assert _loaded_after("from pixelmill import Client, load_settings") == {"sqlalchemy", "celery"}
+
+
+def test_every_module_of_the_package_is_in_a_layer() -> None:
+    """A new module or folder directly under pixelmill/ must be given a layer, or the layer
+    contract would say nothing about its arrows."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (layers,) = (c for c in config["contracts"] if c["type"] == "layers")
+    named = {name.strip() for layer in layers["layers"] for name in layer.replace("|", ":")
+             .split(":")}  # fmt: skip
+    package = ROOT / "pixelmill"
+    present = {p.stem for p in package.glob("*.py") if p.name != "__init__.py"}
+    present |= {p.name for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert present, package
+    assert present - named == set(), "modules in no layer of pyproject.toml's contract"
+    assert named - present == set(), "layers naming no module"

@@ -1,5 +1,5 @@
-"""Prometheus /metrics (``pixelmill.commands.metrics.exposition``) against the real parts: Redis,
-SQLite and PostgreSQL, and real worker processes writing their counts and reports."""
+"""Prometheus /metrics (``pixelmill.dashboard.prometheus.exposition``) against the real parts:
+Redis, SQLite and PostgreSQL, and real worker processes writing their counts and reports."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
-from pixelmill.commands import metrics
-from pixelmill.commands.metrics import exposition
+from pixelmill.dashboard import prometheus as metrics
+from pixelmill.dashboard.prometheus import exposition
 from pixelmill.db.fleet import list_workers
 from pixelmill.db.jobs import create_batch
-from pixelmill.db.metrics import SIZE_BUCKETS, add_totals, histogram
+from pixelmill.db.metric_totals import SIZE_BUCKETS, add_totals, histogram
 from pixelmill.db.schema import Batch, Job
 from pixelmill.producer import Client
 from pixelmill.settings import Settings, load_settings

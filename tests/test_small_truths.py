@@ -392,7 +392,7 @@ def test_runs_closing_rate_is_the_workers_over_the_images_they_processed():
     no rate for a run that processed nothing."""
     from datetime import UTC, datetime, timedelta
 
-    from pixelmill.commands.run import summary
+    from pixelmill.cli.run import summary
     from pixelmill.db.records import BatchCounts
 
     first = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)

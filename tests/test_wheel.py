@@ -74,7 +74,7 @@ def test_the_wheel_holds_one_import_name_and_every_component(wheels: tuple[Path,
         "pixelmill/models/classify.py",
         "pixelmill/producer/client.py",
         "pixelmill/worker/device_main.py",
-        "pixelmill/commands/run.py",
+        "pixelmill/cli/run.py",
         "pixelmill/wire.py",
         "pixelmill/py.typed",
     ):
