@@ -2,9 +2,9 @@
 FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-# Exactly the lock the tests passed with (README, "The lock"): every package at its version and
+# Exactly the lock the tests passed with (docs/contributing.md, "The lock"): every package at its version and
 # from the file its sha256 names, nothing resolved anew; GPU utilisation through nvidia-ml-py
-# (README, Metrics) is part of it. A layer of its own, so a code change does not reinstall it.
+# (docs/dashboard.md, "Metrics") is part of it. A layer of its own, so a code change does not reinstall it.
 COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install --require-hashes --no-deps -r requirements/runtime.txt
 COPY pyproject.toml README.md ./

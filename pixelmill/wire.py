@@ -1,6 +1,6 @@
 """The Celery app. Light on purpose: producers import it to enqueue, and it never imports torch.
 
-Settings chosen for this design (see README, "How a batch flows"):
+Settings chosen for this design (docs/design.md):
 - JSON only, on the wire and for results: a pickled message is rejected, never executed.
 - Late acks + reject on worker lost: a message is acked only after its batch's results are
   committed. A worker that dies mid-batch leaves its message unacked; its jobs come back through

@@ -1,4 +1,5 @@
-"""The lock (README, "The lock"): what a fresh machine installs is what the tests passed with.
+"""The lock (docs/contributing.md, "The lock"): what a fresh machine installs is what the tests
+passed with.
 
 The lock files are made by `uv pip compile` (scripts/update-lock); these tests hold them to
 pyproject.toml and to what scripts/setup and the Dockerfile install, so that a range widened or

@@ -284,7 +284,7 @@ def print_results(client: Client, batch_id: str, as_json: bool) -> tuple[int, in
 
 
 def jobs_exit_status(failed: int, cancelled: int) -> int:
-    """How a batch's jobs ended, as the exit status (README, Exit status): 5 if it was
+    """How a batch's jobs ended, as the exit status (docs/cli.md, "Exit status"): 5 if it was
     cancelled (some jobs ended cancelled: it was not all done, by a person's decision, over
     1), 1 if any job failed, else 0."""
     if cancelled:

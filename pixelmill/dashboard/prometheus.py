@@ -12,7 +12,7 @@ away (the database, Redis) never fails the scrape: what could be read is exporte
 ``pixelmill_up{source}`` 0 and ``pixelmill_scrape_errors_total{source}`` counting it.
 
 Names follow Prometheus' conventions: the ``pixelmill_`` prefix, base units (seconds, bytes),
-``_total`` counters, and no batch or job ids as labels (README, Metrics).
+``_total`` counters, and no batch or job ids as labels (docs/dashboard.md, "Metrics").
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def read_totals(conn: Connection) -> list[Total]:
 def jobs_by_state(conn: Connection) -> dict[str, int]:
     """Jobs per state, every state present (0 if none). One GROUP BY over the status column,
     which SQLite and PostgreSQL answer from the (status, lease_until) index alone: about 40 ms
-    for a million jobs on SQLite (README, Metrics)."""
+    for a million jobs on SQLite (docs/dashboard.md, "Metrics")."""
     counts = {str(s): 0 for s in JobStatus}
     for status, n in conn.execute(select(Job.status, func.count()).group_by(Job.status)):
         counts[str(status)] = int(n)

@@ -1,6 +1,6 @@
 """What a runner's output image becomes in the object store: PNG bytes that carry their
 provenance (the model, its revision, the device and precision, and the result's own scalar
-fields such as prompt, seed and steps) in a ``pixelmill`` text chunk (README, "From the shell")."""
+fields such as prompt, seed and steps) in a ``pixelmill`` text chunk (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Stages: claim (db) -> decode + preprocess (thread pool, overlaps the other batch
 object store (thread pool), each under its job's deterministic key -> write outcomes and the
 artifact rows that name the stored objects (one transaction).
 
-Unattended runs never hang and never orphan a job (README, Guarantees):
+Unattended runs never hang and never orphan a job (docs/guarantees.md):
 - the claimed jobs are tracked while the batch works on them, and each stage stamps progress;
   the heartbeat renews only those (``pixelmill.worker.heartbeat``);
 - each input's read and decode has a deadline (``PIXELMILL_READ_TIMEOUT``); a stuck thread is

@@ -70,7 +70,7 @@ def cpu_workers(n: int | None = None) -> list[DeviceSpec]:
     """``n`` CPU worker processes sharing the cores between them. Default: one per core, up
     to 4 (then several torch threads each). Several single-threaded processes beat one
     multi-threaded one here: decoding the next batch then never stalls the forward pass's
-    threads (measured: README, Performance)."""
+    threads (measured: docs/performance.md)."""
     cores = os.cpu_count() or 1
     if n is None:
         n = min(cores, MAX_AUTO_CPU_WORKERS)
