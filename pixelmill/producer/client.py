@@ -42,7 +42,7 @@ from pixelmill.db.reads import (
     recent_batches,
     unfinished_batch,
 )
-from pixelmill.db.records import BatchCounts, Failures, JobResult
+from pixelmill.db.records import BatchCounts, Failures, JobResult, NewBatch
 from pixelmill.db.sources import RemoteObject, S3Inputs, is_remote
 from pixelmill.db.store import LocalStore, open_store
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
@@ -187,6 +187,25 @@ class _Prepared:
     listed: dict[str, RemoteObject]
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What a new batch takes over from earlier ones (``Client._earlier``)."""
+
+    revision: str | None
+    fingerprint: str | None = None
+    stale: str | None = None
+
+
+@dataclass(frozen=True)
+class _Work:
+    """What a new batch's jobs are (``Client._plan_work``)."""
+
+    found: _Found
+    params: list[dict[str, Any]] | None
+    contents: Contents | None = None
+    reuse: ReusePlan | None = None
+
+
 class Client:
     """A producer connected to the configured (or embedded) database and broker."""
 
@@ -322,75 +341,94 @@ class Client:
         prep = self._prepare(task, inputs, model, batch_size, options, prompts, count, seed)
         self.check_broker()
         with self._source_lock(prep.source):
-            revision = self._revision(prep)
-            print_ = (
-                None
-                if again or force
-                else fingerprint(prep.task, prep.model, prep.stored, prep.plan, prep.listed)
-            )
-            stale: str | None = None
-            if print_ is not None:
-                earlier = self._resume(print_, revision)
-                if isinstance(earlier, Submission):
-                    return earlier
-                stale = earlier
-            if prep.source is not None and not (again or force):
-                running = self._in_progress(prep.source)
-                if running is not None:
-                    return running
-            contents: Contents | None = None
-            reuse: ReusePlan | None = None
-            if prep.recipe is not None:
-                contents = identify(
-                    self.sessions, prep.plan.inputs, prep.plan.params, listed=prep.listed,
-                    read_timeout=self.settings.read_timeout, trust_stat=not force,
-                )  # fmt: skip
-                with self.sessions() as session:
-                    reuse = plan_reuse(session, task=prep.task, model=prep.model,
-                                       recipe=prep.recipe, revision=revision,
-                                       contents=contents, force=force)  # fmt: skip
-            params = prep.plan.params
-            if upload and contents is not None:
-                skip = reuse.reused if reuse else {}
-                params = upload_inputs(
-                    open_store(self.settings.resolved_store_url(), self.settings),
-                    prep.plan.inputs, params, contents.sha256, skip=skip,
-                )  # fmt: skip
-            try:
-                with self.sessions.begin() as session:
-                    if stale is not None:
-                        retire_fingerprint(session, stale)
-                    new = create_batch(
-                        session,
-                        task=prep.task,
-                        model=prep.model,
-                        inputs=prep.plan.inputs,
-                        params=params,
-                        name=name,
-                        options=prep.stored,
-                        queued_lease=self.settings.queued_lease_seconds,
-                        fingerprint=print_,
-                        contents=contents.sha256 if contents else None,
-                        reused=reuse.reused if reuse else None,
-                        recipe=prep.recipe,
-                        source_key=prep.source,
-                        plan=reuse.counts if reuse else None,
-                        priority=priority,
-                    )
-            except IntegrityError:  # the same submit, at the same moment, from elsewhere
-                earlier = self._resume(print_) if print_ is not None else None
-                if not isinstance(earlier, Submission):
-                    raise
+            earlier = self._earlier(prep, again=again, force=force)
+            if isinstance(earlier, Submission):
                 return earlier
-            if contents is not None:
-                remember(self.sessions, contents)
+            work = self._plan_work(prep, earlier, force=force, upload=upload)
+            new = self._register(prep, work, name=name, priority=priority)
+            if isinstance(new, Submission):
+                return new
             enqueue(self.app, new.job_ids, prep.size, priority)
         return Submission(
             batch_id=new.batch_id,
             jobs=len(prep.plan.inputs),
             queued=len(new.job_ids),
-            plan=reuse.counts if reuse else None,
+            plan=work.reuse.counts if work.reuse else None,
         )
+
+    def _earlier(self, prep: _Prepared, *, again: bool, force: bool) -> Submission | _Found:
+        """Step 1: a batch this submit already made (the same submit before, or one over the
+        same source still in progress), returned as it is; else what the new batch needs to
+        know of the past: its fingerprint, the stale batch it takes that over from, and the
+        model's current revision."""
+        revision = self._revision(prep)
+        if again or force:
+            return _Found(revision=revision)
+        print_ = fingerprint(prep.task, prep.model, prep.stored, prep.plan, prep.listed)
+        earlier = self._resume(print_, revision) if print_ is not None else None
+        if isinstance(earlier, Submission):
+            return earlier
+        if prep.source is not None:
+            running = self._in_progress(prep.source)
+            if running is not None:
+                return running
+        return _Found(revision=revision, fingerprint=print_, stale=earlier)
+
+    def _plan_work(self, prep: _Prepared, found: _Found, *, force: bool, upload: bool) -> _Work:
+        """Step 2: what each input's bytes are, which results can be reused, and (``upload``)
+        the inputs to process copied into the object store."""
+        if prep.recipe is None:
+            return _Work(found, params=prep.plan.params)
+        contents = identify(
+            self.sessions, prep.plan.inputs, prep.plan.params, listed=prep.listed,
+            read_timeout=self.settings.read_timeout, trust_stat=not force,
+        )  # fmt: skip
+        with self.sessions() as session:
+            reuse = plan_reuse(session, task=prep.task, model=prep.model, recipe=prep.recipe,
+                               revision=found.revision, contents=contents, force=force)  # fmt: skip
+        params = prep.plan.params
+        if upload:
+            params = upload_inputs(
+                open_store(self.settings.resolved_store_url(), self.settings),
+                prep.plan.inputs, params, contents.sha256, skip=reuse.reused,
+            )  # fmt: skip
+        return _Work(found, params=params, contents=contents, reuse=reuse)
+
+    def _register(
+        self, prep: _Prepared, work: _Work, *, name: str | None, priority: str
+    ) -> NewBatch | Submission:
+        """Step 3: the batch and its jobs committed (reused jobs done at once); the earlier
+        batch instead if the same submit committed first from elsewhere."""
+        found, contents, reuse = work.found, work.contents, work.reuse
+        try:
+            with self.sessions.begin() as session:
+                if found.stale is not None:
+                    retire_fingerprint(session, found.stale)
+                new = create_batch(
+                    session,
+                    task=prep.task,
+                    model=prep.model,
+                    inputs=prep.plan.inputs,
+                    params=work.params,
+                    name=name,
+                    options=prep.stored,
+                    queued_lease=self.settings.queued_lease_seconds,
+                    fingerprint=found.fingerprint,
+                    contents=contents.sha256 if contents else None,
+                    reused=reuse.reused if reuse else None,
+                    recipe=prep.recipe,
+                    source_key=prep.source,
+                    plan=reuse.counts if reuse else None,
+                    priority=priority,
+                )
+        except IntegrityError:  # the same submit, at the same moment, from elsewhere
+            earlier = self._resume(found.fingerprint) if found.fingerprint is not None else None
+            if not isinstance(earlier, Submission):
+                raise
+            return earlier
+        if contents is not None:
+            remember(self.sessions, contents)
+        return new
 
     def plan(
         self,
