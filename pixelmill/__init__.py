@@ -7,7 +7,8 @@ import only downwards (docs/layout.md): the command line (``pixelmill.cli``); th
 are not commands (``pixelmill.dashboard``, ``pixelmill.bench``); the producer and the worker
 (``pixelmill.producer``, ``pixelmill.worker``); the database and the models
 (``pixelmill.db``, ``pixelmill.models``); and the core modules beside this file (settings,
-errors, the task catalogue, the wire contract, revisions, deadlines, stopping, logs).
+errors, the task types (``pixelmill.tasks``), the wire contract, revisions, deadlines,
+stopping, logs).
 
 The names below are imported when first used, so ``import pixelmill.settings`` stays light (no
 SQL, no Celery worker, no torch).

@@ -42,9 +42,10 @@ PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITIES = {"high": 0, "normal": 3, "low": 6}
 
 
-def message_size(options: dict[str, Any] | None) -> int:
-    """Jobs per message for a batch: the batch size it was submitted with."""
-    return int((options or {}).get("batch_size") or DEFAULT_MESSAGE_SIZE)
+def message_size(size: int | None) -> int:
+    """Jobs per message for a batch: the batch size it was submitted with (its
+    ``message_size``; unset in a batch registered by a producer without one)."""
+    return size or DEFAULT_MESSAGE_SIZE
 
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | None:

@@ -137,13 +137,12 @@ def test_a_batch_is_read_and_its_options_validated_once_per_worker_not_per_messa
     monkeypatch.setattr(batching, "task_options", lambda *a: validated.append(a) or real(*a))
     with ctx.sessions.begin() as s:
         inputs = [str(p) for p in photos.iterdir()]
-        new = create_batch(s, task="classify", model="null", inputs=inputs,
-                           options={"batch_size": 1})  # fmt: skip
+        new = create_batch(s, task="classify", model="null", inputs=inputs, message_size=1)
     for job_id in new.job_ids:  # one message per job, as a batch size of 1 sends them
         assert process_batch(ctx, [job_id]).done == 1
     assert len(validated) == 1
     assert list(ctx.batches) == [new.batch_id]  # the worker's own cache, filled by the worker
-    assert ctx.batches[new.batch_id].options == {"batch_size": 1}
+    assert ctx.batches[new.batch_id].options == {}
 
 
 def test_a_failing_forward_is_split_until_only_the_poisonous_item_fails():
@@ -258,7 +257,7 @@ def test_the_corpus_keeps_a_worker_small(tmp_path):
     ok, bad = _corpus(tmp_path / "corpus")
     script = (
         "import resource, sys\n"
-        "from pixelmill.catalog import ClassifyOptions\n"
+        "from pixelmill.tasks.classify import ClassifyOptions\n"
         "from pixelmill.models.classify import EfficientNetLite0\n"
         "from pixelmill.errors import BadInput\n"
         "r = EfficientNetLite0()\n"

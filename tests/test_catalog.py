@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pixelmill.catalog import GenerateOptions, parse_size, task_options
+from pixelmill.catalog import parse_size
 from pixelmill.errors import BadInput
-from pixelmill.producer.inputs import InputError, plan_jobs, read_prompts_file
+from pixelmill.producer.inputs import InputError, plan_jobs
+from pixelmill.tasks import task_options
+from pixelmill.tasks.generate import GenerateOptions, read_prompts_file
 
 
 def test_generate_plans_one_job_per_image_with_consecutive_recorded_seeds():
@@ -92,13 +94,17 @@ def test_a_submission_fingerprint_changes_with_the_files_and_not_the_batch_size(
     from pixelmill.producer.client import fingerprint
     from pixelmill.producer.inputs import JobPlan
 
+    # The batch size is the batch's message size, never one of its task options, so neither
+    # the fingerprint nor the reuse recipe (both made of the stored options) can see it.
+    with pytest.raises(BadInput, match="--batch-size: Extra inputs are not permitted"):
+        task_options("caption", {"batch_size": 8}, "m")
     f = tmp_path / "a.jpg"
     f.write_bytes(b"one")
     plan = JobPlan(inputs=[str(f)])
-    first = fingerprint("caption", "m", {"batch_size": 8, "num_beams": 1}, plan)
-    assert first == fingerprint("caption", "m", {"batch_size": 64, "num_beams": 1}, plan)
-    assert first != fingerprint("caption", "m", {"batch_size": 8, "num_beams": 2}, plan)
-    assert first != fingerprint("caption", "other", {"batch_size": 8, "num_beams": 1}, plan)
+    first = fingerprint("caption", "m", {"num_beams": 1}, plan)
+    assert first == fingerprint("caption", "m", {"num_beams": 1}, plan)
+    assert first != fingerprint("caption", "m", {"num_beams": 2}, plan)
+    assert first != fingerprint("caption", "other", {"num_beams": 1}, plan)
     f.write_bytes(b"two!")  # the file changed on disk: another submission
     os.utime(f, ns=(1, 1))
-    assert first != fingerprint("caption", "m", {"batch_size": 8, "num_beams": 1}, plan)
+    assert first != fingerprint("caption", "m", {"num_beams": 1}, plan)

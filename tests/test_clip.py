@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelmill.catalog import DEFAULT_TEMPLATE, ClassifyOptions, task_options
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import Runner
 from pixelmill.models.clip import EMBEDDING, RANDOM_CLIP_B32
 from pixelmill.models.registry import ZERO_SHOT, create_runner
+from pixelmill.tasks import task_options
+from pixelmill.tasks.classify import DEFAULT_TEMPLATE, ClassifyOptions
 from tests.tiny_models import (
     CLIP_WORDS,
     build_tiny_clip,

@@ -574,7 +574,7 @@ def test_a_high_priority_batch_overtakes_a_large_low_priority_queue(tmp_path, re
     low_inputs = _images(tmp_path / "low", 16)
     with _client(env) as client:
         with client.sessions.begin() as s:
-            low = create_batch(s, task="classify", model="null", options={"batch_size": size},
+            low = create_batch(s, task="classify", model="null", message_size=size,
                                inputs=[low_inputs[i % 16] for i in range(40_000)],
                                priority="low")  # fmt: skip
         enqueue(client.app, low.job_ids, size, "low")

@@ -203,7 +203,7 @@ def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
 
     with sessions.begin() as s:
         new = create_batch(s, task="classify", model="m", inputs=[f"/in/{i}.jpg" for i in range(4)],
-                           options={"batch_size": 2}, queued_lease=0)  # fmt: skip
+                           message_size=2, queued_lease=0)  # fmt: skip
     with sessions.begin() as s:
         claim_jobs(s, new.job_ids[:2], worker="dead/1", device="cpu", lease=0)
         claim_jobs(s, new.job_ids[2:3], worker="alive/2", device="cpu", lease=0)
@@ -213,7 +213,7 @@ def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
         (queued,) = take_stranded(s, status=JobStatus.queued, lease=60)
         # Taken once: a second reconciler right after finds nothing.
         assert take_stranded(s, status=JobStatus.running, lease=60) == []
-    assert (running.job_ids, message_size(running.options)) == (new.job_ids[:2], 2)
+    assert (running.job_ids, message_size(running.message_size)) == (new.job_ids[:2], 2)
     assert queued.job_ids == new.job_ids[3:]
 
 

@@ -27,11 +27,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import BadInput
 from pixelmill.models import images
 from pixelmill.models.images import MB, DecodeBudget, decode_image
 from pixelmill.models.null import NullRunner
+from pixelmill.tasks.classify import ClassifyOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 from sqlalchemy import select, text
 
-from pixelmill.catalog import task_options
 from pixelmill.db.embeddings import (
     forget_vector_support,
     from_bytes,
@@ -39,6 +38,7 @@ from pixelmill.models.registry import create_runner
 from pixelmill.producer import Client
 from pixelmill.producer.reuse import RACY_SECONDS
 from pixelmill.settings import load_settings
+from pixelmill.tasks import task_options
 from tests.conftest import pixelmill, pixelmill_env
 from tests.tiny_models import build_tiny_clip
 

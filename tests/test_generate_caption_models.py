@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelmill.catalog import task_options
 from pixelmill.db.engine import make_engine, make_sessionmaker
 from pixelmill.db.jobs import create_batch
 from pixelmill.db.migrate import upgrade
@@ -26,6 +25,7 @@ from pixelmill.models.caption import Captioner
 from pixelmill.models.generate import ImageGenerator
 from pixelmill.models.registry import create_runner
 from pixelmill.revisions import folder_revision
+from pixelmill.tasks import task_options
 from pixelmill.worker.batching import WorkerContext, process_batch
 from tests.conftest import skimage_data
 

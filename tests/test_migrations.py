@@ -1,7 +1,10 @@
-"""Migration 0007 on a database that already holds work: rows survive, and the jobs.status
-constraint accepts `cancelled` after the upgrade and only the old states after a downgrade."""
+"""Migrations on a database that already holds work. 0007: rows survive, and the jobs.status
+constraint accepts `cancelled` after the upgrade and only the old states after a downgrade.
+0009: a batch's batch size moves from its options to its message size, and back."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from sqlalchemy import text
@@ -53,4 +56,32 @@ def test_0007_keeps_existing_work_and_allows_cancelled_both_ways(database_url):
         assert conn.execute(text("SELECT job_id FROM results")).scalars().all() == ["j1"]
         if engine.dialect.name == "sqlite":  # foreign keys are on again
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    engine.dispose()
+
+
+def _json(value):
+    return json.loads(value) if isinstance(value, str) else value  # SQLite: text; PostgreSQL: dict
+
+
+def test_0009_moves_the_batch_size_out_of_the_options_and_back(database_url):
+    engine = make_engine(database_url)
+    migrate(engine, "0008")
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO batches (id, task, model, options, total, created_at) VALUES "
+            "('b1', 'caption', 'm', '{\"batch_size\": 8, \"num_beams\": 2}', 0, CURRENT_TIMESTAMP),"
+            " ('b2', 'classify', 'm', '{}', 0, CURRENT_TIMESTAMP)"
+        ))  # fmt: skip
+    migrate(engine, "head")
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT id, options, message_size FROM batches ORDER BY id"))
+        assert [(r.id, _json(r.options), r.message_size) for r in rows] == [
+            ("b1", {"num_beams": 2}, 8), ("b2", {}, None)
+        ]  # fmt: skip
+    migrate(engine, "0008", down=True)
+    with engine.begin() as conn:
+        rows = conn.execute(text("SELECT id, options FROM batches ORDER BY id"))
+        assert [(r.id, _json(r.options)) for r in rows] == [
+            ("b1", {"batch_size": 8, "num_beams": 2}), ("b2", {})
+        ]  # fmt: skip
     engine.dispose()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.cache import ModelCache
 from pixelmill.models.classify import EfficientNetLite0, HFClassifier
 from pixelmill.models.registry import create_runner
+from pixelmill.tasks.classify import ClassifyOptions
 from tests.conftest import PHOTOS, skimage_data
 from tests.tiny_models import TINY_LABELS, build_tiny_vit_classifier
 
@@ -102,8 +102,8 @@ def test_random_full_size_caption_and_generate_models_have_the_real_architecture
     """The bench's stand-ins for Salesforce/blip-image-captioning-base and stabilityai/sd-turbo
     cost what the real ones cost because they are the same architectures: same parameter
     counts, same input size, same defaults; and they run through the ordinary runners."""
-    from pixelmill.catalog import task_options
     from pixelmill.models.base import IMAGE
+    from pixelmill.tasks import task_options
 
     def params(module):
         return sum(p.numel() for p in module.parameters())

@@ -11,13 +11,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pixelmill.catalog import CaptionOptions, ClassifyOptions, GenerateOptions
 from pixelmill.models.artifacts import PROVENANCE_KEY, encode_png, provenance
 from pixelmill.models.base import IMAGE, LoadOptions, Runner
 from pixelmill.models.cache import ModelCache
 from pixelmill.models.classify import EfficientNetLite0
 from pixelmill.models.null import NullRunner
 from pixelmill.models.registry import create_runner
+from pixelmill.tasks.caption import CaptionOptions
+from pixelmill.tasks.classify import ClassifyOptions
+from pixelmill.tasks.generate import GenerateOptions
 
 
 def test_a_misspelt_runner_option_fails_loudly():

@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 from sqlalchemy import event, select
 
-from pixelmill.catalog import TaskOptions
 from pixelmill.db.engine import make_engine, make_sessionmaker
 from pixelmill.db.jobs import claim_jobs, create_batch
 from pixelmill.db.migrate import upgrade
@@ -35,6 +34,7 @@ from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import IMAGE
 from pixelmill.models.cache import ModelCache
 from pixelmill.models.null import NullRunner
+from pixelmill.tasks import TaskOptions
 from pixelmill.worker.batching import WorkerContext, process_batch
 from pixelmill.worker.heartbeat import Heartbeat
 from tests.conftest import pixelmill, pixelmill_env
@@ -384,9 +384,9 @@ class _Failing(NullRunner):
     ],
 )
 def test_every_load_failure_is_model_unavailable_with_its_whole_first_line(monkeypatch, errors):
-    from pixelmill.models import registry
+    from pixelmill.tasks.classify import Classify
 
-    monkeypatch.setitem(registry.BUILTIN, ("classify", "failing"), _Failing)
+    monkeypatch.setitem(Classify.builtin_models["classify"], "failing", f"{__name__}:_Failing")
     monkeypatch.setattr(_Failing, "errors", list(errors))
     with pytest.raises(ModelUnavailable) as err:
         ModelCache("cpu").get("classify", "failing")
@@ -399,9 +399,9 @@ def test_a_model_that_failed_to_load_is_not_loaded_again_for_every_message(monke
     """Offline, each load of a hub id costs minutes of hub retries: a worker remembers the
     failure (models.cache.FAILED_LOAD_TTL) and fails the next messages' jobs at once."""
     from pixelmill.models import cache as cache_module
-    from pixelmill.models import registry
+    from pixelmill.tasks.classify import Classify
 
-    monkeypatch.setitem(registry.BUILTIN, ("classify", "failing"), _Failing)
+    monkeypatch.setitem(Classify.builtin_models["classify"], "failing", f"{__name__}:_Failing")
     monkeypatch.setattr(_Failing, "errors", [OSError("hub unreachable"), OSError("again")])
     cache = ModelCache("cpu")
     with pytest.raises(ModelUnavailable, match="hub unreachable") as first:

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixelmill.catalog import DEFAULT_BATCH_SIZES, DEFAULT_MODELS, task_options
+from pixelmill import tasks
 from pixelmill.settings import device_batch_size, load_settings
+from pixelmill.tasks import task_options
 from pixelmill.worker.devices import cpu_workers
 
 NULL_ITEMS = 16384
@@ -60,13 +61,13 @@ class BenchConfig:
         ViT-B/32, the real model's compute."""
         if self.model:
             return self.model
-        if self.task == "embed" or dict(self.options).get("labels"):
+        if tasks.get(self.task).embeds or dict(self.options).get("labels"):
             return RANDOM_CLIP_B32
-        return DEFAULT_MODELS[self.task]
+        return tasks.get(self.task).default_model
 
     @property
     def size(self) -> int:
-        return self.batch_size or DEFAULT_BATCH_SIZES[self.task]
+        return self.batch_size or tasks.get(self.task).default_batch_size
 
 
 def prompts(n: int) -> list[str]:
@@ -96,7 +97,7 @@ class Bench:
         self.say = progress
         self.options = dict(cfg.options)
         self.workers = (cfg.workers or len(cpu_workers())) if cfg.device == "cpu" else 1
-        generate = cfg.task == "generate"
+        generate = tasks.get(cfg.task).takes_prompts
         self.paths = [] if generate else make_jpegs(work / "images", cfg.images, cfg.image_size)
         # The null and no-op measures are fast: give them enough items to time well (more
         # names for the same files, as hard links).
@@ -109,8 +110,8 @@ class Bench:
     # ---- the workload: the same n items for every measure -------------------------------
 
     def submit(self, client: Any, n: int, *, model: str, batch_size: int) -> str:
-        if self.cfg.task == "generate":
-            sub = client.submit("generate", prompts=prompts(n), seed=0, model=model, again=True,
+        if tasks.get(self.cfg.task).takes_prompts:
+            sub = client.submit(self.cfg.task, prompts=prompts(n), seed=0, model=model, again=True,
                                 batch_size=batch_size, options=self.options)  # fmt: skip
         else:
             # force: every measure processes its items (classify and caption would otherwise
@@ -157,7 +158,7 @@ class Bench:
             "task": cfg.task,
             "model": cfg.model_name,
             "device": device,
-            "options": {**self.options, "batch_size": cfg.size},
+            "options": dict(self.options),
             "forward_batch": self.forward_batch,
         }
         if len(specs) == 1:
@@ -181,7 +182,7 @@ class Bench:
         return sum(rate for rate, _ in rates), rates[0][1]
 
     def inputs(self) -> list[str]:
-        if self.cfg.task == "generate":
+        if tasks.get(self.cfg.task).takes_prompts:
             return prompts(self.cfg.images)
         return [str(p) for p in self.paths[: self.cfg.images]]
 
@@ -283,6 +284,7 @@ class Bench:
         import torch
 
         cfg = self.cfg
+        prompted = tasks.get(cfg.task).takes_prompts
         device_name = platform.processor() or platform.machine()
         if cfg.device.startswith("cuda"):
             device_name = torch.cuda.get_device_name(0)
@@ -297,9 +299,7 @@ class Bench:
             "forward_batch": self.forward_batch,
             "images": cfg.images,
             "null_items": self.null_items,
-            "image_size": (
-                "prompts" if cfg.task == "generate" else f"{cfg.image_size[0]}x{cfg.image_size[1]}"
-            ),
+            "image_size": "prompts" if prompted else f"{cfg.image_size[0]}x{cfg.image_size[1]}",
             "workers": self.workers,
             "repeat": cfg.repeat,
             "options": dict(cfg.options),
@@ -367,7 +367,7 @@ def ratios(f: dict[str, float]) -> dict[str, float]:
 
 def run_bench(cfg: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     # Bad options are a usage error here, before any process starts (BadInput).
-    task_options(cfg.task, {**dict(cfg.options), "batch_size": cfg.size}, cfg.model_name)
+    task_options(cfg.task, dict(cfg.options), cfg.model_name)
     work = Path(tempfile.mkdtemp(prefix="pixelmill-bench-"))
     try:
         return Bench(cfg, work, progress).run()

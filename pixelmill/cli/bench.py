@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from pixelmill.catalog import TASKS, parse_size
+from pixelmill import tasks
+from pixelmill.catalog import parse_size
 from pixelmill.cli.common import user_errors
 from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
@@ -44,7 +45,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 @click.command()
-@click.argument("task", type=click.Choice(TASKS))
+@click.argument("task", type=click.Choice(tasks.names()))
 @click.option(
     "--model",
     "-m",
@@ -187,9 +188,11 @@ def _zero_shot(
     task: str, labels_text: str | None, templates: tuple[str, ...]
 ) -> tuple[tuple[str, Any], ...]:
     """--labels and --template as task options (classify only)."""
-    from pixelmill.cli.submit import zero_shot_labels
+    from pixelmill.tasks.classify import zero_shot_labels
 
-    labels = zero_shot_labels(task, labels_text, None)
+    if labels_text is not None and task != "classify":
+        raise InputError(f"--labels and --labels-file are for classify, not {task}")
+    labels = zero_shot_labels(labels_text, None)
     if templates and labels is None:
         raise InputError("--template applies to --labels")
     out: tuple[tuple[str, Any], ...] = ()

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from pixelmill.catalog import TASKS
+from pixelmill import tasks
 from pixelmill.cli.common import settings_or_exit, user_errors
 from pixelmill.db.engine import database_errors
 from pixelmill.producer.client import Client
@@ -38,7 +38,9 @@ from pixelmill.stopping import stop_signals_raise
     "s3://bucket/prefix/), across all batches: per input, task and model, the job that "
     "finished last (done or failed).",
 )
-@click.option("--task", type=click.Choice(TASKS), default=None, help="--latest: only this task.")
+@click.option(
+    "--task", type=click.Choice(tasks.names()), default=None, help="--latest: only this task."
+)
 @click.option(
     "--model",
     "-m",

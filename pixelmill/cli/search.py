@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from pixelmill.catalog import DEFAULT_TEMPLATE, MAX_SEARCH_LIMIT
+from pixelmill.catalog import MAX_SEARCH_LIMIT
 from pixelmill.cli.batches import jobs_exit_status, print_results
 from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.cli.submit import zero_shot_labels
 from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client
 from pixelmill.producer.output import one_line
+from pixelmill.tasks.classify import DEFAULT_TEMPLATE, zero_shot_labels
 
 
 @click.command()
@@ -128,7 +128,7 @@ def classify(labels_text: str | None, labels_file: str | None, templates: tuple[
     """
     settings = settings_or_exit()
     with user_errors(), database_errors(), Client(settings, create=False) as client:
-        labels = zero_shot_labels("classify", labels_text, labels_file)
+        labels = zero_shot_labels(labels_text, labels_file)
         if labels is None:
             raise InputError('give the labels: --labels "a,b,c" or --labels-file FILE')
         done = client.relabel(batch, labels, templates=list(templates) or None, top_k=top_k,

@@ -9,16 +9,16 @@ from typing import Any
 
 import click
 
-from pixelmill.catalog import DEFAULT_TEMPLATE, DEFAULT_ZERO_SHOT_MODEL, TASKS, parse_size
+from pixelmill import tasks
 from pixelmill.cli.batches import JSON, plan_counts
 from pixelmill.cli.common import settings_or_exit, user_errors
 from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client, Submission
-from pixelmill.producer.inputs import read_labels_file, read_prompts_file, split_labels
+from pixelmill.tasks.base import Flag
 from pixelmill.wire import PRIORITIES
 
-TASK = click.argument("task", type=click.Choice(TASKS))
+TASK = click.argument("task", type=click.Choice(tasks.names()))
 INPUTS = click.argument("inputs", nargs=-1, metavar="[INPUT]...")
 MODEL = click.option(
     "--model",
@@ -66,107 +66,31 @@ PLAN = click.option(
 )
 
 
-TASK_OPTIONS = (
-    click.option("--labels", "labels_text", default=None, metavar="TEXT", help="classify: "
-                 "zero-shot labels in your own words, comma-separated (\"a cat,a dog,a "
-                 "receipt\"), scored by a CLIP-style model (default "
-                 f"{DEFAULT_ZERO_SHOT_MODEL})."),
-    click.option("--labels-file", default=None, type=click.Path(dir_okay=False),
-                 help="classify: zero-shot labels, one per line (blank lines and # comments "
-                 "skipped); with --labels, those come first."),
-    click.option("--template", "templates", multiple=True, metavar="TEXT", help="classify "
-                 "--labels: the sentence each label goes into, with {} for the label (default "
-                 f"\"{DEFAULT_TEMPLATE}\"); repeat to average several."),
-    click.option("--max-new-tokens", type=int, default=None, help="caption: longest caption "
-                 "in tokens (default 30)."),
-    click.option("--num-beams", type=int, default=None, help="caption: beam search width "
-                 "(default 1, greedy)."),
-    click.option("--prefix", default=None, help="caption: text every caption starts with "
-                 "(conditional captioning)."),
-    click.option("--prompt", "prompts", multiple=True, help="generate: a prompt; repeat for "
-                 "more."),
-    click.option("--prompts-file", type=click.Path(dir_okay=False), default=None,
-                 help="generate: a file with one prompt per line."),
-    click.option("--init", "init", multiple=True, metavar="INPUT", help="generate: init "
-                 "image(s) for image-to-image (file, folder or -); each prompt runs on each."),
-    click.option("--count", type=int, default=1, show_default=True, help="generate: images "
-                 "per prompt (per init image)."),
-    click.option("--seed", type=int, default=None, help="generate: seed of the first image; "
-                 "the next ones take seed+1, seed+2, ... (default: random, recorded)."),
-    click.option("--steps", type=int, default=None, help="generate: denoising steps (default: "
-                 "1 for turbo models, 2 with --init; else 30)."),
-    click.option("--size", default=None, metavar="WxH", help="generate: output size, e.g. "
-                 "512x512 (default: the model's own)."),
-    click.option("--guidance", type=float, default=None, help="generate: guidance scale "
-                 "(default 0 for turbo models, else 7.5)."),
-    click.option("--strength", type=float, default=None, help="generate --init: how far from "
-                 "the init image, 0..1 (default 0.6)."),
-    click.option("--negative-prompt", default=None, help="generate: what to steer away from."),
-)  # fmt: skip
-
-
 def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
-    shared = (TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN, UPLOAD,
-              PRIORITY, *TASK_OPTIONS)  # fmt: skip
+    flags: list[Flag] = [flag for task in tasks.registry().values() for flag in task.flags]
+    shared: list[Flag] = [TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN,
+                          UPLOAD, PRIORITY, *flags]  # fmt: skip
     for decorate in reversed(shared):
         command = decorate(command)
     return command
 
 
 def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dict[str, Any]:
-    """The keyword arguments of ``Client.submit`` for what was typed; InputError on misuse."""
+    """The keyword arguments of ``Client.submit`` for what was typed (``given``: every task
+    type's flags); InputError on misuse. Each task type takes its own flags; one set for
+    another task is refused, naming it; what is left is the options, as they are."""
     priority = given.pop("priority", "normal")
-    labels = zero_shot_labels(task, given.pop("labels_text"), given.pop("labels_file"))
-    templates = list(given.pop("templates"))
-    if templates and task != "classify":
-        raise InputError(f"--template is for classify --labels, not {task}")
-    if labels is not None:
-        given["labels"] = labels
-    if templates:
-        given["templates"] = templates
-    prompts = list(given.pop("prompts"))
-    prompts_file = given.pop("prompts_file")
-    if prompts_file:
-        prompts += read_prompts_file(prompts_file)
-    init = given.pop("init")
-    count = given.pop("count")
-    seed = given.pop("seed")
-    size = given.pop("size")
-    if size:
-        given["width"], given["height"] = parse_size(size)
+    this = tasks.get(task)
+    taken: dict[str, Any] = {}
+    for other in tasks.registry().values():
+        flags = other.take_flags(given)
+        if other is this:
+            taken = flags
+        else:
+            other.refuse_flags(flags, task)
     options = {k: v for k, v in given.items() if v is not None}
-    if task == "generate":
-        if inputs:
-            raise InputError(
-                "generate takes prompts, not INPUT: pass --prompt TEXT, and --init INPUT for "
-                "image-to-image"
-            )
-        inputs = init
-    elif init:
-        raise InputError(f"--init is for generate, not {task}")
-    elif not inputs:
-        raise InputError(f"{task} needs at least one INPUT (a file, a folder or -)")
-    return {
-        "inputs": list(inputs),
-        "options": options,
-        "prompts": prompts or None,
-        "count": count,
-        "seed": seed,
-        "priority": priority,
-    }
-
-
-def zero_shot_labels(task: str, text: str | None, path: str | None) -> list[str] | None:
-    """The labels of --labels and --labels-file (in that order), or None when neither."""
-    if text is None and path is None:
-        return None
-    if task != "classify":
-        raise InputError(f"--labels and --labels-file are for classify, not {task}")
-    labels = split_labels(text) if text is not None else []
-    if path is not None:
-        labels += read_labels_file(path)
-    return labels
+    return {**this.submission(inputs, options, taken), "priority": priority}
 
 
 @click.command()
@@ -240,8 +164,8 @@ def print_plan(
     as_json: bool,
 ) -> None:
     """`--plan`: the counts (and with --json, each input's action) on stdout."""
-    if task == "generate":
-        raise InputError("--plan is for classify and caption (generate is never reused)")
+    if not tasks.get(task).reusable:
+        raise InputError(f"--plan is for classify and caption ({task} is never reused)")
     plan = client.plan(task, args["inputs"], model=model, options=args["options"], force=force)
     if as_json:
         for i, (name, action) in enumerate(zip(plan.inputs, plan.actions, strict=True)):

@@ -102,6 +102,7 @@ def create_batch(
     source_key: str | None = None,
     plan: dict[str, int] | None = None,
     priority: str = "normal",
+    message_size: int | None = None,
 ) -> NewBatch:
     """Register a batch and one job per input (with its ``params``, if given, and the sha256
     of its bytes in ``contents``). The jobs are queued, except those ``reused`` maps (by
@@ -126,6 +127,7 @@ def create_batch(
             source_key=source_key,
             plan=plan,
             priority=priority,
+            message_size=message_size,
         )
     )
     session.flush()
@@ -540,14 +542,14 @@ def take_stranded(
         .values(status=JobStatus.queued, lease_until=now + timedelta(seconds=lease))
         .returning(JOBS.c.id, JOBS.c.batch_id, JOBS.c.seq)
     ).all()
-    options: dict[str, Any] = {}
+    sizes: dict[str, int | None] = {}
     priorities: dict[str, str] = {}
     for b in conn.execute(
-        select(Batch.id, Batch.options, Batch.priority).where(
+        select(Batch.id, Batch.message_size, Batch.priority).where(
             Batch.id.in_({r.batch_id for r in rows})
         )
     ):
-        options[b.id], priorities[b.id] = b.options, b.priority
+        sizes[b.id], priorities[b.id] = b.message_size, b.priority
     by_batch: dict[str, list[tuple[int, str]]] = {}
     for r in rows:
         by_batch.setdefault(r.batch_id, []).append((r.seq, r.id))
@@ -555,7 +557,7 @@ def take_stranded(
         Stranded(
             batch_id=batch_id,
             job_ids=[job_id for _, job_id in sorted(jobs)],
-            options=options.get(batch_id),
+            message_size=sizes.get(batch_id),
             priority=priorities.get(batch_id) or "normal",
         )
         for batch_id, jobs in by_batch.items()

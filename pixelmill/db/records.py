@@ -100,12 +100,12 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Stranded:
-    """Jobs of one batch whose lease ran out, to enqueue again; ``options`` are the batch's
-    (its message size is the queue's business: ``pixelmill.wire.message_size``)."""
+    """Jobs of one batch whose lease ran out, to enqueue again, in messages of the batch's
+    ``message_size`` (``pixelmill.wire.message_size``) at its priority."""
 
     batch_id: str
     job_ids: list[str]
-    options: dict[str, Any] | None
+    message_size: int | None
     priority: str = "normal"
 
 

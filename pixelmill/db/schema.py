@@ -81,7 +81,7 @@ class Batch(Base):
     # again finds this batch instead of doing the work twice.
     fingerprint: Mapped[str | None] = mapped_column(String(64), unique=True)
     # What a job's result depends on besides its input's bytes and the model's revision: task,
-    # model, options and pixelmill's preprocessing version (``pixelmill.catalog.recipe``).
+    # model, options and pixelmill's preprocessing version (``pixelmill.tasks.base.Task.recipe``).
     # None for generate, whose jobs are never reused.
     recipe: Mapped[str | None] = mapped_column(String(64))
     # Task, model, options and the inputs as typed: two runs over the same source at once find
@@ -95,6 +95,9 @@ class Batch(Base):
     paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Set when a user cancelled it: its queued jobs ended as cancelled.
     cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Jobs per message on the broker, which is the images per model batch: how the batch is
+    # split into work, not what its results depend on (``pixelmill.wire.message_size``).
+    message_size: Mapped[int | None] = mapped_column(Integer)
 
 
 class Job(Base):

@@ -4,7 +4,7 @@
   misspelt one is a TypeError), then ``load(device)`` once per worker process, after it
   started; idempotent.
 - Task options arrive typed: the caller validates a batch's options dict once, with
-  ``pixelmill.catalog.task_options(task, options, model)``, and hands every call the same
+  ``pixelmill.tasks.task_options(task, options, model)``, and hands every call the same
   ``TaskOptions`` object (``ClassifyOptions``, ``CaptionOptions`` or ``GenerateOptions``: the
   runner's ``OptionsT``). A runner never validates them again.
 - ``prepare(input, params, options)`` per item (by default ``preprocess(decode(input))``),
@@ -26,9 +26,10 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from PIL import Image
 
-from pixelmill.catalog import OPTIONS, TaskOptions
+from pixelmill import tasks
 from pixelmill.models.device import PRECISIONS
 from pixelmill.models.images import Fetched, decode_image
+from pixelmill.tasks import TaskOptions
 
 IMAGE = "image"
 
@@ -106,11 +107,12 @@ class Runner(ABC, Generic[OptionsT]):
 
     def check_options(self, options: object) -> None:
         """Options must come validated, as the task's options type (a dict is refused)."""
-        expected = OPTIONS.get(self.task, TaskOptions)
+        known = tasks.registry().get(self.task)
+        expected = known.options if known is not None else TaskOptions
         if not isinstance(options, expected):
             raise TypeError(
                 f"model {self.name}: options must be {expected.__name__} (validated with "
-                f"pixelmill.catalog.task_options), not {type(options).__name__}"
+                f"pixelmill.tasks.task_options), not {type(options).__name__}"
             )
 
     def collate(self, items: list[Any]) -> Any:

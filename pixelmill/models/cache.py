@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pixelmill import tasks
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import Runner
 from pixelmill.models.classify import DEFAULT_TOP_K
@@ -22,14 +23,12 @@ from pixelmill.models.registry import create_runner
 log = logging.getLogger(__name__)
 
 
-# What a model is loaded as, per task, in the reason a load failure gives.
-KINDS = {
-    "classify": "an image-classification model",
-    "caption": "an image-to-text (caption) model",
-    "generate": "a diffusers text-to-image pipeline",
-    "classify:labels": "a CLIP-style dual encoder (image and text towers)",
-    "embed": "a CLIP-style dual encoder (image and text towers)",
-}
+def model_kind(kind: str) -> str:
+    """What a model is loaded as for runner ``kind``, in the reason a load failure gives."""
+    for task in tasks.registry().values():
+        if kind in task.model_kinds:
+            return task.model_kinds[kind]
+    return f"a {kind} model"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -108,7 +107,7 @@ class ModelCache:
                 self._failed[key] = (exc, time.monotonic() + FAILED_LOAD_TTL)
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure to load names the model
-                failure = load_failure(name, KINDS.get(task, f"a {task} model"), exc)
+                failure = load_failure(name, model_kind(task), exc)
                 log.warning("model cache: %s", failure, exc_info=exc)
                 self._failed[key] = (failure, time.monotonic() + FAILED_LOAD_TTL)
                 raise failure from exc

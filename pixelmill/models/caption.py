@@ -12,10 +12,10 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
-from pixelmill.catalog import CaptionOptions
 from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
 from pixelmill.models.loading import load_failure, pretrained_options, revision_of
+from pixelmill.tasks.caption import CaptionOptions
 
 
 class Captioner(Runner[CaptionOptions]):

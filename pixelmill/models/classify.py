@@ -10,11 +10,11 @@ from typing import Any, cast
 import torch
 from PIL import Image
 
-from pixelmill.catalog import ClassifyOptions
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.device import autocast, resolve_precision
 from pixelmill.models.loading import load_failure, pretrained_options, revision_of
+from pixelmill.tasks.classify import ClassifyOptions
 
 BUILTIN_EFFICIENTNET = "efficientnet_lite0"
 RANDOM_VIT_B16 = "vit_b16_random"

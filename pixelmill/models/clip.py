@@ -24,18 +24,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelmill.catalog import (
-    DUAL_ENCODER_TYPES,
-    SIGMOID_TYPES,
-    ClassifyOptions,
-    EmbedOptions,
-    label_texts,
-)
+from pixelmill.catalog import DUAL_ENCODER_TYPES, SIGMOID_TYPES
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, OptionsT, Runner
 from pixelmill.models.classify import DEFAULT_TOP_K, top_labels
 from pixelmill.models.device import autocast, resolve_precision
 from pixelmill.models.loading import load_failure, pretrained_options, revision_of
+from pixelmill.tasks.classify import ClassifyOptions, label_texts
+from pixelmill.tasks.embed import EmbedOptions
 
 EMBEDDING = "embedding"
 RANDOM_CLIP_B32 = "clip_vit_b32_random"

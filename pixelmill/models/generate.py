@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from pixelmill.catalog import GenerateOptions
 from pixelmill.errors import BadInput, ModelUnavailable
 from pixelmill.models.base import IMAGE, LoadOptions, Runner
 from pixelmill.models.device import resolve_precision, torch_dtype
 from pixelmill.models.images import Fetched
 from pixelmill.models.loading import load_failure, pretrained_options, revision_of
+from pixelmill.tasks.generate import GenerateOptions
 
 
 @dataclass(frozen=True)

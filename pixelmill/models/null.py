@@ -7,10 +7,11 @@ from typing import Any
 
 from PIL import Image
 
-from pixelmill.catalog import TaskOptions
+from pixelmill import tasks
 from pixelmill.errors import BadInput
 from pixelmill.models.base import LoadOptions, Runner
 from pixelmill.models.images import Fetched, open_input
+from pixelmill.tasks import TaskOptions
 
 NULL_MODEL = "null"
 READ_CHUNK = 1 << 20
@@ -32,7 +33,8 @@ class NullRunner(Runner[TaskOptions]):
         return None
 
     def prepare(self, input: str | Fetched, params: dict[str, Any], options: TaskOptions) -> Any:
-        if self.for_task == "generate":
+        task = tasks.registry().get(self.for_task)
+        if task is not None and task.takes_prompts:  # a prompt, or an init image: not read
             return None
         if isinstance(input, Fetched):
             return len(input.data)

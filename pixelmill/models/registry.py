@@ -2,76 +2,68 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 from pathlib import Path
 from typing import Any
 
-from pixelmill.catalog import TASKS, TaskOptions
+from pixelmill import tasks
 from pixelmill.errors import ModelUnavailable
 from pixelmill.models.base import LoadOptions, Runner
-from pixelmill.models.caption import Captioner
-from pixelmill.models.classify import (
-    BUILTIN_EFFICIENTNET,
-    DEFAULT_TOP_K,
-    RANDOM_VIT_B16,
-    Classifier,
-    EfficientNetLite0,
-    HFClassifier,
-    RandomViTB16,
-)
-from pixelmill.models.clip import (
-    RANDOM_CLIP_B32,
-    ImageEmbedder,
-    RandomCLIPClassifier,
-    RandomCLIPEmbedder,
-    ZeroShotClassifier,
-    not_dual_encoder,
-)
-from pixelmill.models.generate import ImageGenerator
+from pixelmill.models.classify import DEFAULT_TOP_K
 from pixelmill.models.null import NULL_MODEL, NullRunner
-from pixelmill.models.random_weights import (
-    RANDOM_BLIP_BASE,
-    RANDOM_SD_TURBO,
-    RandomBlipBase,
-    RandomSDTurbo,
-)
+from pixelmill.tasks import TaskOptions
+from pixelmill.tasks.classify import ZERO_SHOT
 
-# The runner kind of a classify batch with labels (zero-shot): a model cache key of its own,
-# since one model name loads as another kind of runner (a CLIP-style dual encoder).
-ZERO_SHOT = "classify:labels"
-BUILTIN: dict[tuple[str, str], type[Runner[Any]]] = {
-    ("classify", BUILTIN_EFFICIENTNET): EfficientNetLite0,
-    ("classify", RANDOM_VIT_B16): RandomViTB16,
-    (ZERO_SHOT, RANDOM_CLIP_B32): RandomCLIPClassifier,
-    ("embed", RANDOM_CLIP_B32): RandomCLIPEmbedder,
-    ("caption", RANDOM_BLIP_BASE): RandomBlipBase,
-    ("generate", RANDOM_SD_TURBO): RandomSDTurbo,
-}
-# What a hub id or a local folder is loaded as, per runner kind.
-PRETRAINED: dict[str, type[Runner[Any]]] = {
-    "classify": HFClassifier,
-    ZERO_SHOT: ZeroShotClassifier,
-    "caption": Captioner,
-    "generate": ImageGenerator,
-    "embed": ImageEmbedder,
-}
-BUILTIN_NAMES = frozenset(name for _, name in BUILTIN)
+# Every runner is named by its task type (``pixelmill.tasks``) as "module:Class" and imported
+# when first asked for, so a worker imports the model code of the tasks it runs only.
+
+
+def _load(path: str) -> type[Runner[Any]]:
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Runner)):
+        raise ModelUnavailable(f"{path} is not a pixelmill.models.base.Runner subclass")
+    return cls
+
+
+def builtin_models() -> dict[tuple[str, str], str]:
+    """(runner kind, built-in model name) -> "module:Class", over every task type."""
+    return {
+        (kind, name): path
+        for task in tasks.registry().values()
+        for kind, models in task.builtin_models.items()
+        for name, path in models.items()
+    }
+
+
+# Every built-in model name (of the task types known when this module was imported).
+BUILTIN_NAMES = frozenset(name for _, name in builtin_models())
+
+
+def pretrained(kind: str) -> str:
+    """What a hub id or a local folder loads as for runner ``kind``."""
+    for task in tasks.registry().values():
+        if kind in task.runners:
+            return task.runners[kind]
+    raise ModelUnavailable(f"no task type runs models of kind {kind!r}")
 
 
 def runner_kind(task: str, options: TaskOptions) -> str:
-    """What a batch's jobs are run by: the task, or ``ZERO_SHOT`` for classify with labels."""
-    if task == "classify" and getattr(options, "labels", None) is not None:
-        return ZERO_SHOT
-    return task
+    """What a batch's jobs are run by: the task, or a kind of its own (``ZERO_SHOT`` for
+    classify with labels)."""
+    return tasks.get(task).runner_kind(options)
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-def check_task(task: str) -> str:
-    if task not in TASKS and task != ZERO_SHOT:
-        raise ModelUnavailable(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-    return task
+def check_task(kind: str) -> str:
+    if not any(kind in task.runners for task in tasks.registry().values()):
+        available = ", ".join(tasks.names())
+        raise ModelUnavailable(f"unknown task {kind!r}; available: {available}")
+    return kind
 
 
 def local_folder(name: str) -> Path | None:
@@ -113,26 +105,28 @@ def create_runner(
     if name == NULL_MODEL:
         return NullRunner(loading=loading, task=task)
     cls, path = _resolve(task, name)
-    if issubclass(cls, (Classifier, ZeroShotClassifier)):
-        return cls(path, loading, top_k=top_k)
+    if "top_k" in inspect.signature(cls).parameters:  # the classifiers
+        return cls(path, loading, top_k=top_k)  # type: ignore[call-arg]
     return cls(path, loading)
 
 
 def _resolve(task: str, name: str) -> tuple[type[Runner[Any]], str]:
     """The runner class for ``name`` and the name or path it loads from."""
-    builtin = BUILTIN.get((task, name))
+    builtins = builtin_models()
+    builtin = builtins.get((task, name))
     if builtin is not None:
-        return builtin, name
-    if task in (ZERO_SHOT, "embed") and name in BUILTIN_NAMES:
+        return _load(builtin), name
+    if task in (ZERO_SHOT, "embed") and name in {n for _, n in builtins}:
+        from pixelmill.models.clip import not_dual_encoder
+
         raise not_dual_encoder(name, "built-in")
-    pretrained = PRETRAINED[task]
     folder = local_folder(name)
     if folder is not None:
-        return pretrained, str(folder)
+        return _load(pretrained(task)), str(folder)
     if HUB_ID.match(name):
-        return pretrained, name
+        return _load(pretrained(task)), name
     raise ModelUnavailable(
         f"model {name!r} is neither a built-in model "
-        f"({', '.join(n for _, n in BUILTIN)}, {NULL_MODEL}), "
+        f"({', '.join(n for _, n in builtins)}, {NULL_MODEL}), "
         "an existing local folder, nor a Hugging Face hub id (owner/name)"
     )

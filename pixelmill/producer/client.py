@@ -17,16 +17,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import (
-    DEFAULT_BATCH_SIZES,
-    DEFAULT_MODELS,
-    DEFAULT_ZERO_SHOT_MODEL,
-    IMAGE_EXTENSIONS,
-    TASKS,
-    job_path,
-    recipe,
-    task_options,
-)
+from pixelmill import tasks
+from pixelmill.catalog import IMAGE_EXTENSIONS, job_path
 from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
 from pixelmill.db.engine import configured_database
 from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
@@ -58,7 +50,6 @@ from pixelmill.producer.reuse import (
     remember,
     upload_inputs,
 )
-from pixelmill.revisions import dual_encoder
 from pixelmill.settings import Settings, load_settings, mask_secrets, mask_url
 from pixelmill.wire import PRIORITIES, create_app, enqueue, message_size
 
@@ -108,7 +99,7 @@ def fingerprint(
     plan: JobPlan,
     listed: Mapping[str, RemoteObject] | None = None,
 ) -> str | None:
-    """What identifies a submission: task, model, options (not the batch size) and each input
+    """What identifies a submission: task, model, options and each input
     as it is on disk now (path, size, modification time), with its parameters. (A batch found
     by it whose results came from an older model revision is not returned: ``_resume``.)"""
     entries: list[Any] = []
@@ -128,7 +119,7 @@ def fingerprint(
     body = {
         "task": task,
         "model": model,
-        "options": {k: v for k, v in options.items() if k != "batch_size"},
+        "options": options,
         "inputs": entries,
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -144,7 +135,7 @@ def source_key(
     body = {
         "task": task,
         "model": model,
-        "options": {k: v for k, v in options.items() if k != "batch_size"},
+        "options": options,
         "inputs": given,
         "listed": list(paths) if "-" in typed else None,
     }
@@ -323,7 +314,7 @@ class Client:
         classify and caption: one job per input image. generate: ``prompts`` x ``count``
         images, or with ``inputs`` (init images) image-to-image over each of them; ``seed``
         is the first of consecutive per-image seeds. ``options`` are the task's options
-        (``pixelmill.catalog``: e.g. ``max_new_tokens`` for caption, ``steps``/``width``/
+        (``pixelmill.tasks``: e.g. ``max_new_tokens`` for caption, ``steps``/``width``/
         ``height``/``strength`` for generate); a bad one raises BadInput naming it.
 
         ``priority`` (high, normal, low): workers take a higher priority batch's messages
@@ -420,6 +411,7 @@ class Client:
                     source_key=prep.source,
                     plan=reuse.counts if reuse else None,
                     priority=priority,
+                    message_size=prep.size,
                 )
         except IntegrityError:  # the same submit, at the same moment, from elsewhere
             earlier = self._resume(found.fingerprint) if found.fingerprint is not None else None
@@ -476,11 +468,10 @@ class Client:
     ) -> _Prepared:
         """Everything a submit decides before it looks at the database: the inputs, the jobs,
         the options validated, the recipe and the source key. BadInput on misuse."""
-        if task not in TASKS:
-            raise InputError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
-        zero_shot = task == "classify" and (options or {}).get("labels") is not None
-        model = model or (DEFAULT_ZERO_SHOT_MODEL if zero_shot else DEFAULT_MODELS[task])
-        check_model_kind(task, model, zero_shot)
+        kind = tasks.get(task)
+        model = model or kind.model_for(options or {})
+        if model != "null":  # the null model runs every task
+            kind.check_model(model, options or {})
         typed = [os.fspath(i) for i in inputs]
         remote = _LazyS3(self.settings)  # made on the first s3:// input (argument or stdin)
         listed: dict[str, RemoteObject] = {}
@@ -488,13 +479,10 @@ class Client:
         if typed and not paths:
             raise InputError(no_images_found(typed))
         plan = storable(plan_jobs(task, paths, prompts=prompts, count=count, seed=seed))
-        size = batch_size or self.settings.batch_size or DEFAULT_BATCH_SIZES[task]
-        given = {**(options or {}), "batch_size": size}
-        if task == "generate":
-            given["init"] = bool(paths)
-        opts = task_options(task, given, model)
+        size = batch_size or self.settings.batch_size or kind.default_batch_size
+        opts = kind.validate(options, model, has_inputs=bool(paths) if kind.takes_prompts else None)
         stored = opts.model_dump(mode="json", exclude_none=True)
-        rec = recipe(task, model, stored)
+        rec = kind.recipe(model, stored)
         source = source_key(task, model, stored, typed, paths) if rec is not None else None
         return _Prepared(task, model, plan, stored, size, rec, source, listed)
 
@@ -513,7 +501,7 @@ class Client:
             queued = queued_job_ids(session, batch.id)
             found = Submission(batch_id=batch.id, jobs=batch.total, attached=True,
                                queued=len(queued), plan=batch.plan)  # fmt: skip
-            size, priority = message_size(batch.options), batch.priority
+            size, priority = message_size(batch.message_size), batch.priority
         enqueue(self.app, queued, size, priority)  # harmless if they have messages already
         return found
 
@@ -555,7 +543,7 @@ class Client:
                 # back): a new batch, which reuses what was done and runs the rest again.
                 return batch.id
             queued = queued_job_ids(session, batch.id)
-            size, priority = message_size(batch.options), batch.priority
+            size, priority = message_size(batch.message_size), batch.priority
             found = Submission(batch_id=batch.id, jobs=batch.total, existing=True,
                                queued=len(queued), plan=batch.plan)  # fmt: skip
         enqueue(self.app, queued, size, priority)
@@ -610,7 +598,7 @@ class Client:
         with self.sessions.begin() as session:
             job_ids = change(session, batch_id, queued_lease=self.settings.queued_lease_seconds)
             batch = get_batch(session, batch_id)
-            size, priority = message_size(batch.options), batch.priority
+            size, priority = message_size(batch.message_size), batch.priority
         enqueue(self.app, job_ids, size, priority)
         return job_ids
 
@@ -721,25 +709,3 @@ def with_labels(
     if twice:
         raise InputError(f"{twice[0]} given twice: as a keyword and in options")
     return {**(options or {}), **extra}
-
-
-def check_model_kind(task: str, model: str, zero_shot: bool) -> None:
-    """Refuse at submit what a worker would refuse (when this host can tell without loading
-    the model): zero-shot labels or embed with a model that is not a CLIP-style dual encoder,
-    or a dual encoder classifying without labels."""
-    if model == "null":  # the null model runs every task
-        return
-    dual = dual_encoder(model)
-    if dual is None:
-        return
-    if (zero_shot or task == "embed") and not dual:
-        what = "--labels" if zero_shot else "embed"
-        raise InputError(
-            f"model {model!r} is not a CLIP-style dual encoder (image and text towers): {what} "
-            f"needs one, e.g. {DEFAULT_ZERO_SHOT_MODEL}"
-        )
-    if task == "classify" and not zero_shot and dual:
-        raise InputError(
-            f"model {model!r} is a CLIP-style dual encoder: give the labels to score with "
-            "--labels (it has no classes of its own)"
-        )

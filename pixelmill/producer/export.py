@@ -32,12 +32,13 @@ from typing import Any, TextIO
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import TASKS
+from pixelmill import tasks
 from pixelmill.db.embeddings import embedded_models, job_embeddings
 from pixelmill.db.reads import get_batch, iter_batch_jobs, iter_latest_jobs
 from pixelmill.db.records import JobResult
 from pixelmill.db.sources import is_remote, split_uri
 from pixelmill.errors import InputError
+from pixelmill.tasks import Column
 
 FORMATS = ("jsonl", "csv", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -45,15 +46,6 @@ STDOUT = "-"
 DEFAULT_LABELS = 5
 ROW_GROUP = 10_000  # rows per Parquet row group: what is held in memory at a time
 PAGE = 1000  # rows per database read
-
-
-@dataclass(frozen=True)
-class Column:
-    """One column of a CSV or Parquet export: its name and type (string, float, int, bool,
-    timestamp (UTC, microseconds) or vector (float32s; Parquet only))."""
-
-    name: str
-    kind: str = "string"
 
 
 # Every export has these, in this order; the task's result columns and result_json follow.
@@ -74,33 +66,23 @@ BASE_COLUMNS = (
     Column("job"),
 )
 RESULT_JSON = Column("result_json")
-EMBEDDING = Column("embedding", "vector")
 # An embed job's vector by job id, filled a page at a time as the jobs stream
 # (``with_vectors``); empty when nothing exported is an embed job.
 Vectors = dict[str, list[float]]
 
 
-def result_columns(tasks: Collection[str], labels: int = DEFAULT_LABELS) -> list[Column]:
-    """The columns a result of ``tasks`` flattens into (in the order of ``TASKS``)."""
-    columns: list[Column] = []
-    if "classify" in tasks:
-        for i in range(1, labels + 1):
-            columns += [Column(f"label_{i}"), Column(f"score_{i}", "float")]
-    if "caption" in tasks:
-        columns.append(Column("caption"))
-    if "generate" in tasks:
-        columns += [Column("artifact"), Column("artifact_sha256")]
-    if "embed" in tasks:
-        columns.append(EMBEDDING)
-    return columns
+def result_columns(names: Collection[str], labels: int = DEFAULT_LABELS) -> list[Column]:
+    """The columns results of the task types ``names`` flatten into (in the registry's
+    order)."""
+    return [c for name, task in tasks.registry().items() if name in names
+            for c in task.export_columns(labels)]  # fmt: skip
 
 
-def columns_for(tasks: Collection[str], labels: int = DEFAULT_LABELS) -> list[Column]:
-    """The columns of a CSV or Parquet export of jobs of ``tasks``."""
-    unknown = set(tasks).difference(TASKS)
-    if unknown:
-        raise InputError(f"unknown task {sorted(unknown)[0]!r}; available: {', '.join(TASKS)}")
-    return [*BASE_COLUMNS, *result_columns(tasks, labels), RESULT_JSON]
+def columns_for(names: Collection[str], labels: int = DEFAULT_LABELS) -> list[Column]:
+    """The columns of a CSV or Parquet export of jobs of the task types ``names``."""
+    for name in names:
+        tasks.get(name)  # InputError for an unknown one
+    return [*BASE_COLUMNS, *result_columns(names, labels), RESULT_JSON]
 
 
 def flat_row(
@@ -110,16 +92,12 @@ def flat_row(
     result, a fourth label of three)."""
     result = job.result
     values = _base(job)
-    values["caption"] = _text(result.get("caption")) if result else None
     values["result_json"] = _json(result) if result is not None else None
     values["embedding"] = (vectors or {}).get(job.job)
-    labels = result.get("labels") if result else None
-    if isinstance(labels, list):
-        for i, item in enumerate(labels, 1):
-            if isinstance(item, dict):
-                values[f"label_{i}"] = _text(item.get("label"))
-                values[f"score_{i}"] = _score(item.get("score"))
-    return [values.get(c.name) for c in columns]
+    task = tasks.registry().get(job.task)
+    if result and task is not None:
+        values.update(task.export_values(result))
+    return [_typed(values.get(c.name), c) for c in columns]
 
 
 def json_row(job: JobResult, vectors: Vectors | None = None) -> dict[str, Any]:
@@ -130,7 +108,7 @@ def json_row(job: JobResult, vectors: Vectors | None = None) -> dict[str, Any]:
     row["result"] = job.result
     row["artifact"] = row.pop("artifact")  # after the result, as the other keys
     row["artifact_sha256"] = row.pop("artifact_sha256")
-    if job.task == "embed":
+    if _embeds(job.task):
         row["embedding"] = (vectors or {}).get(job.job)
     return row
 
@@ -156,6 +134,22 @@ def _base(job: JobResult) -> dict[str, Any]:
         "artifact": job.artifact.uri if job.artifact else None,
         "artifact_sha256": job.artifact.sha256 if job.artifact else None,
     }
+
+
+def _embeds(name: str) -> bool:
+    """Whether jobs of the task type ``name`` store an embedding (exported as a vector)."""
+    task = tasks.registry().get(name)
+    return task is not None and task.embeds
+
+
+def _typed(value: Any, column: Column) -> Any:
+    """A result's value as its column's type: text as text, a score as a float (None where
+    it is neither)."""
+    if column.kind == "string":
+        return _text(value)
+    if column.kind == "float":
+        return _score(value)
+    return value
 
 
 def _json(value: Any) -> str:
@@ -429,7 +423,7 @@ def batch_export(sessions: sessionmaker[Session], batch_id: str) -> Export:
 def latest_export(prefix: str, *, task: str | None = None, model: str | None = None) -> Export:
     """The current result per input under ``prefix`` (``iter_latest_jobs``)."""
     return Export(
-        tasks=(task,) if task else TASKS,
+        tasks=(task,) if task else tasks.names(),
         jobs=lambda session: iter_latest_jobs(session, prefix, task=task, model=model, page=PAGE),
         source=" ".join(
             [
@@ -460,14 +454,15 @@ def run_export(
     }
     vectors: Vectors = {}
     dim = None
-    if "embed" in export.tasks and fmt != "csv":
+    embedded = any(_embeds(name) for name in export.tasks) and fmt != "csv"
+    if embedded:
         with sessions() as session:
             dims = {e.dim for e in embedded_models(session, batch=export.batch,
                                                    source=export.prefix)}  # fmt: skip
         dim = dims.pop() if len(dims) == 1 else None
     with sessions() as session, sessions() as lookups:
         jobs = export.jobs(session)
-        if "embed" in export.tasks and fmt != "csv":
+        if embedded:
             jobs = with_vectors(lookups, jobs, vectors)
         return write_export(jobs, fmt, path, columns, metadata=metadata, vectors=vectors,
                             dim=dim)  # fmt: skip
@@ -490,7 +485,7 @@ def with_vectors(
 
     for chunk in pages():
         vectors.clear()
-        wanted = [j.job for j in chunk if j.task == "embed" and j.status == "done"]
+        wanted = [j.job for j in chunk if _embeds(j.task) and j.status == "done"]
         found = job_embeddings(session, wanted) if wanted else {}
         vectors.update({job_id: vector.tolist() for job_id, vector in found.items()})
         yield from list(chunk)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from pixelmill import tasks
 from pixelmill.catalog import IMAGE_EXTENSIONS, PATH_BYTES
 from pixelmill.db.sources import ObjectUnavailable
 from pixelmill.errors import InputError
@@ -116,35 +117,6 @@ class JobPlan:
     params: list[dict[str, Any]] | None = None
 
 
-def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
-    """One prompt per line; blank lines are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read prompts ({exc})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
-    """One label per line (UTF-8); blank lines and lines starting with ``#`` are skipped. A
-    file that cannot be read, or holds no label, raises InputError naming it."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        why = getattr(exc, "strerror", None) or str(exc)
-        raise InputError(f"{path}: cannot read the labels file ({why})") from None
-    labels = [s for line in text.splitlines() if (s := line.strip()) and not s.startswith("#")]
-    if not labels:
-        raise InputError(f"{path}: the labels file holds no label (one per line)")
-    return labels
-
-
-def split_labels(text: str) -> list[str]:
-    """``--labels "a cat, a dog"`` -> ["a cat", "a dog"]; an empty list when nothing is there
-    (the options' validation says so)."""
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def plan_jobs(
     task: str,
     paths: Sequence[str],
@@ -157,7 +129,7 @@ def plan_jobs(
     each prompt ``count`` times (text-to-image), or each init image x prompt x ``count``
     (image-to-image). Generated images get consecutive seeds from ``seed`` (random if unset),
     recorded per job, so any one image can be made again."""
-    if task != "generate":
+    if not tasks.get(task).takes_prompts:
         if prompts or count != 1 or seed is not None:
             raise InputError(f"--prompt, --count and --seed are for generate, not {task}")
         if not paths:

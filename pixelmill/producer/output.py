@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
+from pixelmill import tasks
 from pixelmill.db.records import BatchCounts, Failures, JobResult
 from pixelmill.db.schema import JobStatus
 
@@ -58,16 +59,13 @@ def one_line(text: str) -> str:
 
 
 def summarize(result: dict[str, Any] | None) -> str:
+    """A done job's result on one line: as its task type reads it, else as JSON."""
     if not result:
         return ""
-    labels = result.get("labels")
-    if labels:
-        top = labels[:3]
-        return " | ".join(f"{x['label']} ({x['score']:.2f})" for x in top)
-    if "caption" in result:
-        return str(result["caption"])
-    if set(result) == {"dim"}:  # embed: the vector is in the database (search, export)
-        return f"embedded ({result['dim']}-d)"
+    for task in tasks.registry().values():
+        line = task.summarize(result)
+        if line is not None:
+            return line
     return json.dumps(result, ensure_ascii=False)
 
 

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import MAX_SEARCH_LIMIT, ClassifyOptions, recipe, task_options
+from pixelmill import tasks
+from pixelmill.catalog import MAX_SEARCH_LIMIT
 from pixelmill.db.embeddings import Embedded, embedded_models, nearest
 from pixelmill.db.reads import get_batch
 from pixelmill.db.relabel import EmbeddedJob, embedded_jobs, record_relabel
 from pixelmill.errors import BadInput, InputError
+from pixelmill.tasks.classify import ZERO_SHOT, ClassifyOptions
 
 if TYPE_CHECKING:  # torch: imported when a model is loaded, so that a refusal is instant
     from pixelmill.models.clip import DualEncoderRunner
@@ -103,7 +105,7 @@ class Searcher:
         where = scope_text(batch, source)
         if batch is not None:
             found = get_batch(session, batch)
-            if found.task != "embed":
+            if not tasks.get(found.task).embeds:
                 raise InputError(
                     f"batch {batch} is a {found.task} batch: search runs over embed batches "
                     f"(pixelmill run embed INPUT... --model M)"
@@ -193,7 +195,6 @@ class Searcher:
         returns it."""
         from pixelmill.models.classify import DEFAULT_TOP_K
         from pixelmill.models.clip import ZeroShotClassifier
-        from pixelmill.models.registry import ZERO_SHOT
 
         top_k = DEFAULT_TOP_K if top_k is None else top_k
         given: dict[str, Any] = {"labels": list(labels)}
@@ -201,13 +202,14 @@ class Searcher:
             given["templates"] = list(templates)
         with self.sessions() as session:
             found = get_batch(session, batch)
-            if found.task != "embed":
+            if not tasks.get(found.task).embeds:
                 raise InputError(
                     f"batch {batch} is a {found.task} batch: --from-embeddings takes an embed "
                     "batch (pixelmill run embed INPUT... --model M)"
                 )
             model = found.model
-        options = task_options("classify", given, model)
+        classify = tasks.get("classify")
+        options = classify.validate(given, model)
         assert isinstance(options, ClassifyOptions)
         runner = self.runner(ZERO_SHOT, model)
         assert isinstance(runner, ZeroShotClassifier)
@@ -231,6 +233,6 @@ class Searcher:
         stored = options.model_dump(mode="json", exclude_none=True)
         with self.sessions.begin() as session:
             new = record_relabel(session, model=model, revision=revision, options=stored,
-                                 recipe=recipe("classify", model, stored), jobs=jobs,
+                                 recipe=classify.recipe(model, stored), jobs=jobs,
                                  results=results, device=RELABEL_DEVICE, name=name)  # fmt: skip
         return Relabelled(new, batch, model, len(jobs))

@@ -32,7 +32,7 @@ from typing import Any
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill.catalog import STORED_INPUT, TaskOptions, job_path, task_options
+from pixelmill.catalog import STORED_INPUT, job_path
 from pixelmill.db.content_index import record_revision
 from pixelmill.db.embeddings import to_bytes
 from pixelmill.db.jobs import claim_jobs, fail_jobs, write_outcomes
@@ -56,6 +56,7 @@ from pixelmill.models.clip import EMBEDDING
 from pixelmill.models.images import Fetched, open_input
 from pixelmill.models.registry import runner_kind
 from pixelmill.settings import Settings
+from pixelmill.tasks import TaskOptions, task_options
 from pixelmill.worker.heartbeat import Activity, InProgress, Tracked
 from pixelmill.worker.retrying import GaveUp, Retrier, first_line
 

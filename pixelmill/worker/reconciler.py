@@ -91,7 +91,7 @@ class Reconciler:
             # A running job whose worker died may be what killed it: each goes alone, so the
             # jobs that shared its batch finish and only a job that kills every worker
             # accumulates attempts (and fails at PIXELMILL_MAX_ATTEMPTS).
-            size = 1 if status == JobStatus.running else message_size(group.options)
+            size = 1 if status == JobStatus.running else message_size(group.message_size)
             enqueue(self.app, group.job_ids, size, group.priority)
             count += len(group.job_ids)
             log.warning(
