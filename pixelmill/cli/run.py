@@ -111,7 +111,6 @@ def run(
     """
     settings = settings_or_exit()
     started = time.monotonic()
-    timed_out = False
     with user_errors(), database_errors(), stop_signals_raise() as stops:
         args = submission(task, inputs, task_options)
         if plan_only:
@@ -142,24 +141,17 @@ def run(
             )
             with workers as supervisor:
                 deadline = None if timeout is None else time.monotonic() + timeout
-                if sub.attached:
-                    # stderr, so also with --json: the other run's batch, waited for first.
-                    click.echo(f"batch {sub.batch_id}: {describe(sub)}; waiting for it", err=True)
+
+                def wait(sub: Submission) -> bool:
+                    """True once the batch is finished; False when --timeout came first."""
                     check = _supervising(supervisor, settings, sub.batch_id, log_dir)
                     try:
                         _wait(client, sub, deadline, check)
                     except TimeoutError:
-                        timed_out = True
-                    if not timed_out:
-                        sub = submit()  # what is left: new and changed since that run began
-                if not sub.attached:
-                    click.echo(f"batch {sub.batch_id}: {describe(sub)}", err=True)
-                check = _supervising(supervisor, settings, sub.batch_id, log_dir)
-                if not timed_out:
-                    try:
-                        _wait(client, sub, deadline, check)
-                    except TimeoutError:
-                        timed_out = True
+                        return False
+                    return True
+
+                sub, timed_out = _wait_for_batches(sub, submit, wait)
                 with stops.deferred():  # a stop waits (briefly) for the results to be printed
                     done, failed, cancelled = print_results(client, sub.batch_id, as_json)
                 if download:
@@ -172,18 +164,41 @@ def run(
                 f"(`pixelmill status {sub.batch_id}`)",
                 EXIT_TIMEOUT,
             )
-        # stderr, also with --json: how it went, and how fast
-        if sub.existing:  # this exact submit was made before: its jobs were all done then
-            reused, processed = done, 0
-        else:
-            reused, processed = sub.reused, done + failed - sub.reused
-        pace = client.status(sub.batch_id) if processed > 0 else None
-        click.echo(summary(done, failed, reused, time.monotonic() - started, processed, pace),
-                   err=True)  # fmt: skip
-        if cancelled:  # stderr, also with --json: `pixelmill cancel` stopped it
-            click.echo(f"batch {sub.batch_id} was cancelled: {cancelled} job(s) cancelled",
-                       err=True)  # fmt: skip
+        _closing_lines(client, sub, (done, failed, cancelled), time.monotonic() - started)
     sys.exit(jobs_exit_status(failed, cancelled))
+
+
+def _wait_for_batches(
+    sub: Submission, submit: Callable[[], Submission], wait: Callable[[Submission], bool]
+) -> tuple[Submission, bool]:
+    """Wait for the batch; when the submit found another run's batch over the same inputs
+    still in progress, wait for that one first, then submit again for what is left (new and
+    changed since that run began). The batch waited for last, and whether --timeout came
+    first. The batch id goes to stderr, so also with --json."""
+    if sub.attached:
+        click.echo(f"batch {sub.batch_id}: {describe(sub)}; waiting for it", err=True)
+        if not wait(sub):
+            return sub, True
+        sub = submit()
+    if not sub.attached:
+        click.echo(f"batch {sub.batch_id}: {describe(sub)}", err=True)
+    return sub, not wait(sub)
+
+
+def _closing_lines(
+    client: Client, sub: Submission, ended: tuple[int, int, int], seconds: float
+) -> None:
+    """On stderr, also with --json: how it went and how fast, and whether someone cancelled
+    the batch (`pixelmill cancel`)."""
+    done, failed, cancelled = ended
+    if sub.existing:  # this exact submit was made before: its jobs were all done then
+        reused, processed = done, 0
+    else:
+        reused, processed = sub.reused, done + failed - sub.reused
+    pace = client.status(sub.batch_id) if processed > 0 else None
+    click.echo(summary(done, failed, reused, seconds, processed, pace), err=True)
+    if cancelled:
+        click.echo(f"batch {sub.batch_id} was cancelled: {cancelled} job(s) cancelled", err=True)
 
 
 def summary(

@@ -419,97 +419,148 @@ def _run_group(
     jobs: list[ClaimedJob],
     timings: _Timings | None = None,
 ) -> list[Outcome]:
+    """One message's jobs of one batch: the model loaded, every input decoded (each with its
+    deadline), the forward passes (a failing one split until only its poisonous item fails),
+    the images stored, one outcome per job."""
     task, model = jobs[0].task, jobs[0].model
     passes = (timings or _Timings()).group(task, model)
+    loaded = _load_runner(ctx, retry, tracked, jobs)
+    if isinstance(loaded, list):
+        return loaded
+    runner, options = loaded
+    seen: dict[str, ContentSeen] = {}  # what fetching s3:// inputs taught us
+    outcomes: dict[str, Outcome] = {}
 
-    def failed(job: ClaimedJob, reason: str, runner: Runner[Any] | None = None) -> Outcome:
-        return Outcome(
-            job_id=job.job_id,
-            error=reason,
-            model=model,
-            model_revision=runner.revision if runner else None,
-            device=ctx.device_label,
-        )
+    def ready_items(chunk: list[tuple[ClaimedJob, Future[Any]]]) -> list[tuple[ClaimedJob, Any]]:
+        return _ready_items(ctx, chunk, outcomes)
 
-    # The batch's options, validated once for all its jobs (before a load they would waste):
-    # bad ones fail them all, with why.
+    pending = _decode_all(ctx, runner, jobs, options, tracked, seen)
+    finished = _forward_isolating_failures(
+        ctx, tracked, runner, pending, ready_items, options, passes
+    )
+    outcomes.update(_outcomes(ctx, tracked, retry, runner, finished, seen))
+    return [outcomes[job.job_id] for job in jobs]
+
+
+def _failed(
+    ctx: WorkerContext, job: ClaimedJob, reason: str, runner: Runner[Any] | None = None
+) -> Outcome:
+    return Outcome(
+        job_id=job.job_id,
+        error=reason,
+        model=job.model,
+        model_revision=runner.revision if runner else None,
+        device=ctx.device_label,
+    )
+
+
+def _load_runner(
+    ctx: WorkerContext, retry: Retrier, tracked: Tracked, jobs: list[ClaimedJob]
+) -> tuple[Runner[Any], TaskOptions] | list[Outcome]:
+    """The batch's options, validated once for all its jobs (before a load they would waste),
+    and its model, loaded; else every job failed, with why."""
+    task, model = jobs[0].task, jobs[0].model
     try:
         options = ctx.options(jobs[0])
     except BadInput as exc:
         log.warning("%s", exc)
-        return [failed(job, f"{job.input}: {exc}") for job in jobs]
+        return [_failed(ctx, job, f"{job.input}: {exc}") for job in jobs]
     try:
         runner = ctx.cache.get(runner_kind(task, options), model)
     except ModelUnavailable as exc:
         log.warning("%s", exc)
-        return [failed(job, str(exc)) for job in jobs]
+        return [_failed(ctx, job, str(exc)) for job in jobs]
     tracked.touch()
     _record_revision(ctx, retry, task, model, runner.revision)
+    return runner, options
 
-    # Decoding is queued for the whole message at once, in order; each forward pass starts as
-    # soon as its own items are ready (the first pass does not wait for the last decode).
-    # Each input has its deadline: a read that hangs fails its job, not the batch.
-    seen: dict[str, ContentSeen] = {}  # what fetching s3:// inputs taught us
+
+def _decode_all(
+    ctx: WorkerContext,
+    runner: Runner[Any],
+    jobs: list[ClaimedJob],
+    options: TaskOptions,
+    tracked: Tracked,
+    seen: dict[str, ContentSeen],
+) -> list[tuple[ClaimedJob, Future[Any]]]:
+    """Decoding queued for the whole message at once, in order; each forward pass starts as
+    soon as its own items are ready (the first pass does not wait for the last decode). Each
+    input has its deadline: a read that hangs fails its job, not the batch."""
     fetches = [ctx.fetch(job) for job in jobs]
-    pending = [
+    return [
         (job, ctx.pool.submit(_prepare, ctx, runner, job, options, tracked, seen, fetch,
                               deadline=ctx.read_timeout))
         for job, fetch in zip(jobs, fetches, strict=True)
     ]  # fmt: skip
-    outcomes: dict[str, Outcome] = {}
 
-    def ready_items(chunk: list[tuple[ClaimedJob, Future[Any]]]) -> list[tuple[ClaimedJob, Any]]:
-        ready = []
-        for job, future in chunk:
-            try:
-                item = future.result()
-            except DeadlineExceeded as exc:
-                log.error("%s: abandoned after %gs (a hung read?)", job.input, exc.seconds)
-                item = _Unusable(
-                    f"{job.input}: reading or decoding took longer than {exc.seconds:g} s "
-                    "(a hung file system?)"
-                )
-            if isinstance(item, _Unusable):
-                outcomes[job.job_id] = failed(job, item.reason)
-            else:
-                ready.append((job, item))
-        return ready
 
-    finished = _forward_isolating_failures(
-        ctx, tracked, runner, pending, ready_items, options, passes
-    )
+def _ready_items(
+    ctx: WorkerContext,
+    chunk: list[tuple[ClaimedJob, Future[Any]]],
+    outcomes: dict[str, Outcome],
+) -> list[tuple[ClaimedJob, Any]]:
+    """The decoded items of ``chunk``, waited for; a job whose input could not be used (or
+    whose read passed its deadline) gets its failed outcome instead."""
+    ready = []
+    for job, future in chunk:
+        try:
+            item = future.result()
+        except DeadlineExceeded as exc:
+            log.error("%s: abandoned after %gs (a hung read?)", job.input, exc.seconds)
+            item = _Unusable(
+                f"{job.input}: reading or decoding took longer than {exc.seconds:g} s "
+                "(a hung file system?)"
+            )
+        if isinstance(item, _Unusable):
+            outcomes[job.job_id] = _failed(ctx, job, item.reason)
+        else:
+            ready.append((job, item))
+    return ready
+
+
+def _outcomes(
+    ctx: WorkerContext,
+    tracked: Tracked,
+    retry: Retrier,
+    runner: Runner[Any],
+    finished: list[tuple[ClaimedJob, Any]],
+    seen: dict[str, ContentSeen],
+) -> dict[str, Outcome]:
+    """Each forwarded job's outcome: its images stored first (in the decode pool), its
+    embedding as bytes; a failed forward or store fails that job only."""
     stores: list[Future[Any] | None] = [None] * len(finished)
     if any(isinstance(res, dict) and IMAGE in res for _, res in finished):
         stores = [
             ctx.pool.submit(_store_images, ctx, tracked, retry, runner, job, res)
             for job, res in finished
         ]
+    outcomes: dict[str, Outcome] = {}
     for (job, res), store in zip(finished, stores, strict=True):
         if isinstance(res, BaseException):
-            outcomes[job.job_id] = failed(job, f"{job.input}: model failed: {res}", runner)
+            outcomes[job.job_id] = _failed(ctx, job, f"{job.input}: model failed: {res}", runner)
             continue
         try:
             artifacts = store.result() if store is not None else ()
         except GaveUp as exc:  # the object store away for longer than the retry window
-            outcomes[job.job_id] = failed(job, str(exc), runner)
+            outcomes[job.job_id] = _failed(ctx, job, str(exc), runner)
             continue
         except Exception as exc:  # noqa: BLE001 - encoding or storing failed: this job only
             log.warning("%s: cannot store the image", job.input, exc_info=exc)
             reason = f"{job.input}: cannot store the image ({type(exc).__name__}: {exc})"
-            outcomes[job.job_id] = failed(job, reason, runner)
+            outcomes[job.job_id] = _failed(ctx, job, reason, runner)
             continue
         vector = res.pop(EMBEDDING, None)
         outcomes[job.job_id] = Outcome(
             job_id=job.job_id,
             result=res,
-            model=model,
+            model=job.model,
             model_revision=runner.revision,
             device=ctx.device_label,
             artifacts=artifacts,
             content=seen.get(job.job_id),
             embedding=to_bytes(vector) if vector is not None else None,
         )
-    return [outcomes[job.job_id] for job in jobs]
+    return outcomes
 
 
 def _store_images(
