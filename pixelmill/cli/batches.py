@@ -22,8 +22,6 @@ from pixelmill.cli.common import (
     user_errors,
     write_until_closed,
 )
-from pixelmill.db.dead_letters import dead_letter_count
-from pixelmill.db.engine import database_errors
 from pixelmill.db.records import BatchCounts, JobResult
 from pixelmill.producer.client import Client
 from pixelmill.producer.output import (
@@ -67,9 +65,9 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     if batch is None:
         if wait_:
             fail("--wait needs a BATCH", EXIT_USAGE)
-        with user_errors(), database_errors(), Client(settings, create=False) as client:
+        with user_errors(), Client(settings, create=False) as client:
             batches = client.batches(limit)
-            dead = dead_letter_count(client.sessions)
+            dead, _ = client.dead_letters(limit=0)
         if as_json:
             for counts in batches:
                 click.echo(json.dumps(counts_json(counts)))
@@ -81,7 +79,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
             plural = "s" if dead != 1 else ""
             click.echo(f"{dead} dead letter{plural} (pixelmill dead-letters)", err=True)
         return
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         counts = client.wait(batch) if wait_ else client.status(batch)
         found = client.failures(batch) if counts.by_status.get("failed") else None
     if as_json:
@@ -112,7 +110,7 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
     Exits 1 if any job failed, 5 if the batch was cancelled (some jobs ended cancelled).
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         _done, failed, cancelled = print_results(client, batch, as_json)
         if download:
             download_artifacts(client, batch, download)
@@ -129,7 +127,7 @@ def retry(batch: str, as_json: bool) -> None:
     fixed in place, a worker that crashed. Wait with `pixelmill status BATCH --wait`.
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         n = client.retry(batch)
         paused = client.status(batch).paused
     if as_json:
@@ -162,7 +160,7 @@ def pause(batch: str, as_json: bool) -> None:
     <bool>, "queued": <n>, "running": <n>, ...} (the counts per state).
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         changed = client.pause(batch)
         counts = client.status(batch)
     if as_json:
@@ -186,7 +184,7 @@ def resume(batch: str, as_json: bool) -> None:
     "resumed": <n queued jobs enqueued again>, "was_paused": <bool>, ...}.
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         was_paused = client.status(batch).paused
         n = client.resume(batch)
         counts = client.status(batch)
@@ -212,7 +210,7 @@ def cancel(batch: str, as_json: bool) -> None:
     "priority": "<p>", "cancelled_now": <n>, "queued": ..., "cancelled": <n>, ...}.
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         already = client.status(batch).cancelled
         n = client.cancel(batch)
         counts = client.status(batch)
@@ -243,7 +241,7 @@ def priority(batch: str, level: str, as_json: bool) -> None:
     "requeued": <n>, ...}.
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         before = client.status(batch).priority
         n = client.set_priority(batch, level)
         counts = client.status(batch)

@@ -13,7 +13,6 @@ import click
 from pixelmill import tasks
 from pixelmill.catalog import parse_size
 from pixelmill.cli.common import user_errors
-from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
 
 ROWS = [
@@ -162,7 +161,7 @@ def bench(
     """
     from pixelmill.bench.throughput import BenchConfig, run_bench
 
-    with user_errors(), database_errors():
+    with user_errors():
         cfg = BenchConfig(
             task=task,
             model=model,
@@ -243,7 +242,7 @@ def bench_search(rows: int, dim: int, queries: int, database: str | None) -> Non
     def say(text: str) -> None:
         click.echo(f"bench-search: {text}", err=True)
 
-    with user_errors(), database_errors():
+    with user_errors():
         got = run_search_bench(rows, dim, queries, database, say)
     times, filled = got["times"], got["filled"]
     kind = "postgresql" if got["url"].startswith("postgresql") else "sqlite"

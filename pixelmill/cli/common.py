@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import click
 
+from pixelmill.db.engine import database_errors
 from pixelmill.errors import (
     BadInput,
     ConfigError,
@@ -57,9 +58,11 @@ def settings_or_exit() -> Settings:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn pixelmill's errors into one clear line and the documented exit status."""
+    """Turn pixelmill's errors (a database that cannot be reached among them) into one clear
+    line and the documented exit status."""
     try:
-        yield
+        with database_errors():
+            yield
     except (ConfigError, BadInput, ModelUnavailable, UnknownBatch) as exc:
         fail(str(exc), EXIT_USAGE)
     except ServiceUnavailable as exc:

@@ -8,7 +8,6 @@ import time
 import click
 
 from pixelmill.cli.common import EXIT_OK, EXIT_USAGE, fail, settings_or_exit, user_errors
-from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
 from pixelmill.stopping import Stopped, stop_signals_raise
 
@@ -48,7 +47,7 @@ def dashboard(port: int, address: str) -> None:  # fmt: skip
         credentials = dashboard_credentials(address)
     except InputError as exc:
         fail(str(exc), EXIT_USAGE)
-    with user_errors(), database_errors(), embedded_broker(settings):
+    with user_errors(), embedded_broker(settings):
         try:
             server = Dashboard(settings, address=address, port=port, credentials=credentials)
         except OSError as exc:

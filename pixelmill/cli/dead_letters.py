@@ -7,7 +7,6 @@ import json
 import click
 
 from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.db.engine import database_errors
 
 
 @click.command("dead-letters")
@@ -23,18 +22,11 @@ def dead_letters(as_json: bool, limit: int) -> None:
     job ids, 1 MiB) is acknowledged (never redelivered) and recorded with its reason and the
     first 2 KB of its body. --json: {"count": N, "dead_letters": [...]}.
     """
-    from pixelmill.db.dead_letters import count_dead_letters, recent_dead_letters
-    from pixelmill.db.engine import configured_database
+    from pixelmill.producer.client import Client
 
     settings = settings_or_exit()
-    with (
-        user_errors(),
-        database_errors(),
-        configured_database(settings, create=False) as database,
-        database.sessions() as session,
-    ):
-        count = count_dead_letters(session)
-        records = recent_dead_letters(session, limit) if limit else []
+    with user_errors(), Client(settings, create=False) as client:
+        count, records = client.dead_letters(limit)
     if as_json:
         click.echo(json.dumps({"count": count, "dead_letters": [r.to_json() for r in records]}))
         return

@@ -11,7 +11,6 @@ import click
 
 from pixelmill import tasks
 from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.db.engine import database_errors
 from pixelmill.producer.client import Client
 from pixelmill.producer.export import (
     DEFAULT_LABELS,
@@ -113,7 +112,7 @@ def export(
     if source is None and (task or model):
         raise click.UsageError("--task and --model select jobs for --latest (a BATCH has one)")
     settings = settings_or_exit()
-    with user_errors(), database_errors(), stop_signals_raise():
+    with user_errors(), stop_signals_raise():
         fmt = format_for(output, fmt)
         if output == STDOUT and fmt == "parquet":
             raise click.UsageError("parquet needs a file: -o FILE.parquet, not -o -")

@@ -23,7 +23,6 @@ from pixelmill.cli.common import (
 )
 from pixelmill.cli.submit import describe, print_plan, submission, submit_options
 from pixelmill.dashboard.serving import served_dashboard
-from pixelmill.db.engine import database_errors
 from pixelmill.db.records import BatchCounts
 from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.output import Progress, elapsed
@@ -111,7 +110,7 @@ def run(
     """
     settings = settings_or_exit()
     started = time.monotonic()
-    with user_errors(), database_errors(), stop_signals_raise() as stops:
+    with user_errors(), stop_signals_raise() as stops:
         args = submission(task, inputs, task_options)
         if plan_only:
             with Client(settings) as client:

@@ -10,7 +10,6 @@ import click
 from pixelmill.catalog import MAX_SEARCH_LIMIT
 from pixelmill.cli.batches import jobs_exit_status, print_results
 from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client
 from pixelmill.producer.output import one_line
@@ -60,7 +59,7 @@ def search(query: str | None, image: str | None, batch: str | None, source: str 
       pixelmill search --image query.jpg --source /archive/2026/ --json
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         hits = client.search(query, image=image, model=model, batch=batch, source=source,
                              limit=limit)  # fmt: skip
     for hit in hits:
@@ -127,7 +126,7 @@ def classify(labels_text: str | None, labels_file: str | None, templates: tuple[
       pixelmill classify --labels "a car,a bicycle,a bus" --from-embeddings <embed batch>
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings, create=False) as client:
+    with user_errors(), Client(settings, create=False) as client:
         labels = zero_shot_labels(labels_text, labels_file)
         if labels is None:
             raise InputError('give the labels: --labels "a,b,c" or --labels-file FILE')

@@ -12,7 +12,6 @@ import click
 from pixelmill import tasks
 from pixelmill.cli.batches import JSON, plan_counts
 from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.db.engine import database_errors
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client, Submission
 from pixelmill.tasks.base import Flag
@@ -123,7 +122,7 @@ def submit(
     "attached": <bool>}.
     """
     settings = settings_or_exit()
-    with user_errors(), database_errors(), Client(settings) as client:
+    with user_errors(), Client(settings) as client:
         args = submission(task, inputs, task_options)
         if plan_only:
             print_plan(client, task, model, args, force, as_json)

@@ -8,7 +8,6 @@ import sys
 import click
 
 from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.db.engine import database_errors
 from pixelmill.logs import configure_logging
 from pixelmill.settings import mask_url
 from pixelmill.worker.lifecycle import python_command
@@ -46,7 +45,7 @@ def worker(devices: str, cpu_workers: int | None) -> None:
 
     settings = settings_or_exit()
     configure_logging(settings.log_level)
-    with user_errors(), database_errors():
+    with user_errors():
         specs = parse_devices(devices, cpu=cpu_workers)
         # A configured SQLite file's folder must exist (exit 2 naming it, not a crash loop).
         configured_database(settings, migrate=False).dispose()

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from pixelmill.db.schema import DeadLetter, utcnow
 
@@ -71,11 +71,6 @@ def record_dead_letter(session: Session, record: DeadLetterRecord) -> int:
 
 def count_dead_letters(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(DeadLetter)) or 0)
-
-
-def dead_letter_count(sessions: sessionmaker[Session]) -> int:
-    with sessions() as session:
-        return count_dead_letters(session)
 
 
 def recent_dead_letters(session: Session, limit: int = 20) -> list[DeadLetterRecord]:

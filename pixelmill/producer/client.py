@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pixelmill import tasks
 from pixelmill.catalog import IMAGE_EXTENSIONS, job_path
 from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
+from pixelmill.db.dead_letters import DeadLetterRecord, count_dead_letters, recent_dead_letters
 from pixelmill.db.engine import configured_database
 from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
 from pixelmill.db.reads import (
@@ -612,6 +613,12 @@ class Client:
         """The newest batches, newest first, with their counts per state."""
         with self.sessions() as session:
             return recent_batches(session, limit)
+
+    def dead_letters(self, limit: int = 20) -> tuple[int, list[DeadLetterRecord]]:
+        """How many messages the workers refused, and the newest ``limit`` of them."""
+        with self.sessions() as session:
+            count = count_dead_letters(session)
+            return count, recent_dead_letters(session, limit) if limit and count else []
 
     def finished_at(self, batch_id: str) -> datetime | None:
         """When the batch's last job finished (UTC), or None if none has."""
