@@ -156,3 +156,18 @@ def test_flags_of_another_task_type_are_refused_naming_the_one_they_belong_to():
         submission("embed", ("a.jpg",), given(labels_text="a,b"))
     args = submission("generate", (), given(prompts=("a lighthouse",), size="64x32", count=2))
     assert args["options"] == {"width": 64, "height": 32} and args["count"] == 2
+
+
+def test_a_task_type_that_cannot_be_loaded_is_one_line_naming_it_not_a_traceback(tmp_path):
+    site = tmp_path / "site"
+    meta = site / "broken-0.1.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
+    (meta / "entry_points.txt").write_text("[pixelmill.tasks]\nbroken = no_such_module:Broken\n")
+    env = {**pixelmill_env(data_dir=str(tmp_path / "data")), "PYTHONPATH": str(site)}
+    for args in (("--help",), ("run", "classify", str(tmp_path))):
+        result = pixelmill(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("pixelmill: task type 'broken' (no_such_module:Broken")
+        assert "No module named 'no_such_module'" in result.stderr
+        assert "Traceback" not in result.stderr

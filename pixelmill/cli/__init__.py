@@ -20,7 +20,8 @@ import sys
 import click
 
 from pixelmill import __version__
-from pixelmill.cli.common import EXIT_INTERRUPTED
+from pixelmill.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, fail
+from pixelmill.errors import ConfigError
 
 EPILOG = """\b
 Exit status: 0 every job done; 1 one or more jobs failed; 2 usage or
@@ -77,10 +78,18 @@ def _register() -> None:
         cli.add_command(getattr(importlib.import_module(f"pixelmill.cli.{module}"), name))
 
 
-_register()
+# A task type that an installed package adds and that cannot be loaded is a usage error said
+# in one line when the command runs (exit 2), not a traceback at import.
+_BROKEN: ConfigError | None = None
+try:
+    _register()
+except ConfigError as exc:
+    _BROKEN = exc
 
 
 def main() -> None:
+    if _BROKEN is not None:
+        fail(str(_BROKEN), EXIT_USAGE)
     try:
         cli.main(prog_name="pixelmill", standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover - click handles most of these

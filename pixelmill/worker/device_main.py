@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pixelmill import tasks
 from pixelmill.errors import PixelmillError
 from pixelmill.logs import configure_logging
 from pixelmill.settings import Settings, decode_threads, device_batch_size, load_settings
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         settings = load_settings()
+        tasks.registry()  # a task type an installed package adds that cannot be loaded
     except PixelmillError as exc:
         print(f"pixelmill worker: {exc}", file=sys.stderr)
         return 2
