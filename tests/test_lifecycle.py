@@ -323,16 +323,30 @@ def test_the_embedded_broker_stays_while_any_process_uses_it(tmp_path: Path) -> 
     _nothing_left(tmp_path)
 
 
-def test_run_timeout_prints_the_results_so_far_and_exits_4(tmp_path: Path) -> None:
+def test_run_timeout_prints_the_results_so_far_and_exits_4(tmp_path: Path, null_gate) -> None:
+    """The gate lets 13 items through, then holds the rest until the results are printed:
+    2 workers hold at most 4 messages of 4 at once, so 12 tickets can be spread over them
+    and the 13th completes one, however loaded the machine. The --timeout only has to be
+    longer than the workers take to start (it was 12 s with a 1 s sleep per item, and on a
+    loaded machine no message was done by then)."""
     paths = _inputs(tmp_path / "in", 100)
-    env = _env(tmp_path, slow=1.0, batch_size="4")
-    result = pixelmill("run", "classify", *paths, "--model", "null", "--json", "--timeout",
-                       "12", env=env, timeout=240)  # fmt: skip
-    assert result.returncode == 4, result.stderr
-    assert "Traceback" not in result.stderr
-    assert "timed out after 12s" in result.stderr
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(lines) == 100
+    env = {**pixelmill_env(data_dir=str(tmp_path / "data"), batch_size="4"), **null_gate.env}
+    null_gate.allow(13)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pixelmill", "run", "classify", *paths, "--model", "null",
+         "--json", "--timeout", "45"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert run.stdout is not None
+        lines = [json.loads(run.stdout.readline() or "null") for _ in range(100)]
+        null_gate.open()  # printed: the held items may finish, and the workers drain at once
+        _, stderr = run.communicate(timeout=240)
+    finally:
+        run.kill()
+    assert run.returncode == 4, stderr
+    assert "Traceback" not in stderr
+    assert "timed out after 45s" in stderr
     states = {x["status"] for x in lines}
     assert "done" in states and states & {"queued", "running"}, states
     _nothing_left(tmp_path)
