@@ -15,11 +15,14 @@ Settings chosen for this design (docs/design.md):
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+# Celery and the settings are imported where an app is made: the names and constants here are
+# read by commands that never talk to the broker (`pixelmill status`, `pause`, `cancel`).
+if TYPE_CHECKING:
+    from celery import Celery
 
-from pixelmill.settings import Settings
+    from pixelmill.settings import Settings
 
 PROCESS_BATCH = "pixelmill.process_batch"
 NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery with it
@@ -60,6 +63,8 @@ def broker_ssl(settings: Settings) -> dict[str, Any] | None:
 
 
 def create_app(settings: Settings) -> Celery:
+    from celery import Celery
+
     app = Celery("pixelmill", broker=settings.resolved_broker_url())
     app.conf.update(
         task_serializer="json",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, inspect, select
 
-from pixelmill.db.engine import make_engine, make_sessionmaker
+from pixelmill.db.engine import make_engine, make_sessionmaker, newest_revision, open_database
 from pixelmill.db.jobs import claim_jobs, create_batch, write_outcomes
 from pixelmill.db.migrate import current_revision, head_revision, upgrade
 from pixelmill.db.reads import batch_counts, batch_failures, iter_batch_jobs
@@ -21,6 +21,22 @@ def test_migrations_create_the_schema_and_are_idempotent(database_url):
     assert current_revision(engine) == head_revision()
     assert {"batches", "jobs", "results", "artifacts"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_the_fast_check_at_open_knows_the_head_and_an_old_schema_is_still_migrated(database_url):
+    """Opening a database reads its version with one SELECT (no Alembic) and migrates only
+    when it is behind: the newest migration file names Alembic's head, and a database left
+    at an older revision is brought to it."""
+    from pixelmill.db.migrate import migrate
+
+    assert newest_revision() == head_revision()
+    engine = make_engine(database_url)
+    upgrade(engine)
+    migrate(engine, "0008", down=True)
+    assert current_revision(engine) == "0008"
+    engine.dispose()
+    with open_database(database_url) as database:
+        assert current_revision(database.engine) == head_revision()
 
 
 def test_migrations_match_the_models(database_url):

@@ -165,7 +165,9 @@ def test_a_task_type_that_cannot_be_loaded_is_one_line_naming_it_not_a_traceback
     (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
     (meta / "entry_points.txt").write_text("[pixelmill.tasks]\nbroken = no_such_module:Broken\n")
     env = {**pixelmill_env(data_dir=str(tmp_path / "data")), "PYTHONPATH": str(site)}
-    for args in (("--help",), ("run", "classify", str(tmp_path))):
+    # Every command whose flags come from the task types; `pixelmill --help` and --version
+    # list and print without loading them (tests/test_light_commands.py), so they still work.
+    for args in (("submit", "--help"), ("run", "classify", str(tmp_path))):
         result = pixelmill(*args, env=env)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("pixelmill: task type 'broken' (no_such_module:Broken")

@@ -44,52 +44,129 @@ Configuration (environment, prefix PIXELMILL_; nothing set = embedded default):
 """
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The commands, each imported when it is asked for: `pixelmill --version` imports none,
+    `pixelmill status` only its own module, and `pixelmill --help` lists them from their
+    summaries in ``COMMANDS`` (tests/test_light_commands.py). A command's module keeps its
+    heavy imports (SQL, Celery, torch) inside the functions that use them."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The list in `pixelmill --help`, as click writes it, from the summaries below."""
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        # Shortened as click shortens a command's own help (a stand-in command holding it).
+        rows = [(name, click.Command(name, help=COMMANDS[name][1]).get_short_help_str(limit))
+                for name in names]  # fmt: skip
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        where = COMMANDS[cmd_name][0]
+        module, _, attribute = where.partition(":")
+        try:
+            command = getattr(importlib.import_module(f"pixelmill.cli.{module}"), attribute)
+        except ConfigError as exc:
+            # A task type an installed package adds that cannot be loaded: one line naming
+            # it, exit 2 (the command's flags come from the task types), not a traceback.
+            fail(str(exc), EXIT_USAGE)
+            raise  # unreachable
+        assert isinstance(command, click.Command) and command.name == cmd_name, where
+        return command
+
+
+@click.group(cls=_Commands, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pixelmill")
 def cli() -> None:
     """pixelmill: batch image processing on GPU workers through Redis and Celery."""
 
 
-# Every command, in the order `pixelmill --help` lists them: (module under pixelmill.cli, name).
-COMMANDS = (
-    ("submit", "submit"),
-    ("batches", "status"),
-    ("batches", "results"),
-    ("batches", "retry"),
-    ("batches", "pause"),
-    ("batches", "resume"),
-    ("batches", "cancel"),
-    ("batches", "priority"),
-    ("worker", "worker"),
-    ("worker", "flower"),
-    ("run", "run"),
-    ("bench", "bench"),
-    ("bench", "bench_search"),
-    ("dashboard", "dashboard"),
-    ("dead_letters", "dead_letters"),
-    ("export", "export"),
-    ("search", "search"),
-    ("search", "classify"),
-)
-
-
-def _register() -> None:
-    for module, name in COMMANDS:
-        cli.add_command(getattr(importlib.import_module(f"pixelmill.cli.{module}"), name))
-
-
-# A task type that an installed package adds and that cannot be loaded is a usage error said
-# in one line when the command runs (exit 2), not a traceback at import.
-_BROKEN: ConfigError | None = None
-try:
-    _register()
-except ConfigError as exc:
-    _BROKEN = exc
+# Every command: its name -> ("module under pixelmill.cli:the click command in it", its
+# one-line summary for `pixelmill --help`). The summary is the first sentence of the command's
+# docstring (tests/test_light_commands.py checks that they agree): `--help` lists the commands
+# without importing them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "submit": (
+        "submit:submit",
+        "Enqueue only: register the jobs, enqueue them and print the batch id.",
+    ),
+    "status": (
+        "batches:status",
+        "Counts per state for BATCH, its pace (and ETA while running), and its failures by "
+        "kind: how many jobs each, the first few inputs, and how many more are not shown.",
+    ),
+    "results": (
+        "batches:results",
+        "One line per job of BATCH, in submission order (--json: one JSON object per line).",
+    ),
+    "retry": (
+        "batches:retry",
+        "Run BATCH's failed jobs again (their attempts start over); prints how many.",
+    ),
+    "pause": (
+        "batches:pause",
+        "Pause BATCH: workers start none of its queued jobs; the running ones finish.",
+    ),
+    "resume": (
+        "batches:resume",
+        "Resume BATCH, paused by `pixelmill pause`: its queued jobs are enqueued again, at "
+        "its priority, and run; none that ran is run again.",
+    ),
+    "cancel": (
+        "batches:cancel",
+        "Cancel BATCH: its queued jobs end as cancelled, for good; running ones finish and "
+        "done ones keep their results.",
+    ),
+    "priority": (
+        "batches:priority",
+        "Give BATCH the priority high, normal or low: its queued jobs are enqueued again at it.",
+    ),
+    "worker": (
+        "worker:worker",
+        "Run device workers until stopped (SIGTERM or Ctrl-C drains them cleanly).",
+    ),
+    "flower": (
+        "worker:flower",
+        "Flower on pixelmill's broker: workers, task rates, queue lengths.",
+    ),
+    "run": ("run:run", "Submit, process and print, all in one."),
+    "bench": ("bench:bench", "Measure throughput against its limits, side by side in one run."),
+    "bench-search": (
+        "bench:bench_search",
+        "Time `pixelmill search` over many stored embeddings (synthetic, unit length): the "
+        "latency of one query (20 hits) once the query is embedded, on SQLite or PostgreSQL.",
+    ),
+    "dashboard": (
+        "dashboard:dashboard",
+        "A live web page of the fleet and the batches, with their controls, and its JSON API.",
+    ),
+    "dead-letters": (
+        "dead_letters:dead_letters",
+        "Messages the workers refused, newest first, and how many there are.",
+    ),
+    "export": (
+        "export:export",
+        "Write BATCH's jobs, or the latest result per input under SOURCE, to FILE.",
+    ),
+    "search": (
+        "search:search",
+        "The embedded images nearest a sentence (QUERY) or an example image (--image), best "
+        "first, each input once, with their cosine similarity.",
+    ),
+    "classify": (
+        "search:classify",
+        "Relabel without the GPU: score new labels against an embed batch's stored image "
+        "embeddings, on the CPU, in seconds (no image is read or run through the model "
+        "again).",
+    ),
+}
 
 
 def main() -> None:
-    if _BROKEN is not None:
-        fail(str(_BROKEN), EXIT_USAGE)
     try:
         cli.main(prog_name="pixelmill", standalone_mode=True)
     except KeyboardInterrupt:  # pragma: no cover - click handles most of these

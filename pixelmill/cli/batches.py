@@ -8,7 +8,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,12 +18,12 @@ from pixelmill.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     fail,
+    open_client,
     settings_or_exit,
     user_errors,
     write_until_closed,
 )
 from pixelmill.db.records import BatchCounts, JobResult
-from pixelmill.producer.client import Client
 from pixelmill.producer.output import (
     STATES,
     batches_table,
@@ -36,6 +36,9 @@ from pixelmill.producer.output import (
     write_text_lines,
 )
 from pixelmill.wire import PRIORITIES
+
+if TYPE_CHECKING:
+    from pixelmill.producer.client import Client
 
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 DOWNLOAD = click.option(
@@ -65,7 +68,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
     if batch is None:
         if wait_:
             fail("--wait needs a BATCH", EXIT_USAGE)
-        with user_errors(), Client(settings, create=False) as client:
+        with user_errors(), open_client(settings) as client:
             batches = client.batches(limit)
             dead, _ = client.dead_letters(limit=0)
         if as_json:
@@ -79,7 +82,7 @@ def status(batch: str | None, as_json: bool, wait_: bool, limit: int) -> None:
             plural = "s" if dead != 1 else ""
             click.echo(f"{dead} dead letter{plural} (pixelmill dead-letters)", err=True)
         return
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         counts = client.wait(batch) if wait_ else client.status(batch)
         found = client.failures(batch) if counts.by_status.get("failed") else None
     if as_json:
@@ -110,7 +113,7 @@ def results(batch: str, as_json: bool, download: str | None) -> None:
     Exits 1 if any job failed, 5 if the batch was cancelled (some jobs ended cancelled).
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         _done, failed, cancelled = print_results(client, batch, as_json)
         if download:
             download_artifacts(client, batch, download)
@@ -127,7 +130,7 @@ def retry(batch: str, as_json: bool) -> None:
     fixed in place, a worker that crashed. Wait with `pixelmill status BATCH --wait`.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         n = client.retry(batch)
         paused = client.status(batch).paused
     if as_json:
@@ -160,7 +163,7 @@ def pause(batch: str, as_json: bool) -> None:
     <bool>, "queued": <n>, "running": <n>, ...} (the counts per state).
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         changed = client.pause(batch)
         counts = client.status(batch)
     if as_json:
@@ -184,7 +187,7 @@ def resume(batch: str, as_json: bool) -> None:
     "resumed": <n queued jobs enqueued again>, "was_paused": <bool>, ...}.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         was_paused = client.status(batch).paused
         n = client.resume(batch)
         counts = client.status(batch)
@@ -210,7 +213,7 @@ def cancel(batch: str, as_json: bool) -> None:
     "priority": "<p>", "cancelled_now": <n>, "queued": ..., "cancelled": <n>, ...}.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         already = client.status(batch).cancelled
         n = client.cancel(batch)
         counts = client.status(batch)
@@ -241,7 +244,7 @@ def priority(batch: str, level: str, as_json: bool) -> None:
     "requeued": <n>, ...}.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         before = client.status(batch).priority
         n = client.set_priority(batch, level)
         counts = client.status(batch)

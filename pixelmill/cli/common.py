@@ -7,10 +7,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import click
 
-from pixelmill.db.engine import database_errors
 from pixelmill.errors import (
     BadInput,
     ConfigError,
@@ -19,8 +19,13 @@ from pixelmill.errors import (
     ServiceUnavailable,
     UnknownBatch,
 )
-from pixelmill.settings import Settings, load_settings, mask_secrets
 from pixelmill.stopping import Stopped
+
+# The settings (pydantic) and the database (SQLAlchemy) are imported where a command uses
+# them, not here: `pixelmill --version` and `--help` import neither.
+if TYPE_CHECKING:
+    from pixelmill.producer.client import Client
+    from pixelmill.settings import Settings
 
 EXIT_OK = 0
 EXIT_JOBS_FAILED = 1
@@ -44,11 +49,15 @@ def write_until_closed(write: Callable[[], tuple[int, int]]) -> tuple[int, int] 
 
 
 def fail(message: str, code: int) -> None:
+    from pixelmill.settings import mask_secrets
+
     click.echo(f"pixelmill: {mask_secrets(message)}", err=True)  # no URL's password shown
     sys.exit(code)
 
 
 def settings_or_exit() -> Settings:
+    from pixelmill.settings import load_settings
+
     try:
         return load_settings()
     except ConfigError as exc:
@@ -56,10 +65,21 @@ def settings_or_exit() -> Settings:
         raise  # unreachable
 
 
+def open_client(settings: Settings, *, create: bool = False) -> Client:
+    """The Python API's ``Client``, imported when a command runs: SQLAlchemy and the rest of
+    the producer are most of a light command's start. ``create=False`` for the commands that
+    only read or control a batch (no database made where there is none)."""
+    from pixelmill.producer.client import Client
+
+    return Client(settings, create=create)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn pixelmill's errors (a database that cannot be reached among them) into one clear
     line and the documented exit status."""
+    from pixelmill.db.engine import database_errors
+
     try:
         with database_errors():
             yield

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from pixelmill.cli.common import settings_or_exit, user_errors
+from pixelmill.cli.common import open_client, settings_or_exit, user_errors
 
 
 @click.command("dead-letters")
@@ -22,10 +22,8 @@ def dead_letters(as_json: bool, limit: int) -> None:
     job ids, 1 MiB) is acknowledged (never redelivered) and recorded with its reason and the
     first 2 KB of its body. --json: {"count": N, "dead_letters": [...]}.
     """
-    from pixelmill.producer.client import Client
-
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         count, records = client.dead_letters(limit)
     if as_json:
         click.echo(json.dumps({"count": count, "dead_letters": [r.to_json() for r in records]}))

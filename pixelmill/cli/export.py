@@ -10,19 +10,8 @@ import sys
 import click
 
 from pixelmill import tasks
-from pixelmill.cli.common import settings_or_exit, user_errors
-from pixelmill.producer.client import Client
-from pixelmill.producer.export import (
-    DEFAULT_LABELS,
-    FORMATS,
-    STDOUT,
-    batch_export,
-    check_destination,
-    format_for,
-    latest_export,
-    latest_prefix,
-    run_export,
-)
+from pixelmill.cli.common import open_client, settings_or_exit, user_errors
+from pixelmill.producer.output import DEFAULT_LABELS, FORMATS, STDOUT
 from pixelmill.stopping import stop_signals_raise
 
 
@@ -111,13 +100,22 @@ def export(
         raise click.UsageError("give either BATCH or --latest SOURCE (one of the two)")
     if source is None and (task or model):
         raise click.UsageError("--task and --model select jobs for --latest (a BATCH has one)")
+    from pixelmill.producer.export import (
+        batch_export,
+        check_destination,
+        format_for,
+        latest_export,
+        latest_prefix,
+        run_export,
+    )
+
     settings = settings_or_exit()
     with user_errors(), stop_signals_raise():
         fmt = format_for(output, fmt)
         if output == STDOUT and fmt == "parquet":
             raise click.UsageError("parquet needs a file: -o FILE.parquet, not -o -")
         check_destination(output)
-        with Client(settings, create=False) as client:
+        with open_client(settings) as client:
             if source is not None:
                 prefix = latest_prefix(source)
                 what = latest_export(prefix, task=task, model=model)

@@ -8,7 +8,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,18 +18,17 @@ from pixelmill.cli.common import (
     EXIT_SERVICE,
     EXIT_TIMEOUT,
     fail,
+    open_client,
     settings_or_exit,
     user_errors,
 )
 from pixelmill.cli.submit import describe, print_plan, submission, submit_options
-from pixelmill.dashboard.serving import served_dashboard
 from pixelmill.db.records import BatchCounts
-from pixelmill.producer.client import Client, Submission
 from pixelmill.producer.output import Progress, elapsed
 from pixelmill.stopping import stop_signals_raise
-from pixelmill.worker.devices import parse_devices
-from pixelmill.worker.local import embedded_broker
-from pixelmill.worker.local import local_workers as local_workers_for
+
+if TYPE_CHECKING:
+    from pixelmill.producer.client import Client, Submission
 
 
 @click.command()
@@ -108,19 +107,25 @@ def run(
       pixelmill run generate --prompt "a lighthouse at dusk" --count 4 --seed 7
       pixelmill run generate --prompt "as a watercolor" --init photos/ --strength 0.6
     """
+    # The worker side (Redis, the device processes) and the dashboard, when run runs.
+    from pixelmill.dashboard.serving import served_dashboard
+    from pixelmill.worker.devices import parse_devices
+    from pixelmill.worker.local import embedded_broker
+    from pixelmill.worker.local import local_workers as local_workers_for
+
     settings = settings_or_exit()
     started = time.monotonic()
     with user_errors(), stop_signals_raise() as stops:
         args = submission(task, inputs, task_options)
         if plan_only:
-            with Client(settings) as client:
+            with open_client(settings, create=True) as client:
                 print_plan(client, task, model, args, force, as_json)
             sys.exit(EXIT_OK)
         log_dir = settings.data_dir / "logs"
         specs = None if devices.strip().lower() == "auto" else parse_devices(devices)
         with (
             embedded_broker(settings) as broker,
-            Client(settings) as client,
+            open_client(settings, create=True) as client,
             served_dashboard(settings, dashboard, dashboard_port),
         ):
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from pixelmill.catalog import MAX_SEARCH_LIMIT
 from pixelmill.cli.batches import jobs_exit_status, print_results
-from pixelmill.cli.common import settings_or_exit, user_errors
+from pixelmill.cli.common import open_client, settings_or_exit, user_errors
 from pixelmill.errors import InputError
-from pixelmill.producer.client import Client
 from pixelmill.producer.output import one_line
 from pixelmill.tasks.classify import DEFAULT_TEMPLATE, zero_shot_labels
+
+if TYPE_CHECKING:
+    pass
 
 
 @click.command()
@@ -59,7 +62,7 @@ def search(query: str | None, image: str | None, batch: str | None, source: str 
       pixelmill search --image query.jpg --source /archive/2026/ --json
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         hits = client.search(query, image=image, model=model, batch=batch, source=source,
                              limit=limit)  # fmt: skip
     for hit in hits:
@@ -126,7 +129,7 @@ def classify(labels_text: str | None, labels_file: str | None, templates: tuple[
       pixelmill classify --labels "a car,a bicycle,a bus" --from-embeddings <embed batch>
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings, create=False) as client:
+    with user_errors(), open_client(settings) as client:
         labels = zero_shot_labels(labels_text, labels_file)
         if labels is None:
             raise InputError('give the labels: --labels "a,b,c" or --labels-file FILE')

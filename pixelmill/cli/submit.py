@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pixelmill import tasks
 from pixelmill.cli.batches import JSON, plan_counts
-from pixelmill.cli.common import settings_or_exit, user_errors
+from pixelmill.cli.common import open_client, settings_or_exit, user_errors
 from pixelmill.errors import InputError
-from pixelmill.producer.client import Client, Submission
 from pixelmill.tasks.base import Flag
 from pixelmill.wire import PRIORITIES
+
+if TYPE_CHECKING:
+    from pixelmill.producer.client import Client, Submission
 
 TASK = click.argument("task", type=click.Choice(tasks.names()))
 INPUTS = click.argument("inputs", nargs=-1, metavar="[INPUT]...")
@@ -122,7 +124,7 @@ def submit(
     "attached": <bool>}.
     """
     settings = settings_or_exit()
-    with user_errors(), Client(settings) as client:
+    with user_errors(), open_client(settings, create=True) as client:
         args = submission(task, inputs, task_options)
         if plan_only:
             print_plan(client, task, model, args, force, as_json)

@@ -9,7 +9,6 @@ import click
 
 from pixelmill.cli.common import settings_or_exit, user_errors
 from pixelmill.logs import configure_logging
-from pixelmill.settings import mask_url
 from pixelmill.worker.lifecycle import python_command
 
 
@@ -39,6 +38,7 @@ def worker(devices: str, cpu_workers: int | None) -> None:
     `pixelmill submit` from another shell reaches it.
     """
     from pixelmill.db.engine import configured_database
+    from pixelmill.settings import mask_url
     from pixelmill.worker.devices import describe_devices, parse_devices
     from pixelmill.worker.local import embedded_broker
     from pixelmill.worker.supervisor import Supervisor

@@ -36,8 +36,8 @@ from pixelmill.db.sources import S3Inputs, is_remote
 from pixelmill.db.store import ObjectStore, open_store
 from pixelmill.errors import InputError
 from pixelmill.producer.client import Client
-from pixelmill.producer.export import FORMATS, batch_export, run_export
-from pixelmill.producer.output import counts_json, failures_json
+from pixelmill.producer.export import batch_export, run_export
+from pixelmill.producer.output import FORMATS, counts_json, failures_json
 from pixelmill.settings import Settings, mask_secrets
 from pixelmill.wire import PRIORITIES, queue_lengths
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.errors import ConfigError, ServiceUnavailable
@@ -112,7 +112,7 @@ def open_database(
     the newest schema first unless ``migrate=False`` (then nothing connects yet: only a SQLite
     file's location is checked). The engine is disposed of if the migration fails."""
     engine = make_engine(url, create=create, parents=parents)
-    if migrate:
+    if migrate and not _at_head(engine):
         from pixelmill.db.migrate import upgrade  # Alembic loads only when it is needed
 
         try:
@@ -121,6 +121,27 @@ def open_database(
             engine.dispose()
             raise
     return Database(engine, make_sessionmaker(engine))
+
+
+# The migrations, each named "<revision>_<what>.py" with revisions 0001, 0002, ... in order:
+# the newest file's is the head (tests/test_db.py checks that it is Alembic's).
+VERSIONS = Path(__file__).with_name("migrations") / "versions"
+
+
+def newest_revision() -> str:
+    return max(p.name.split("_", 1)[0] for p in VERSIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
+def _at_head(engine: Engine) -> bool:
+    """Whether the database is at the newest schema, read without Alembic (whose import and
+    scan of the migrations are most of a light command's start): one SELECT. False for a
+    database without the version table (new), or that cannot say; then ``upgrade`` decides."""
+    try:
+        with engine.connect() as conn:
+            found = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
+            return list(found) == [newest_revision()]
+    except SQLAlchemyError:
+        return False
 
 
 def configured_database(

@@ -26,7 +26,6 @@ from sqlalchemy.orm import Session
 
 from pixelmill.db.content_index import FILES, index_results
 from pixelmill.db.control import CANCELLED
-from pixelmill.db.embeddings import EmbeddingRow, write_embeddings
 from pixelmill.db.metric_totals import Total, add_totals, count_outcomes
 from pixelmill.db.reads import get_batch
 from pixelmill.db.records import (
@@ -324,14 +323,13 @@ def write_outcomes(
             index_results(conn, ids, revision)
     artifacts = [_artifact_row(o, a, now) for o in results for a in o.artifacts]
     upsert(conn, ARTIFACTS, artifacts, key=["key"], keep=["created_at"])
-    write_embeddings(
-        conn,
-        [
-            EmbeddingRow(o.job_id, o.model, o.model_revision or "", o.embedding)
-            for o in results
-            if o.embedding is not None
-        ],
-    )
+    embedded = [(o, o.embedding) for o in results if o.embedding is not None]
+    if embedded:  # numpy, imported only where embeddings are written (not by `status`)
+        from pixelmill.db.embeddings import EmbeddingRow, write_embeddings
+
+        vectors = [EmbeddingRow(o.job_id, o.model, o.model_revision or "", vector)
+                   for o, vector in embedded]  # fmt: skip
+        write_embeddings(conn, vectors)
 
 
 def _kind(o: Outcome) -> str:

@@ -5,9 +5,26 @@ outcome and its artifacts, a batch's counts, stranded jobs, and a job as a reade
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+
+class JobStatus(enum.StrEnum):
+    """A job's state. It moves forward: queued -> running -> done | failed, or queued ->
+    cancelled (a user's ``cancel``). The ways back: a user's ``retry`` (failed -> queued), and
+    the reconciler's (running -> queued, when the job's worker died and its lease ran out)."""
+
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+# The states a job ends in.
+TERMINAL = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
 
 
 @dataclass(frozen=True)

@@ -23,21 +23,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# A job's states live with the records (no SQL there), for readers that import no SQLAlchemy.
+from pixelmill.db.records import TERMINAL, JobStatus
 
-class JobStatus(enum.StrEnum):
-    """A job's state. It moves forward: queued -> running -> done | failed, or queued ->
-    cancelled (a user's ``cancel``). The ways back: a user's ``retry`` (failed -> queued), and
-    the reconciler's (running -> queued, when the job's worker died and its lease ran out)."""
-
-    queued = "queued"
-    running = "running"
-    done = "done"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-# The states a job ends in.
-TERMINAL = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
+__all__ = ["TERMINAL", "JobStatus"]
 
 
 class Priority(enum.StrEnum):

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pixelmill import tasks
 from pixelmill.catalog import IMAGE_EXTENSIONS, job_path
 from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
 from pixelmill.db.dead_letters import DeadLetterRecord, count_dead_letters, recent_dead_letters
@@ -469,6 +468,8 @@ class Client:
     ) -> _Prepared:
         """Everything a submit decides before it looks at the database: the inputs, the jobs,
         the options validated, the recipe and the source key. BadInput on misuse."""
+        from pixelmill import tasks  # the task types: for a submit, not for `status`
+
         kind = tasks.get(task)
         model = model or kind.model_for(options or {})
         if model != "null":  # the null model runs every task

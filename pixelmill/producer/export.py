@@ -38,12 +38,10 @@ from pixelmill.db.reads import get_batch, iter_batch_jobs, iter_latest_jobs
 from pixelmill.db.records import JobResult
 from pixelmill.db.sources import is_remote, split_uri
 from pixelmill.errors import InputError
+from pixelmill.producer.output import DEFAULT_LABELS, FORMATS, STDOUT
 from pixelmill.tasks import Column
 
-FORMATS = ("jsonl", "csv", "parquet")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-STDOUT = "-"
-DEFAULT_LABELS = 5
 ROW_GROUP = 10_000  # rows per Parquet row group: what is held in memory at a time
 PAGE = 1000  # rows per database read
 

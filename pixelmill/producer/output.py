@@ -10,9 +10,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
-from pixelmill import tasks
-from pixelmill.db.records import BatchCounts, Failures, JobResult
-from pixelmill.db.schema import JobStatus
+from pixelmill.db.records import BatchCounts, Failures, JobResult, JobStatus
+
+# `pixelmill export`: its formats, the file name that means standard output, and how many of a
+# classify result's labels a row holds by default (here, not in producer.export: the command's
+# flags are read without importing what reads the database).
+FORMATS = ("jsonl", "csv", "parquet")
+STDOUT = "-"
+DEFAULT_LABELS = 5
 
 
 def write_json_lines(results: Iterable[JobResult], out: TextIO = sys.stdout) -> tuple[int, int]:
@@ -62,6 +67,8 @@ def summarize(result: dict[str, Any] | None) -> str:
     """A done job's result on one line: as its task type reads it, else as JSON."""
     if not result:
         return ""
+    from pixelmill import tasks  # the task types (pydantic models): not for `status`
+
     for task in tasks.registry().values():
         line = task.summarize(result)
         if line is not None:
