@@ -14,7 +14,9 @@ Settings chosen for this design (docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 # Celery and the settings are imported where an app is made: the names and constants here are
@@ -116,6 +118,41 @@ def enqueue(app: Celery, job_ids: list[str], size: int, priority: str = "normal"
             )
             messages += 1
     return messages
+
+
+# A random value pixelmill keeps in Redis beside the queues: it lives and dies with them. When
+# the value a reconciler saw is gone (or another took its place), the broker lost its data
+# (restarted without persistence, flushed, replaced), and every message with it.
+EPOCH_KEY = "pixelmill:broker-epoch"
+RECOVERY_TTL = 24 * 3600  # how long the "recovered" marker of an epoch stays
+
+
+@contextlib.contextmanager
+def _redis(app: Celery) -> Iterator[Any]:
+    """The broker's own Redis client (through kombu's channel: its URL, TLS and pool)."""
+    with (
+        app.connection_for_write() as conn,
+        conn.channel() as channel,
+        channel.conn_or_acquire() as client,
+    ):
+        yield client
+
+
+def broker_epoch(app: Celery) -> str:
+    """The broker's current epoch (made here if it has none)."""
+    import uuid
+
+    with _redis(app) as client:
+        client.set(EPOCH_KEY, uuid.uuid4().hex, nx=True)  # kept if there is one
+        value = client.get(EPOCH_KEY)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def claim_recovery(app: Celery, epoch: str) -> bool:
+    """True for exactly one caller per ``epoch``: the one that enqueues again what the broker
+    lost (several reconcilers may notice the same loss)."""
+    with _redis(app) as client:
+        return bool(client.set(f"{EPOCH_KEY}:recovered:{epoch}", "1", nx=True, ex=RECOVERY_TTL))
 
 
 def queue_lengths(app: Celery, queue: str) -> dict[str, int]:

@@ -51,6 +51,24 @@ PHOTOS = {
 }
 
 
+# A figure a test measured (a throughput ratio from `pixelmill bench`), recorded with
+# ``record_property(FIGURE + "what", value)`` and printed in a "figures" section at the end of
+# every run, CI's included (xdist carries the properties to the controller): so a loss in
+# pixelmill's own speed is seen the day it lands, without making a test depend on the machine.
+FIGURE = "figure: "
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])]
+    rows = [(r.nodeid.split("::")[-1], k[len(FIGURE):], v) for r in reports
+            for k, v in getattr(r, "user_properties", ()) if k.startswith(FIGURE)]  # fmt: skip
+    if not rows:
+        return
+    terminalreporter.section("figures measured by the tests")
+    for test, what, value in dict.fromkeys(rows):
+        terminalreporter.write_line(f"{what}: {value}  ({test})")
+
+
 def skimage_data() -> Path:
     import skimage
 

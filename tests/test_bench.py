@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import MANY_PROCESSES, pixelmill, pixelmill_env
+from tests.conftest import FIGURE, MANY_PROCESSES, pixelmill, pixelmill_env
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +19,17 @@ KEYS = {
 
 
 @MANY_PROCESSES
-def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path):
+def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path, record_property):
     env = pixelmill_env(data_dir=str(tmp_path / "data"))
     out = pixelmill("bench", "classify", "--images", "24", "--batch-size", "8", "--workers",
                     "2", "--noop-tasks", "200", "--repeat", "1", "--json", env=env,
                     timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr
     figures = json.loads(out.stdout)
+    # Printed at the end of the run (tests/conftest.py): pixelmill's own path against plain
+    # Celery on the same broker and workers, and the null model's two-worker scaling.
+    for key in ("null_over_celery_noop", "null_scaling", "null_ips", "celery_noop_tps"):
+        record_property(f"{FIGURE}bench classify (24 images, 2 CPU workers) {key}", figures[key])
     assert KEYS | {"null_ips_one_worker", "null_scaling"} <= set(figures)
     assert (figures["task"], figures["model"], figures["device"]) == (
         "classify", "efficientnet_lite0", "cpu"

@@ -233,6 +233,31 @@ def test_leases_expire_only_for_jobs_nobody_holds_and_are_taken_once(sessions):
     assert queued.job_ids == new.job_ids[3:]
 
 
+def test_after_a_broker_loss_every_queued_job_is_taken_once_whatever_its_lease(sessions):
+    """The reconciler's recovery when Redis lost its messages: the queued jobs whose lease ends
+    before the one it gives are taken (all of them, leases far from over), each once; running
+    jobs and the jobs of paused batches are not."""
+    from datetime import timedelta
+
+    from pixelmill.db.control import pause_batch
+    from pixelmill.db.jobs import take_stranded
+    from pixelmill.db.schema import utcnow
+
+    with sessions.begin() as s:
+        new = create_batch(s, task="classify", model="m", inputs=[f"/in/{i}.jpg" for i in range(5)],
+                           queued_lease=3600)  # fmt: skip
+        held = create_batch(s, task="classify", model="m", inputs=["/in/x.jpg"], queued_lease=3600)
+        pause_batch(s, held.batch_id)
+    with sessions.begin() as s:
+        claim_jobs(s, new.job_ids[:1], worker="alive/1", device="cpu", lease=60)
+    with sessions.begin() as s:
+        assert take_stranded(s, status=JobStatus.queued, lease=3600) == []  # none overdue
+        after = utcnow() + timedelta(seconds=3600)
+        (queued,) = take_stranded(s, status=JobStatus.queued, lease=3600, expired_before=after)
+        assert take_stranded(s, status=JobStatus.queued, lease=3600, expired_before=after) == []
+    assert queued.job_ids == new.job_ids[1:]
+
+
 def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(sessions):
     new = _batch(sessions, 2)
     for attempt in range(3):

@@ -13,7 +13,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from PIL import Image
@@ -294,6 +294,49 @@ def test_producer_killed_midway_through_10000_inputs(tmp_path, redis_server, sta
     fresh = pixelmill("submit", "classify", str(folder), "--model", "null", "--again",
                       "--json", env=env)  # fmt: skip
     assert json.loads(fresh.stdout)["batch"] != batch
+
+
+def test_redis_that_lost_its_data_mid_run_gets_every_queued_job_again_at_once(
+    tmp_path, spawn, null_gate
+):
+    """Redis restarted without persistence under running workers: every message is gone. The
+    database is the record: the reconciler sees the broker's epoch change and enqueues every
+    queued job again at its next pass (not after PIXELMILL_QUEUED_LEASE_SECONDS, an hour
+    here), once for the fleet; each job ends done once, and no device worker dies of it."""
+    from tests.services import start_redis
+
+    server = start_redis(tmp_path / "redis", persistent=False)
+    log = tmp_path / "worker.log"
+    try:
+        env = {**_env(tmp_path, server.url, batch_size="8"), **null_gate.env,
+               "PIXELMILL_QUEUED_LEASE_SECONDS": "3600"}  # fmt: skip
+        paths = _inputs(tmp_path / "in", 64)
+        null_gate.allow(8)
+        with _client(env) as client, log.open("wb") as out:
+            sub = client.submit("classify", paths, model="null")
+            worker = spawn("worker", "--devices", "cpu", env=env, stderr=out)
+            _until(lambda: client.status(sub.batch_id).by_status.get("done", 0) >= 8,
+                   "nothing finished")  # fmt: skip
+            _until(lambda: _epoch(server) is not None, "no reconciler pass")
+            server.restart()  # every message lost, the held ones' acks go nowhere
+            assert server.client().dbsize() == 0
+            null_gate.open()
+            counts = client.wait(sub.batch_id, timeout=180)
+            assert counts.by_status == {"done": 64}, counts.by_status
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0
+        assert _one_result_per_done_job(tmp_path, sub.batch_id) == (64, 0)
+        text = log.read_text()
+        assert text.count("the broker lost its data") == 1, text[-3000:]
+        assert "Unrecoverable error" not in text and "exited with" not in text, text[-3000:]
+    finally:
+        server.stop()
+
+
+def _epoch(server: Any) -> bytes | None:
+    from pixelmill.wire import EPOCH_KEY
+
+    return server.client().get(EPOCH_KEY)  # type: ignore[no-any-return]
 
 
 def test_redis_restarted_mid_run_with_persistence(tmp_path, start_worker):

@@ -506,27 +506,30 @@ def fail_jobs(
 
 
 def take_stranded(
-    session: Session, *, status: JobStatus, lease: float, limit: int = 10000
+    session: Session,
+    *,
+    status: JobStatus,
+    lease: float,
+    limit: int = 10000,
+    expired_before: datetime | None = None,
 ) -> list[Stranded]:
     """Jobs in ``status`` whose lease has run out, to enqueue again: their message was lost
     (queued) or their worker died (running; such a job goes back to queued, with its attempts,
     for the next claim). Each is leased again for ``lease`` seconds by the same UPDATE, so two
     reconcilers never take the same job twice. Paused batches' jobs wait for their resume;
-    cancelled batches' end cancelled."""
+    cancelled batches' end cancelled. ``expired_before``: take the jobs whose lease ends
+    before then instead of now (after the broker lost every message: the jobs not leased
+    again since the loss was noticed, whatever their lease)."""
     now = utcnow()
     conn = session.connection()
+    due = [JOBS.c.status == status, JOBS.c.lease_until < (expired_before or now)]
     # A cancelled batch's job whose worker died is not run again: it ends cancelled.
     conn.execute(
         update(JOBS)
-        .where(
-            JOBS.c.status == status,
-            JOBS.c.lease_until < now,
-            JOBS.c.batch_id.in_(CANCELLED_BATCHES),
-        )
+        .where(*due, JOBS.c.batch_id.in_(CANCELLED_BATCHES))
         .values(status=JobStatus.cancelled, error=CANCELLED, finished_at=now, lease_until=None)
     )
-    stranded = [JOBS.c.status == status, JOBS.c.lease_until < now,
-                JOBS.c.batch_id.not_in(HELD_BACK)]  # fmt: skip
+    stranded = [*due, JOBS.c.batch_id.not_in(HELD_BACK)]
     ids = (
         conn.execute(select(JOBS.c.id).where(*stranded).order_by(JOBS.c.lease_until).limit(limit))
         .scalars()

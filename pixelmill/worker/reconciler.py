@@ -5,9 +5,13 @@
   ids are enqueued again (the original message, unacknowledged, would only come back after
   Redis's visibility timeout, hours later). One job per message: any of them may be what
   killed the worker.
+- The broker lost its data (Redis restarted without persistence, flushed, replaced: the
+  epoch pixelmill keeps in it, ``pixelmill.wire.broker_epoch``, changed): every queued job's
+  message is gone. Each is enqueued again at the next pass, by one reconciler of the fleet
+  (``claim_recovery``), whatever its lease.
 - A queued job whose lease ran out while the broker's queue is empty: its message is gone (a
-  wiped or restarted-without-persistence Redis, a producer killed between commit and
-  enqueue). Enqueued again.
+  producer killed between commit and enqueue, a loss that happened while no reconciler was
+  watching). Enqueued again.
 
 Taking a stranded job renews its lease in the same UPDATE, so reconcilers on several hosts
 never enqueue one job twice at once; a duplicate message is harmless anyway (a claim skips
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -26,9 +31,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.db.jobs import take_stranded
-from pixelmill.db.schema import JobStatus
+from pixelmill.db.schema import JobStatus, utcnow
 from pixelmill.settings import Settings, mask_url
-from pixelmill.wire import enqueue, message_size, queue_length
+from pixelmill.wire import broker_epoch, claim_recovery, enqueue, message_size, queue_length
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class Reconciler:
         self.app = app
         self.requeued = 0
         self._next = 0.0
+        self._epoch: str | None = None  # the broker's epoch at the last pass
 
     def maybe_run(self) -> int:
         """``run_once`` if ``reconcile_interval`` has passed since the last pass."""
@@ -79,13 +85,39 @@ class Reconciler:
 
     def run_once(self) -> int:
         count = self._requeue(JobStatus.running, self.settings.lease_seconds)
-        if queue_length(self.app, self.settings.queue) == 0:
+        if self._broker_lost():
+            log.warning(
+                "reconciler: the broker lost its data (restarted without persistence, flushed "
+                "or replaced): every queued job is enqueued again"
+            )
+            count += self._requeue_all_queued()
+        elif queue_length(self.app, self.settings.queue) == 0:
             count += self._requeue(JobStatus.queued, self.settings.queued_lease_seconds)
         return count
 
-    def _requeue(self, status: JobStatus, lease: float) -> int:
+    def _broker_lost(self) -> bool:
+        """Whether the broker's epoch changed since the last pass, and this reconciler is the
+        one to enqueue again what it lost. The first pass only learns the epoch."""
+        epoch = broker_epoch(self.app)
+        before, self._epoch = self._epoch, epoch
+        return before is not None and before != epoch and claim_recovery(self.app, epoch)
+
+    def _requeue_all_queued(self) -> int:
+        """Every queued job, a chunk at a time: those whose lease ends before the one this
+        pass gives (none it took already, all the others)."""
+        lease = self.settings.queued_lease_seconds
+        after = utcnow() + timedelta(seconds=lease)
+        count = 0
+        while taken := self._requeue(JobStatus.queued, lease, expired_before=after):
+            count += taken
+        return count
+
+    def _requeue(
+        self, status: JobStatus, lease: float, *, expired_before: datetime | None = None
+    ) -> int:
         with self.sessions.begin() as session:
-            stranded = take_stranded(session, status=status, lease=lease)
+            stranded = take_stranded(session, status=status, lease=lease,
+                                     expired_before=expired_before)  # fmt: skip
         count = 0
         for group in stranded:
             # A running job whose worker died may be what killed it: each goes alone, so the
