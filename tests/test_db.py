@@ -258,6 +258,29 @@ def test_after_a_broker_loss_every_queued_job_is_taken_once_whatever_its_lease(s
     assert queued.job_ids == new.job_ids[1:]
 
 
+def test_pages_of_a_batch_are_its_jobs_in_order_at_any_offset_with_or_without_a_status(
+    sessions,
+):
+    from pixelmill.db.reads import batch_jobs_page
+
+    with sessions.begin() as s:
+        new = create_batch(s, task="classify", model="m", inputs=[f"/in/{i}.jpg" for i in range(7)])
+        other = create_batch(s, task="classify", model="m", inputs=["/in/x.jpg"] * 3)
+        claim_jobs(s, new.job_ids[1::2], worker="w/1", device="cpu")  # 1, 3, 5 running
+    with sessions() as s:
+
+        def page(offset: int, limit: int, status: str | None = None) -> list[str]:
+            jobs = batch_jobs_page(s, new.batch_id, offset=offset, limit=limit, status=status)
+            return [j.input for j in jobs]
+
+        assert page(0, 3) == ["/in/0.jpg", "/in/1.jpg", "/in/2.jpg"]
+        assert page(5, 3) == ["/in/5.jpg", "/in/6.jpg"]  # the other batch's jobs never show
+        assert page(7, 3) == [] and page(100, 3) == []
+        assert page(1, 2, "running") == ["/in/3.jpg", "/in/5.jpg"]
+        assert page(0, 9, "queued") == ["/in/0.jpg", "/in/2.jpg", "/in/4.jpg", "/in/6.jpg"]
+        assert len(batch_jobs_page(s, other.batch_id, offset=2, limit=5)) == 1
+
+
 def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(sessions):
     new = _batch(sessions, 2)
     for attempt in range(3):

@@ -440,10 +440,18 @@ def batch_jobs_page(
     status: str | None = None,
 ) -> list[JobResult]:
     """A page of the batch's jobs in submission order (only those in ``status``, if given),
-    each with its result and first artifact as ``iter_batch_jobs`` gives them."""
+    each with its result and first artifact as ``iter_batch_jobs`` gives them.
+
+    Without ``status``, the page is found through the (batch, seq) key, not by counting rows:
+    a batch's jobs are numbered 0, 1, 2, ... in submission order (``create_batch``), so the
+    job at ``offset`` is the one whose seq it is, and a page deep in a million-job batch costs
+    what the first one does. With ``status``, the rows before ``offset`` are counted."""
     get_batch(session, batch_id)
     query = _job_results().where(Job.batch_id == batch_id)
-    if status is not None:
+    if status is None:
+        query = query.where(Job.seq >= offset)
+        offset = 0
+    else:
         query = query.where(Job.status == JobStatus(status))
     rows = session.execute(query.order_by(Job.seq).offset(offset).limit(limit)).all()
     return [_job_result(r) for r in rows]
