@@ -308,14 +308,17 @@ def test_redis_that_lost_its_data_mid_run_gets_every_queued_job_again_at_once(
     server = start_redis(tmp_path / "redis", persistent=False)
     log = tmp_path / "worker.log"
     try:
-        env = {**_env(tmp_path, server.url, batch_size="8"), **null_gate.env,
+        env = {**_env(tmp_path, server.url, batch_size="4"), **null_gate.env,
                "PIXELMILL_QUEUED_LEASE_SECONDS": "3600"}  # fmt: skip
         paths = _inputs(tmp_path / "in", 64)
-        null_gate.allow(8)
+        # Enough for one message of 4 to finish however the items spread over the messages in
+        # flight (2 CPU workers x pipeline depth 2 = 4 messages: 4 x 3 + 1); the rest wait.
+        null_gate.allow(13)
         with _client(env) as client, log.open("wb") as out:
             sub = client.submit("classify", paths, model="null")
-            worker = spawn("worker", "--devices", "cpu", env=env, stderr=out)
-            _until(lambda: client.status(sub.batch_id).by_status.get("done", 0) >= 8,
+            worker = spawn("worker", "--devices", "cpu", "--cpu-workers", "2", env=env,
+                           stderr=out)  # fmt: skip
+            _until(lambda: client.status(sub.batch_id).by_status.get("done", 0) >= 4,
                    "nothing finished")  # fmt: skip
             _until(lambda: _epoch(server) is not None, "no reconciler pass")
             server.restart()  # every message lost, the held ones' acks go nowhere
