@@ -112,11 +112,12 @@ def open_database(
     the newest schema first unless ``migrate=False`` (then nothing connects yet: only a SQLite
     file's location is checked). The engine is disposed of if the migration fails."""
     engine = make_engine(url, create=create, parents=parents)
-    if migrate and not _at_head(engine):
-        from pixelmill.db.migrate import upgrade  # Alembic loads only when it is needed
-
+    if migrate:
         try:
-            upgrade(engine)
+            if not _at_head(engine):
+                from pixelmill.db.migrate import upgrade  # Alembic only when it is needed
+
+                upgrade(engine)
         except BaseException:
             engine.dispose()
             raise
@@ -135,13 +136,14 @@ def newest_revision() -> str:
 def _at_head(engine: Engine) -> bool:
     """Whether the database is at the newest schema, read without Alembic (whose import and
     scan of the migrations are most of a light command's start): one SELECT. False for a
-    database without the version table (new), or that cannot say; then ``upgrade`` decides."""
-    try:
-        with engine.connect() as conn:
+    database without the version table (new); then ``upgrade`` decides. A database that
+    cannot be reached raises here, once, not again in ``upgrade``."""
+    with engine.connect() as conn:
+        try:
             found = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalars()
             return list(found) == [newest_revision()]
-    except SQLAlchemyError:
-        return False
+        except SQLAlchemyError:
+            return False
 
 
 def configured_database(
