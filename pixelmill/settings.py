@@ -124,6 +124,16 @@ class Settings(BaseSettings):
         description="A running job's lease; its worker renews it every quarter of it. Past it "
         "(the worker died) the reconciler enqueues the job again.",
     )
+    window: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="Messages each batch keeps on the broker (times its share): the rest of "
+        "its jobs wait in the database, and a worker that takes one of its messages sends the "
+        "next. Enough for the workers that take a message at the same moment (milliseconds "
+        "apart), whatever the fleet's size; more costs a small batch that much more wait "
+        "behind a big one of its priority.",
+    )
     queued_lease_seconds: float = Field(
         default=600,
         ge=1,

@@ -57,6 +57,15 @@ PRIORITY = click.option(
     "worker first finishes the messages it holds). Nightly jobs: low. Change it later with "
     "`pixelmill priority BATCH`.",
 )
+SHARE = click.option(
+    "--share",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="This batch's weight among the batches of its priority running at the same time: "
+    "workers take their messages in turn, a batch of share 2 twice as often as one of 1 "
+    "(so a script's small batch is not stuck behind a nightly job's big one).",
+)
 PLAN = click.option(
     "--plan",
     "plan_only",
@@ -71,7 +80,7 @@ def submit_options(command: Callable[..., None]) -> Callable[..., None]:
     """The arguments and options that `run` and `submit` share."""
     flags: list[Flag] = [flag for task in tasks.registry().values() for flag in task.flags]
     shared: list[Flag] = [TASK, INPUTS, MODEL, JSON, NAME, BATCH_SIZE, AGAIN, FORCE, PLAN,
-                          UPLOAD, PRIORITY, *flags]  # fmt: skip
+                          UPLOAD, PRIORITY, SHARE, *flags]  # fmt: skip
     for decorate in reversed(shared):
         command = decorate(command)
     return command
@@ -82,6 +91,7 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
     type's flags); InputError on misuse. Each task type takes its own flags; one set for
     another task is refused, naming it; what is left is the options, as they are."""
     priority = given.pop("priority", "normal")
+    share = given.pop("share", 1)
     this = tasks.get(task)
     taken: dict[str, Any] = {}
     for other in tasks.registry().values():
@@ -91,7 +101,7 @@ def submission(task: str, inputs: tuple[str, ...], given: dict[str, Any]) -> dic
         else:
             other.refuse_flags(flags, task)
     options = {k: v for k, v in given.items() if v is not None}
-    return {**this.submission(inputs, options, taken), "priority": priority}
+    return {**this.submission(inputs, options, taken), "priority": priority, "share": share}
 
 
 @click.command()

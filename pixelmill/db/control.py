@@ -3,8 +3,9 @@ leaves commit to the caller, who enqueues what a function returns only after com
 
 - pause: workers start none of the batch's queued jobs (``claimable`` leaves them); running ones
   finish. Messages already on the queue are taken and acknowledged with nothing claimed.
-- resume: the batch's queued jobs are enqueued again. A job whose message was still on the queue
-  now has two: whichever claims it first runs it, the other finds it taken.
+- resume: the batch's queued jobs are enqueued again (with ``window``, its window: the jobs that
+  had a message, topped up from its backlog; ``pixelmill.db.window``). A job whose message was
+  still on the queue now has two: whichever claims it first runs it, the other finds it taken.
 - cancel: the queued jobs end as ``cancelled`` (a terminal state); running ones finish, done
   ones keep their results.
 - priority: the queued jobs are enqueued again at the new priority (duplicates as for resume).
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from pixelmill.db.reads import get_batch
 from pixelmill.db.schema import Batch, Job, JobStatus, Priority, utcnow
+from pixelmill.db.window import open_window
 from pixelmill.errors import InputError
 
 JOBS = cast(Table, Job.__table__)
@@ -42,14 +44,16 @@ def pause_batch(session: Session, batch_id: str) -> bool:
     return True
 
 
-def resume_batch(session: Session, batch_id: str, *, queued_lease: float = 600) -> list[str]:
+def resume_batch(
+    session: Session, batch_id: str, *, queued_lease: float = 600, window: int | None = None
+) -> list[str]:
     """Resume a paused batch; returns its queued job ids (in order) to enqueue. Resuming a
     batch that is not paused changes nothing and returns none."""
     batch = _open(session, batch_id, "resume")
     if batch.paused_at is None:
         return []
     batch.paused_at = None
-    return _requeue(session, batch_id, queued_lease)
+    return _requeue(session, batch_id, queued_lease, window)
 
 
 def cancel_batch(session: Session, batch_id: str) -> int:
@@ -78,7 +82,12 @@ def cancel_batch(session: Session, batch_id: str) -> int:
 
 
 def set_priority(
-    session: Session, batch_id: str, priority: str, *, queued_lease: float = 600
+    session: Session,
+    batch_id: str,
+    priority: str,
+    *,
+    queued_lease: float = 600,
+    window: int | None = None,
 ) -> list[str]:
     """Give the batch ``priority``; returns its queued job ids to enqueue again at it (none
     if the priority is unchanged, or the batch is paused: its resume enqueues them)."""
@@ -88,7 +97,9 @@ def set_priority(
     if batch.priority == priority:
         return []
     batch.priority = priority
-    return [] if batch.paused_at is not None else _requeue(session, batch_id, queued_lease)
+    if batch.paused_at is not None:
+        return []
+    return _requeue(session, batch_id, queued_lease, window)
 
 
 def _open(session: Session, batch_id: str, action: str) -> Batch:
@@ -98,8 +109,11 @@ def _open(session: Session, batch_id: str, action: str) -> Batch:
     return batch
 
 
-def _requeue(session: Session, batch_id: str, queued_lease: float) -> list[str]:
-    """The batch's queued jobs, leased for their new messages, in order."""
+def _requeue(session: Session, batch_id: str, queued_lease: float, window: int | None) -> list[str]:
+    """The batch's queued jobs, leased for their new messages, in order; with ``window``,
+    only its window's."""
+    if window is not None:
+        return open_window(session, batch_id, window=window, lease=queued_lease).job_ids
     session.flush()
     rows = session.connection().execute(
         update(JOBS)

@@ -39,6 +39,7 @@ from pixelmill.db.records import (
 )
 from pixelmill.db.schema import TERMINAL, Artifact, Batch, Job, JobStatus, Result, utcnow
 from pixelmill.db.upsert import upsert
+from pixelmill.db.window import open_window
 from pixelmill.errors import InputError
 
 INSERT_CHUNK = 2000
@@ -102,11 +103,17 @@ def create_batch(
     plan: dict[str, int] | None = None,
     priority: str = "normal",
     message_size: int | None = None,
+    share: int = 1,
+    window: int | None = None,
 ) -> NewBatch:
     """Register a batch and one job per input (with its ``params``, if given, and the sha256
     of its bytes in ``contents``). The jobs are queued, except those ``reused`` maps (by
     position) to the earlier job whose result they take: they are done at once. Returns the
-    ids of the queued jobs only; the caller commits, then enqueues them."""
+    ids of the queued jobs to enqueue: with ``window`` (messages, ``pixelmill.db.window``) only
+    the batch's first window, the rest waiting in its backlog; without, all of them. The
+    caller commits, then enqueues them."""
+    if share < 1:
+        raise InputError(f"share must be 1 or more, not {share}")
     for what, given in (("params", params), ("contents", contents)):
         if given is not None and len(given) != len(inputs):
             raise ValueError(f"{len(given)} {what} for {len(inputs)} inputs")
@@ -127,12 +134,13 @@ def create_batch(
             plan=plan,
             priority=priority,
             message_size=message_size,
+            share=share,
         )
     )
     session.flush()
     job_ids = [new_id() for _ in inputs]
     now = utcnow()
-    lease_until = now + timedelta(seconds=queued_lease)
+    lease_until = None if window is not None else now + timedelta(seconds=queued_lease)
     for start in range(0, len(inputs), INSERT_CHUNK):
         rows = [
             {
@@ -153,7 +161,10 @@ def create_batch(
         ]
         session.connection().execute(insert(JOBS), rows)  # Core: no ORM bulk bookkeeping
     queued = [job_id for i, job_id in enumerate(job_ids) if i not in reused]
-    return NewBatch(batch_id=batch_id, job_ids=queued)
+    if window is None:
+        return NewBatch(batch_id=batch_id, job_ids=queued, queued=len(queued))
+    first = open_window(session, batch_id, window=window, lease=queued_lease)
+    return NewBatch(batch_id=batch_id, job_ids=first.job_ids, queued=len(queued))
 
 
 def retire_fingerprint(session: Session, batch_id: str) -> None:
@@ -417,11 +428,14 @@ def _artifact_row(o: Outcome, a: ArtifactRecord, now: datetime) -> dict[str, Any
     }
 
 
-def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600) -> list[str]:
+def requeue_failed(
+    session: Session, batch_id: str, *, queued_lease: float = 600, window: int | None = None
+) -> list[str]:
     """A user's retry: the batch's failed jobs go back to queued, with their attempts reset
-    (the one move back a job's state makes, and only on request). Returns their ids, in order;
-    the caller commits, then enqueues them. A cancelled batch is not retried (InputError):
-    its cancelled jobs stay cancelled, and a submit of the same inputs makes a new batch."""
+    (the one move back a job's state makes, and only on request). Returns their ids, in order
+    (with ``window``: those of the batch's window, the others wait in its backlog); the caller
+    commits, then enqueues them. A cancelled batch is not retried (InputError): its cancelled
+    jobs stay cancelled, and a submit of the same inputs makes a new batch."""
     if get_batch(session, batch_id).cancelled_at is not None:
         raise InputError(
             f"batch {batch_id} was cancelled: there is nothing to retry (submit its inputs "
@@ -438,12 +452,16 @@ def requeue_failed(session: Session, batch_id: str, *, queued_lease: float = 600
                 error=None,
                 finished_at=None,
                 started_at=None,
-                lease_until=utcnow() + timedelta(seconds=queued_lease),
+                lease_until=None
+                if window is not None
+                else utcnow() + timedelta(seconds=queued_lease),
             )
             .returning(JOBS.c.id, JOBS.c.seq)
         )
         .all()
     )
+    if window is not None:
+        return open_window(session, batch_id, window=window, lease=queued_lease).job_ids
     return [r.id for r in sorted(rows, key=lambda r: r.seq)]
 
 

@@ -57,13 +57,15 @@ def has_other_revision(session: Session, batch_id: str, revision: str) -> bool:
     return found is not None
 
 
-def queued_job_ids(session: Session, batch_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            select(Job.id)
+def queued_count(session: Session, batch_id: str) -> int:
+    """How many of the batch's jobs are queued (in its window or its backlog)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
             .where(Job.batch_id == batch_id, Job.status == JobStatus.queued)
-            .order_by(Job.seq)
         )
+        or 0
     )
 
 

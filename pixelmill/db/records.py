@@ -29,11 +29,13 @@ TERMINAL = (JobStatus.done, JobStatus.failed, JobStatus.cancelled)
 
 @dataclass(frozen=True)
 class NewBatch:
-    """A registered batch: its id and the ids of its queued jobs (to enqueue), in order; its
-    reused jobs are done already."""
+    """A registered batch: its id, the ids of the queued jobs to enqueue now, in order (its
+    first window, or all of them), and how many jobs it has queued in all; its reused jobs
+    are done already."""
 
     batch_id: str
     job_ids: list[str]
+    queued: int
 
 
 @dataclass(frozen=True)

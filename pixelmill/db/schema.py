@@ -87,6 +87,10 @@ class Batch(Base):
     # Jobs per message on the broker, which is the images per model batch: how the batch is
     # split into work, not what its results depend on (``pixelmill.wire.message_size``).
     message_size: Mapped[int | None] = mapped_column(Integer)
+    # Its weight among the active batches of its priority: the messages it keeps on the broker
+    # (its window, ``pixelmill.db.window``) are PIXELMILL_WINDOW x share, and workers take the
+    # queue's messages in turn, so a batch of share 2 gets twice the workers of one of share 1.
+    share: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Job(Base):
@@ -95,7 +99,9 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         UniqueConstraint("batch_id", "seq", name="uq_jobs_batch_seq"),
-        Index("ix_jobs_batch_status", "batch_id", "status"),
+        # A batch's jobs by state; among its queued ones, those with a message on the broker
+        # (a lease) apart from its backlog (none), each in submit order (``db.window``).
+        Index("ix_jobs_batch_window", "batch_id", "status", "lease_until", "seq"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
         # `export --latest SOURCE`: the jobs of the inputs under a folder or prefix, by input.
         Index("ix_jobs_input", "input"),

@@ -30,13 +30,14 @@ from pixelmill.db.reads import (
     has_other_revision,
     iter_batch_jobs,
     last_finished_at,
-    queued_job_ids,
+    queued_count,
     recent_batches,
     unfinished_batch,
 )
 from pixelmill.db.records import BatchCounts, Failures, JobResult, NewBatch
 from pixelmill.db.sources import RemoteObject, S3Inputs, is_remote
 from pixelmill.db.store import LocalStore, open_store
+from pixelmill.db.window import open_window
 from pixelmill.errors import InputError, PixelmillError, ServiceUnavailable
 from pixelmill.producer.inputs import JobPlan, expand_inputs, plan_jobs, storable
 from pixelmill.producer.reuse import (
@@ -289,6 +290,7 @@ class Client:
         priority: str = "normal",
         labels: Sequence[str] | None = None,
         templates: Sequence[str] | None = None,
+        share: int = 1,
     ) -> Submission:
         """Register the jobs, commit, then enqueue the job ids in chunks of ``batch_size``
         (one message per model batch).
@@ -319,7 +321,10 @@ class Client:
 
         ``priority`` (high, normal, low): workers take a higher priority batch's messages
         before any of a lower one's (``pause``, ``resume``, ``cancel`` and ``set_priority``
-        act on a batch afterwards).
+        act on a batch afterwards). ``share`` (1 or more): its weight among the batches of its
+        priority that run at the same time; a batch of share 2 gets twice the workers of one
+        of share 1 (``pixelmill.db.window``). Only the batch's first messages go to the broker
+        now (PIXELMILL_WINDOW x share); the workers send the rest as they take them.
 
         classify with ``labels`` (and ``templates``: sentences with ``{}``): zero-shot, scored
         by a CLIP-style model (default ``openai/clip-vit-base-patch32``); the same as
@@ -328,6 +333,8 @@ class Client:
         """
         if priority not in PRIORITIES:
             raise InputError(f"priority must be one of high, normal, low, not {priority!r}")
+        if isinstance(share, bool) or not isinstance(share, int) or share < 1:
+            raise InputError(f"share must be a whole number, 1 or more, not {share!r}")
         options = with_labels(options, labels, templates)
         prep = self._prepare(task, inputs, model, batch_size, options, prompts, count, seed)
         self.check_broker()
@@ -336,14 +343,14 @@ class Client:
             if isinstance(earlier, Submission):
                 return earlier
             work = self._plan_work(prep, earlier, force=force, upload=upload)
-            new = self._register(prep, work, name=name, priority=priority)
+            new = self._register(prep, work, name=name, priority=priority, share=share)
             if isinstance(new, Submission):
                 return new
             enqueue(self.app, new.job_ids, prep.size, priority)
         return Submission(
             batch_id=new.batch_id,
             jobs=len(prep.plan.inputs),
-            queued=len(new.job_ids),
+            queued=new.queued,
             plan=work.reuse.counts if work.reuse else None,
         )
 
@@ -386,7 +393,7 @@ class Client:
         return _Work(found, params=params, contents=contents, reuse=reuse)
 
     def _register(
-        self, prep: _Prepared, work: _Work, *, name: str | None, priority: str
+        self, prep: _Prepared, work: _Work, *, name: str | None, priority: str, share: int
     ) -> NewBatch | Submission:
         """Step 3: the batch and its jobs committed (reused jobs done at once); the earlier
         batch instead if the same submit committed first from elsewhere."""
@@ -412,6 +419,8 @@ class Client:
                     plan=reuse.counts if reuse else None,
                     priority=priority,
                     message_size=prep.size,
+                    share=share,
+                    window=self.settings.window,
                 )
         except IntegrityError:  # the same submit, at the same moment, from elsewhere
             earlier = self._resume(found.fingerprint) if found.fingerprint is not None else None
@@ -500,11 +509,9 @@ class Client:
             batch = unfinished_batch(session, source)
             if batch is None:
                 return None
-            queued = queued_job_ids(session, batch.id)
             found = Submission(batch_id=batch.id, jobs=batch.total, attached=True,
-                               queued=len(queued), plan=batch.plan)  # fmt: skip
-            size, priority = message_size(batch.message_size), batch.priority
-        enqueue(self.app, queued, size, priority)  # harmless if they have messages already
+                               queued=queued_count(session, batch.id), plan=batch.plan)  # fmt: skip
+        self._send_window(batch.id)  # harmless if they have messages already
         return found
 
     @contextlib.contextmanager
@@ -544,12 +551,18 @@ class Client:
                 # Cancelled, stale, or with failures worth another go (a file fixed, a service
                 # back): a new batch, which reuses what was done and runs the rest again.
                 return batch.id
-            queued = queued_job_ids(session, batch.id)
-            size, priority = message_size(batch.message_size), batch.priority
             found = Submission(batch_id=batch.id, jobs=batch.total, existing=True,
-                               queued=len(queued), plan=batch.plan)  # fmt: skip
-        enqueue(self.app, queued, size, priority)
+                               queued=queued_count(session, batch.id), plan=batch.plan)  # fmt: skip
+        self._send_window(batch.id)
         return found
+
+    def _send_window(self, batch_id: str) -> None:
+        """Send the batch's window again (a producer killed between its commit and its
+        enqueue left it without messages; a duplicate message is harmless)."""
+        with self.sessions.begin() as session:
+            window = open_window(session, batch_id, window=self.settings.window,
+                                 lease=self.settings.queued_lease_seconds)  # fmt: skip
+        enqueue(self.app, window.job_ids, window.size, window.priority)
 
     def check_broker(self) -> None:
         try:
@@ -568,7 +581,10 @@ class Client:
 
     def retry(self, batch_id: str) -> int:
         """Run the batch's failed jobs again (attempts reset); returns how many."""
-        return len(self._control(batch_id, requeue_failed))
+        with self.sessions() as session:
+            failed = batch_counts(session, batch_id).by_status.get("failed", 0)
+        self._control(batch_id, requeue_failed)
+        return failed
 
     # ---- control -------------------------------------------------------------------------
 
@@ -579,8 +595,9 @@ class Client:
             return pause_batch(session, batch_id)
 
     def resume(self, batch_id: str) -> int:
-        """Resume a paused batch where it stopped; returns how many queued jobs it has left."""
-        return len(self._control(batch_id, resume_batch))
+        """Resume a paused batch where it stopped; returns how many queued jobs it has left
+        (0 if it was not paused)."""
+        return self._queued_after(batch_id, self._control(batch_id, resume_batch))
 
     def cancel(self, batch_id: str) -> int:
         """Cancel the batch: its queued jobs end as cancelled (running ones finish, done ones
@@ -590,15 +607,24 @@ class Client:
 
     def set_priority(self, batch_id: str, priority: str) -> int:
         """Move the batch's queued jobs to ``priority`` (high, normal, low); returns how many
-        were enqueued again at it."""
-        return len(self._control(batch_id, lambda s, b, **kw: set_priority(s, b, priority, **kw)))
+        moved (0 if it had that priority, or is paused: its resume moves them)."""
+        sent = self._control(batch_id, lambda s, b, **kw: set_priority(s, b, priority, **kw))
+        return self._queued_after(batch_id, sent)
+
+    def _queued_after(self, batch_id: str, sent: list[str]) -> int:
+        """The batch's queued jobs, if a change sent any of them (its window) again."""
+        if not sent:
+            return 0
+        with self.sessions() as session:
+            return queued_count(session, batch_id)
 
     def _control(self, batch_id: str, change: Callable[..., list[str]]) -> list[str]:
-        """Apply ``change`` (which returns job ids to enqueue) in one transaction, then
-        enqueue those ids at the batch's priority, after the commit."""
+        """Apply ``change`` (which returns job ids to enqueue: the batch's window) in one
+        transaction, then enqueue those ids at the batch's priority, after the commit."""
         self.check_broker()
         with self.sessions.begin() as session:
-            job_ids = change(session, batch_id, queued_lease=self.settings.queued_lease_seconds)
+            job_ids = change(session, batch_id, queued_lease=self.settings.queued_lease_seconds,
+                             window=self.settings.window)  # fmt: skip
             batch = get_batch(session, batch_id)
             size, priority = message_size(batch.message_size), batch.priority
         enqueue(self.app, job_ids, size, priority)

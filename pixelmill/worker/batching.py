@@ -47,6 +47,7 @@ from pixelmill.db.metric_totals import (
 from pixelmill.db.records import ArtifactRecord, BatchInfo, ClaimedJob, ContentSeen, Outcome
 from pixelmill.db.sources import S3Inputs, is_remote
 from pixelmill.db.store import ObjectStore, artifact_key
+from pixelmill.db.window import Window, top_up
 from pixelmill.deadlines import DeadlineExceeded, DecodePool
 from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
 from pixelmill.models.artifacts import encode_png, provenance
@@ -112,6 +113,12 @@ class WorkerContext:
     device_batch: int | None = None  # largest forward pass; None: the whole message
     lease: float = 60  # seconds a claimed job is ours; the heartbeat renews it
     max_attempts: int | None = None  # starts before a job whose worker keeps dying fails
+    # Each claim sends its batches' next messages (``pixelmill.db.window``): PIXELMILL_WINDOW,
+    # the new messages' queued lease, and how they are sent (set with the Celery app; None:
+    # no top-up, a caller that enqueues every job itself).
+    window: int = 4
+    queued_lease: float = 600
+    send: Callable[[Window], None] | None = None
     read_timeout: float = 60  # seconds one input's read + decode + preprocess may take
     stall: float = 1800  # a batch without progress this long is no longer renewed
     transient_retry: float = 900  # seconds a transient error is retried in place
@@ -247,7 +254,7 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
     started = time.perf_counter()
     retry = Retrier(ctx.transient_retry)
 
-    def claim() -> list[ClaimedJob]:
+    def claim() -> tuple[list[ClaimedJob], list[Window]]:
         with ctx.sessions.begin() as session:
             claimed = claim_jobs(
                 session,
@@ -260,12 +267,18 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
             )
             if not alone and any(job.attempts > 1 for job in claimed):
                 raise _Suspect  # rolls the claim back
-            return claimed
+            if ctx.send is None or not claimed:
+                return claimed, []
+            # In the claim's transaction: the next messages are never lost (once committed,
+            # the reconciler sends them if this process dies before it does) nor doubled.
+            batches = {job.batch_id for job in claimed}
+            return claimed, top_up(session, batches, window=ctx.window, lease=ctx.queued_lease)
 
     try:
-        claimed = retry.call(claim)
+        claimed, windows = retry.call(claim)
     except GaveUp as exc:  # nothing claimed: the jobs are still queued, for the reconciler
         raise ServiceUnavailable(f"cannot claim jobs: {exc}") from exc
+    _send(ctx, windows)
     ctx.remember(claimed)
     if not claimed:
         return BatchReport(0, 0, 0, time.perf_counter() - started)
@@ -286,6 +299,23 @@ def _process(ctx: WorkerContext, job_ids: Sequence[str], *, alone: bool) -> Batc
             return _fail_claimed(ctx, retry, claimed, exc, started)
     failed = sum(1 for o in outcomes if o.error is not None)
     return BatchReport(len(claimed), len(outcomes) - failed, failed, time.perf_counter() - started)
+
+
+def _send(ctx: WorkerContext, windows: list[Window]) -> None:
+    """Send the batches' next messages. One the broker does not take now is not lost: its
+    jobs are leased in their batch's window, and the reconciler sends them again once the
+    lease runs out (``pixelmill.worker.reconciler``)."""
+    send = ctx.send
+    for window in windows:
+        if send is None:
+            return
+        try:
+            send(window)
+        except Exception as exc:  # noqa: BLE001 - the broker away: the reconciler's to send
+            log.warning(
+                "cannot send the next %d job(s) of batch %s (%s); the reconciler sends them "
+                "once their lease runs out", len(window.job_ids), window.batch_id, exc,
+            )  # fmt: skip
 
 
 # ---- recording outcomes ------------------------------------------------------------------

@@ -113,6 +113,8 @@ def _context(
         device_batch=device_batch_size(settings, device),
         lease=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        window=settings.window,
+        queued_lease=settings.queued_lease_seconds,
         read_timeout=settings.read_timeout,
         stall=settings.stall_seconds,
         transient_retry=settings.transient_retry_seconds,

@@ -15,7 +15,8 @@ from typing import Any
 from celery import Celery
 from celery.exceptions import Reject
 
-from pixelmill.wire import NOOP, PROCESS_BATCH
+from pixelmill.db.window import Window
+from pixelmill.wire import NOOP, PROCESS_BATCH, enqueue
 from pixelmill.worker.batching import WorkerContext, process_batch
 from pixelmill.worker.message_check import DeadLetters, dead_letter_consumer
 
@@ -28,6 +29,11 @@ def register_tasks(app: Celery, ctx: WorkerContext) -> None:
         ctx.sessions, queue=app.conf.task_default_queue, worker=ctx.worker_name
     )
     app.conf.worker_consumer = dead_letter_consumer(dead_letters)
+
+    def send(window: Window) -> None:  # a claim's top-up: its batches' next messages
+        enqueue(app, window.job_ids, window.size, window.priority)
+
+    ctx.send = send
 
     @app.task(  # type: ignore[untyped-decorator]  # Celery ships no type hints
         name=PROCESS_BATCH,

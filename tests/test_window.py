@@ -1,0 +1,191 @@
+"""A batch's window: the broker holds a few of its messages, the database the rest.
+
+On SQLite and PostgreSQL (the ``sessions`` fixture): a new batch leases only its first window;
+a claim tops its window up in whole messages, in submit order, never twice; pause, cancel,
+resume, priority and retry act on the window; and a queue worked first in, first out with
+those top-ups shares the workers between batches by their shares (a small batch submitted
+behind a big one is done within a few messages, not after the big one). Against a real Redis
+and real processes: the queue's length stays at the window while a 2,000-job batch runs, a top-up
+lost to a worker's death is sent again by the reconciler, and a small batch overtakes a big one
+of the same priority on a `pixelmill worker`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import func, select, text
+
+from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
+from pixelmill.db.jobs import claim_jobs, create_batch, requeue_failed, write_outcomes
+from pixelmill.db.records import Outcome
+from pixelmill.db.schema import Job, JobStatus
+from pixelmill.db.window import Window, open_window, top_up
+from pixelmill.producer import Client
+from pixelmill.settings import load_settings
+from pixelmill.wire import queue_length
+from pixelmill.worker.reconciler import Reconciler
+from tests.conftest import ROOT, NullGate, pixelmill, pixelmill_env
+
+SIZE = 4  # jobs per message in these tests
+
+
+def _batch(sessions: Any, n: int, *, window: int = 2, **kw: Any) -> Any:
+    with sessions.begin() as s:
+        return create_batch(s, task="classify", model="m", message_size=SIZE, window=window,
+                            inputs=[f"/in/{i}.jpg" for i in range(n)], **kw)  # fmt: skip
+
+
+def _seqs(sessions: Any, job_ids: list[str]) -> list[int]:
+    with sessions() as s:
+        found = dict(s.execute(select(Job.id, Job.seq).where(Job.id.in_(job_ids))).all())
+    return [found[j] for j in job_ids]
+
+
+def _windowed(sessions: Any, batch_id: str) -> int:
+    """The batch's queued jobs with a message (a lease)."""
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(Job).where(
+            Job.batch_id == batch_id, Job.status == JobStatus.queued,
+            Job.lease_until.is_not(None))) or 0)  # fmt: skip
+
+
+def _claim(sessions: Any, job_ids: list[str], window: int = 2) -> tuple[list[str], list[Window]]:
+    """What a worker does with a message: claim its jobs, top up their batches' windows."""
+    with sessions.begin() as s:
+        claimed = claim_jobs(s, job_ids, worker="w/1", device="cpu")
+        windows = top_up(s, {c.batch_id for c in claimed}, window=window, lease=600)
+    return [c.job_id for c in claimed], windows
+
+
+def test_a_batch_sends_its_first_window_and_keeps_the_rest_in_the_database(sessions):
+    new = _batch(sessions, 100, window=2)
+    assert new.queued == 100
+    assert _seqs(sessions, new.job_ids) == list(range(8))  # 2 messages of 4, in order
+    assert _windowed(sessions, new.batch_id) == 8
+    # Without a window (a caller that enqueues every job itself): all of them, as before.
+    whole = _batch(sessions, 10, window=None)  # type: ignore[arg-type]
+    assert len(whole.job_ids) == whole.queued == 10
+    shared = _batch(sessions, 100, window=2, share=3)
+    assert len(shared.job_ids) == 24  # share 3: three times the messages
+
+
+def test_a_claim_tops_the_window_up_in_whole_messages_in_order_and_never_twice(sessions):
+    new = _batch(sessions, 30, window=2)
+    first, second = new.job_ids[:4], new.job_ids[4:]
+    claimed, windows = _claim(sessions, first)
+    pending = list(windows[0].job_ids)  # the messages on the queue, in order
+    assert claimed == first
+    assert len(windows) == 1 and windows[0].batch_id == new.batch_id
+    assert (windows[0].size, windows[0].priority) == (SIZE, "normal")
+    assert _seqs(sessions, windows[0].job_ids) == [8, 9, 10, 11]
+    assert _windowed(sessions, new.batch_id) == 8
+    # The same message again (a redelivery): nothing claimed, nothing sent.
+    assert _claim(sessions, first) == ([], [])
+    # Two of a message's jobs: the window is two short, which waits for a whole message.
+    claimed, windows = _claim(sessions, second[:2])
+    assert (claimed, windows) == (second[:2], [])
+    claimed, windows = _claim(sessions, second[2:])
+    assert [_seqs(sessions, w.job_ids) for w in windows] == [[12, 13, 14, 15]]
+    # To the end of the backlog: the last message is short, then nothing is left to send.
+    sent = pending + [j for w in windows for j in w.job_ids]
+    while sent:
+        _, windows = _claim(sessions, sent[:4])
+        sent = sent[4:] + [j for w in windows for j in w.job_ids]
+    with sessions() as s:
+        left = s.scalar(select(func.count()).select_from(Job).where(
+            Job.batch_id == new.batch_id, Job.status == JobStatus.queued))  # fmt: skip
+    assert left == 0  # every job was sent, and claimed, once
+
+
+def test_pause_cancel_resume_priority_and_retry_act_on_the_window(sessions):
+    new = _batch(sessions, 40, window=2)
+    with sessions.begin() as s:
+        assert pause_batch(s, new.batch_id)
+    # A paused batch's message claims nothing and sends nothing.
+    assert _claim(sessions, new.job_ids[:4]) == ([], [])
+    with sessions.begin() as s:
+        again = resume_batch(s, new.batch_id, window=2)
+    assert again == new.job_ids  # the window's messages are sent again, nothing more
+    with sessions.begin() as s:
+        moved = set_priority(s, new.batch_id, "high", window=2)
+    assert moved == new.job_ids
+    with sessions.begin() as s:
+        assert open_window(s, new.batch_id, window=2, lease=60).priority == "high"
+    # Claimed, then failed: a retry puts them in the backlog and sends a window.
+    claimed, _ = _claim(sessions, new.job_ids)
+    with sessions.begin() as s:
+        write_outcomes(s, [Outcome(job_id=j, error="broken", model="m") for j in claimed])
+    with sessions.begin() as s:
+        sent = requeue_failed(s, new.batch_id, window=2)
+    assert len(sent) == 8 and _windowed(sessions, new.batch_id) == 8
+    with sessions.begin() as s:
+        assert cancel_batch(s, new.batch_id) > 0
+        assert open_window(s, new.batch_id, window=2, lease=60).job_ids == []
+    assert _claim(sessions, sent) == ([], [])
+
+
+def _queue(*batches: Any) -> collections.deque[tuple[str, list[str]]]:
+    """The messages the batches' submits sent, in order, as the broker holds them."""
+    queue: collections.deque[tuple[str, list[str]]] = collections.deque()
+    for b in batches:
+        queue.extend((b.batch_id, b.job_ids[i : i + SIZE]) for i in range(0, len(b.job_ids), SIZE))
+    return queue
+
+
+def _work(sessions: Any, queue: collections.deque[tuple[str, list[str]]], messages: int,
+          until: Callable[[], bool] = lambda: False) -> list[str]:  # fmt: skip
+    """Take ``messages`` messages off ``queue`` first in, first out, as the broker hands them
+    out: each is claimed and done, and its top-up goes to the back. Returns whose each was."""
+    taken: list[str] = []
+    while len(taken) < messages and queue and not until():
+        batch_id, job_ids = queue.popleft()
+        claimed, windows = _claim(sessions, job_ids)
+        with sessions.begin() as s:
+            write_outcomes(s, [Outcome(job_id=j, result={}, model="m") for j in claimed])
+        taken.append(batch_id)
+        for w in windows:
+            queue.extend((w.batch_id, w.job_ids[i : i + w.size])
+                         for i in range(0, len(w.job_ids), w.size))  # fmt: skip
+    return taken
+
+
+def _queued(sessions: Any, batch_id: str) -> int:
+    with sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(Job).where(
+            Job.batch_id == batch_id, Job.status.in_(["queued", "running"]))) or 0)  # fmt: skip
+
+
+def test_a_small_batch_behind_a_big_one_waits_for_its_window_not_its_backlog(sessions):
+    big = _batch(sessions, 2000)  # 500 messages, 2 of them on the queue
+    queue = _queue(big)
+    assert _work(sessions, queue, 3) == [big.batch_id] * 3 and len(queue) == 2
+    small = _batch(sessions, 20)  # 5 messages, the first 2 on the queue behind the big's
+    queue.extend(_queue(small))
+    order = _work(sessions, queue, 100, until=lambda: _queued(sessions, small.batch_id) == 0)
+    # The 2 big messages ahead of it, then the two batches in turn: 11 messages, not 502.
+    b, s = big.batch_id, small.batch_id
+    assert order == [b, b, s, s, b, b, s, s, b, b, s], order
+    assert len(queue) == 2  # the big batch's window, as before; the small batch left none
+
+
+def test_batches_of_one_priority_get_turns_in_proportion_to_their_share(sessions):
+    one = _batch(sessions, 1000)
+    two = _batch(sessions, 1000, share=2)
+    queue = _queue(one, two)
+    assert len(queue) == 2 + 4
+    order = _work(sessions, queue, 90)
+    assert (order.count(one.batch_id), order.count(two.batch_id)) == (30, 60)
