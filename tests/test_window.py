@@ -12,22 +12,21 @@ of the same priority on a `pixelmill worker`.
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
+import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
 from pixelmill.db.jobs import claim_jobs, create_batch, requeue_failed, write_outcomes
@@ -36,9 +35,9 @@ from pixelmill.db.schema import Job, JobStatus
 from pixelmill.db.window import Window, open_window, top_up
 from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from pixelmill.wire import queue_length
+from pixelmill.wire import create_app, queue_length
 from pixelmill.worker.reconciler import Reconciler
-from tests.conftest import ROOT, NullGate, pixelmill, pixelmill_env
+from tests.conftest import pixelmill_env
 
 SIZE = 4  # jobs per message in these tests
 
@@ -189,3 +188,162 @@ def test_batches_of_one_priority_get_turns_in_proportion_to_their_share(sessions
     assert len(queue) == 2 + 4
     order = _work(sessions, queue, 90)
     assert (order.count(one.batch_id), order.count(two.batch_id)) == (30, 60)
+
+
+# ---- a real Redis ------------------------------------------------------------------------
+
+
+def _bodies(redis_server: Any, queue: str) -> list[list[str]]:
+    """The job ids of each normal-priority message on ``queue`` (Celery's JSON envelope on
+    the priority's Redis list)."""
+    raw = redis_server.client()
+    out = []
+    for item in raw.lrange(f"{queue}\x06\x163", 0, -1):
+        body = json.loads(base64.b64decode(json.loads(item)["body"]))
+        out.append(body[0][0])
+    return out
+
+
+def test_a_top_up_lost_with_its_worker_is_sent_again_by_the_reconciler(sessions, redis_server):
+    """A worker committed its claim and the batch's next message, then died before sending
+    it: the jobs are leased in the window with no message. Once the lease is over and the
+    queue is empty, the reconciler sends them (once); the backlog stays where it is."""
+    new = _batch(sessions, 12, window=1, queued_lease=0)
+    with sessions.begin() as s:  # the claim, and its top-up, never sent
+        claim_jobs(s, new.job_ids, worker="dead/1", device="cpu")
+        (lost,) = top_up(s, [new.batch_id], window=1, lease=0)
+    assert _seqs(sessions, lost.job_ids) == [4, 5, 6, 7]
+    queue = "q-" + uuid.uuid4().hex[:8]
+    settings = load_settings(broker_url=redis_server.url, queue=queue,
+                             database_url="sqlite:///unused.db")  # fmt: skip
+    app = create_app(settings)
+    reconciler = Reconciler(settings, sessions, app)
+    assert reconciler.run_once() == 4
+    assert _bodies(redis_server, queue) == [lost.job_ids]
+    assert reconciler.run_once() == 0  # leased again: sent once
+    assert _windowed(sessions, new.batch_id) == 4  # the backlog (8..11) has no message yet
+
+
+# ---- real processes ----------------------------------------------------------------------
+
+
+def _env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
+    return pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_url,
+                         database_url=f"sqlite:///{tmp_path / 'jobs.db'}", batch_size=str(SIZE),
+                         queue="q-" + uuid.uuid4().hex[:8], **extra)  # fmt: skip
+
+
+def _client(env: dict[str, str]) -> Client:
+    settings = load_settings(**{k[len("PIXELMILL_"):].lower(): v for k, v in env.items()
+                                if k.startswith("PIXELMILL_")})  # fmt: skip
+    return Client(settings)
+
+
+def _inputs(folder: Path, n: int) -> list[str]:
+    """``n`` inputs, hard links of one small image (the null model reads each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first = folder / "img00000.png"
+    Image.new("RGB", (8, 8), (10, 40, 90)).save(first)
+    for i in range(1, n):
+        os.link(first, folder / f"img{i:05d}.png")
+    return [str(folder / f"img{i:05d}.png") for i in range(n)]
+
+
+def _db(tmp_path: Path, sql: str, *args: Any) -> list[Any]:
+    with sqlite3.connect(tmp_path / "jobs.db", timeout=30) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def _until(check: Callable[[], Any], what: str, timeout: float = 180) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return value
+
+
+def _done_once(tmp_path: Path, batch: str, n: int) -> None:
+    """Every job of the batch done, with one result each."""
+    assert _db(tmp_path, "SELECT status, count(*) FROM jobs WHERE batch_id=? GROUP BY status",
+               batch) == [("done", n)]  # fmt: skip
+    assert _db(tmp_path, "SELECT count(*), count(DISTINCT r.job_id) FROM results r JOIN jobs j "
+               "ON j.id = r.job_id WHERE j.batch_id=?", batch) == [(n, n)]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_queue_holds_the_window_while_a_2000_job_batch_runs(tmp_path, redis_server,
+                                                                 spawn, null_gate):  # fmt: skip
+    env = {**_env(tmp_path, redis_server.url), **null_gate.env}
+    paths = _inputs(tmp_path / "in", 2000)
+    with _client(env) as client:
+        sub = client.submit("classify", paths, model="null")
+        queue = client.settings.queue
+        assert (sub.jobs, sub.queued) == (2000, 2000)
+        assert queue_length(client.app, queue) == 4  # PIXELMILL_WINDOW: 4 messages of 4
+        spawn("worker", "--devices", "cpu", "--cpu-workers", "2", env=env)
+        # Each of the 2 workers holds 2 messages (its pipeline); each claim sent the next.
+        _until(lambda: client.status(sub.batch_id).by_status.get("running") == 16,
+               "the workers never held 4 messages")  # fmt: skip
+        assert queue_length(client.app, queue) == 4
+        null_gate.open()
+        longest = 0
+        while not client.status(sub.batch_id).complete:
+            longest = max(longest, queue_length(client.app, queue))
+            time.sleep(0.02)
+        assert longest <= 4, longest
+        assert queue_length(client.app, queue) == 0  # nothing left to drain
+    _done_once(tmp_path, sub.batch_id, 2000)
+    assert _db(tmp_path, "SELECT max(attempts) FROM jobs") == [(1,)]  # each ran once
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_loses_and_doubles_no_job(tmp_path, redis_server, spawn,
+                                                          null_gate):  # fmt: skip
+    """SIGKILL a device worker while it holds messages (claimed, and maybe one reserved but
+    not claimed): its running jobs come back after their lease, the reserved message's jobs
+    after their queued lease, the top-ups it sent carry on, and no job runs twice but the
+    ones it held."""
+    env = {**_env(tmp_path, redis_server.url, lease_seconds="4", queued_lease_seconds="5",
+                  reconcile_interval="1", max_attempts="3"), **null_gate.env}  # fmt: skip
+    paths = _inputs(tmp_path / "in", 600)
+    null_gate.allow(100)
+    with _client(env) as client:
+        sub = client.submit("classify", paths, model="null")
+        spawn("worker", "--devices", "cpu", "--cpu-workers", "2", env=env)
+        _until(null_gate.waiting, "the gate's items were never taken")
+        holders = _until(lambda: _db(tmp_path, "SELECT DISTINCT worker FROM jobs WHERE "
+                                     "status='running'"), "nothing held")  # fmt: skip
+        victim = holders[0][0]
+        os.kill(int(victim.rsplit("/", 1)[1]), signal.SIGKILL)
+        held = {j for (j,) in _db(tmp_path, "SELECT id FROM jobs WHERE worker=?", victim)}
+        null_gate.open()
+        counts = client.wait(sub.batch_id, timeout=300)
+    assert counts.by_status == {"done": 600}, counts.by_status
+    _done_once(tmp_path, sub.batch_id, 600)
+    again = {j for (j,) in _db(tmp_path, "SELECT id FROM jobs WHERE attempts > 1")}
+    assert again <= held, again - held
+
+
+@pytest.mark.slow
+def test_a_small_batch_overtakes_a_big_one_of_the_same_priority(tmp_path, redis_server, spawn,
+                                                                null_gate):  # fmt: skip
+    """One worker busy with a 2,000-job batch; a 20-job batch submitted behind it at the same
+    priority finishes after the big batch's window and a few turns, not after its 2,000."""
+    env = {**_env(tmp_path, redis_server.url), **null_gate.env}
+    with _client(env) as client:
+        big = client.submit("classify", _inputs(tmp_path / "big", 2000), model="null")
+        spawn("worker", "--devices", "cpu", "--cpu-workers", "1", env=env)
+        _until(null_gate.waiting, "the big batch never started")
+        small = client.submit("classify", _inputs(tmp_path / "small", 20), model="null")
+        null_gate.open()
+        client.wait(small.batch_id, timeout=300)
+        (last,) = _db(tmp_path, "SELECT max(finished_at) FROM jobs WHERE batch_id=?",
+                      small.batch_id)  # fmt: skip
+        (before,) = _db(tmp_path, "SELECT count(*) FROM jobs WHERE batch_id=? AND "
+                        "finished_at <= ?", big.batch_id, last[0])  # fmt: skip
+        client.wait(big.batch_id, timeout=300)
+    # Ahead of it: the worker's 2 messages and the big batch's window of 4; then turns (the
+    # small batch's 5 messages against the big one's 5 or so): about 16 of 500 messages.
+    assert before[0] <= 4 * 20, before
+    _done_once(tmp_path, small.batch_id, 20)
+    _done_once(tmp_path, big.batch_id, 2000)
