@@ -11,6 +11,15 @@ from typing import Any
 
 from pixelmill.errors import BadInput
 
+DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch size
+
+
+def message_size(size: int | None) -> int:
+    """Jobs per message for a batch: the batch size it was submitted with (its
+    ``message_size``; unset in a batch registered by a producer without one)."""
+    return size or DEFAULT_MESSAGE_SIZE
+
+
 # What a folder scan picks up. A file named explicitly is submitted whatever its extension.
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm",

@@ -19,6 +19,10 @@ import ssl
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pixelmill.catalog import DEFAULT_MESSAGE_SIZE, message_size
+
+__all__ = ["DEFAULT_MESSAGE_SIZE", "message_size"]  # where producers and workers find them
+
 # Celery and the settings are imported where an app is made: the names and constants here are
 # read by commands that never talk to the broker (`pixelmill status`, `pause`, `cancel`).
 if TYPE_CHECKING:
@@ -36,7 +40,6 @@ NOOP = "pixelmill.noop"  # does nothing: `pixelmill bench` measures plain Celery
 MAX_BATCH_IDS = 4096  # job ids per message
 MAX_JOB_ID_LENGTH = 64  # characters of one job id
 MAX_MESSAGE_BYTES = 1 << 20  # a message body (JSON); 4096 ids take about 164 KB
-DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch size
 
 
 # A batch's priority -> its messages' priority on Redis. kombu's Redis transport keeps one list
@@ -45,12 +48,6 @@ DEFAULT_MESSAGE_SIZE = 32  # batches made before their options recorded a batch 
 # first: on Redis, 0 is the highest priority. A message sent without one lands on step 0.
 PRIORITY_STEPS = (0, 3, 6, 9)
 PRIORITIES = {"high": 0, "normal": 3, "low": 6}
-
-
-def message_size(size: int | None) -> int:
-    """Jobs per message for a batch: the batch size it was submitted with (its
-    ``message_size``; unset in a batch registered by a producer without one)."""
-    return size or DEFAULT_MESSAGE_SIZE
 
 
 def broker_ssl(settings: Settings) -> dict[str, Any] | None:
@@ -153,6 +150,12 @@ def claim_recovery(app: Celery, epoch: str) -> bool:
     lost (several reconcilers may notice the same loss)."""
     with _redis(app) as client:
         return bool(client.set(f"{EPOCH_KEY}:recovered:{epoch}", "1", nx=True, ex=RECOVERY_TTL))
+
+
+def broker_memory(app: Celery) -> int:
+    """Bytes the broker's Redis uses (``used_memory``): what a backlog would cost it."""
+    with _redis(app) as client:
+        return int(client.info("memory")["used_memory"])
 
 
 def queue_lengths(app: Celery, queue: str) -> dict[str, int]:

@@ -53,6 +53,30 @@ def test_bench_prints_every_measure_as_json_and_as_a_table(tmp_path, record_prop
     assert "end to end / model only" in table.stdout and "null" in table.stdout
 
 
+@MANY_PROCESSES
+def test_bench_queue_shows_the_broker_flat_and_a_small_batch_not_stuck(tmp_path, record_property):
+    env = pixelmill_env(data_dir=str(tmp_path / "data"))
+    proc = pixelmill("bench-queue", "--jobs", "128,20000", "--small", "16", "--big", "4000",
+                     "--batch-size", "8", "--workers", "2", "--json", env=env,
+                     timeout=1500)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout)
+    small, large = figures["sizes"]
+    # The window (4 messages of 8) whatever the batch's size; every queued job cancelled.
+    assert (small["messages"], large["messages"]) == (4, 4)
+    assert (small["cancelled"], large["cancelled"]) == (128, 20000)
+    fair = figures["fair_share"]
+    assert fair["small_alone_s"] > 0 and fair["small_behind_big_s"] > 0
+    for key in ("redis_bytes", "jobs_per_s", "cancel_s"):
+        record_property(f"{FIGURE}bench-queue {key} at 128 / 20,000 jobs",
+                        f"{small[key]} / {large[key]}")  # fmt: skip
+    record_property(f"{FIGURE}bench-queue 16 jobs behind 4,000 / alone (2 workers)",
+                    fair["behind_over_alone"])  # fmt: skip
+    table = pixelmill("bench-queue", "--jobs", "64", "--big", "0", env=env, timeout=600)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "window 4 messages of 32 jobs" in table.stdout and "64" in table.stdout
+
+
 def test_bench_search_fills_and_times_a_search(tmp_path):
     """`pixelmill bench-search` on a small table: it fills, searches and prints its figures."""
     env = pixelmill_env(data_dir=str(tmp_path / "data"))

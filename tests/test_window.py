@@ -35,7 +35,7 @@ from pixelmill.db.schema import Job, JobStatus
 from pixelmill.db.window import Window, open_window, top_up
 from pixelmill.producer import Client
 from pixelmill.settings import load_settings
-from pixelmill.wire import create_app, queue_length
+from pixelmill.wire import create_app, enqueue, queue_length
 from pixelmill.worker.reconciler import Reconciler
 from tests.conftest import pixelmill_env
 
@@ -347,3 +347,39 @@ def test_a_small_batch_overtakes_a_big_one_of_the_same_priority(tmp_path, redis_
     assert before[0] <= 4 * 20, before
     _done_once(tmp_path, small.batch_id, 20)
     _done_once(tmp_path, big.batch_id, 2000)
+
+
+@pytest.mark.slow
+def test_pause_and_cancel_of_100000_queued_jobs_take_effect_with_nothing_to_drain(
+    tmp_path, redis_server, spawn, null_gate
+):
+    """A 100,000-job batch with workers on it: pause stops it after the messages the workers
+    hold (the window's messages on the queue are taken and claim nothing), cancel ends the
+    rest; the queue is empty at once either way, not 25,000 messages later."""
+    env = {**_env(tmp_path, redis_server.url), **null_gate.env}
+    (path,) = _inputs(tmp_path / "in", 1)
+    with _client(env) as client:
+        with client.sessions.begin() as s:
+            new = create_batch(s, task="classify", model="null", message_size=SIZE, window=4,
+                               inputs=[path] * 100_000)  # fmt: skip
+        enqueue(client.app, new.job_ids, SIZE, "normal")
+        queue = client.settings.queue
+        null_gate.allow(40)
+        spawn("worker", "--devices", "cpu", "--cpu-workers", "2", env=env)
+        _until(null_gate.waiting, "the batch never started")
+        assert queue_length(client.app, queue) == 4
+        assert client.pause(new.batch_id)
+        null_gate.open()
+        # The held messages finish; the window's are taken and claim nothing.
+        _until(lambda: queue_length(client.app, queue) == 0
+               and not client.status(new.batch_id).by_status.get("running"),
+               "the paused batch kept running", timeout=120)  # fmt: skip
+        done = client.status(new.batch_id).by_status["done"]
+        assert done <= 40 + 4 * 4 * 2, done  # what the gate let through, and what was held
+        started = time.monotonic()
+        assert client.cancel(new.batch_id) == 100_000 - done
+        took = time.monotonic() - started
+        counts = client.status(new.batch_id)
+    assert counts.by_status == {"done": done, "cancelled": 100_000 - done}
+    assert queue_length(client.app, queue) == 0
+    print(f"cancel of {100_000 - done} queued jobs: {took:.2f} s")

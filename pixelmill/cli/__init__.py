@@ -135,6 +135,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "run": ("run:run", "Submit, process and print, all in one."),
     "bench": ("bench:bench", "Measure throughput against its limits, side by side in one run."),
+    "bench-queue": (
+        "bench:bench_queue",
+        "What a batch's size costs the broker, and how a small batch fares behind a big one.",
+    ),
     "bench-search": (
         "bench:bench_search",
         "Time `pixelmill search` over many stored embeddings (synthetic, unit length): the "

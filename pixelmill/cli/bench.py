@@ -253,3 +253,75 @@ def bench_search(rows: int, dim: int, queries: int, database: str | None) -> Non
     click.echo(f"  first query     {times[0] * 1000:10.0f} ms")
     click.echo(f"  median query    {median * 1000:10.0f} ms  ({rows / median:,.0f} rows/s)")
     click.echo(f"  slowest query   {max(times) * 1000:10.0f} ms  ({queries} queries)")
+
+
+@click.command("bench-queue")
+@click.option(
+    "--jobs",
+    "counts",
+    default="1000,100000,1000000",
+    show_default=True,
+    metavar="N,N,...",
+    help="Batch sizes to register, measure and cancel.",
+)
+@click.option(
+    "--small", type=click.IntRange(1), default=100, show_default=True, help="Small batch's jobs."
+)
+@click.option(
+    "--big",
+    type=click.IntRange(0),
+    default=100_000,
+    show_default=True,
+    help="Jobs of the big batch the small one is submitted behind (0: skip).",
+)
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="CPU worker processes (default: as `pixelmill worker`).")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def bench_queue(
+    counts: str, small: int, big: int, batch_size: int, workers: int | None, as_json: bool
+) -> None:
+    """What a batch's size costs the broker, and how a small batch fares behind a big one.
+
+    For each size in --jobs: the batch registered (jobs/s), the broker's messages and memory
+    (Redis used_memory) with its window sent, and its cancel, timed. Then, with the null model
+    on local workers, a --small batch alone and behind a --big batch of the same priority:
+    both times, their ratio, the target (2 x alone + one message per worker) and the big
+    batch's rate before and while the small one runs. Runs on a private embedded broker and
+    SQLite database in a temporary folder.
+
+    \b
+    Example:
+      pixelmill bench-queue
+      pixelmill bench-queue --jobs 1000,1000000,10000000 --big 0
+    """
+    from pixelmill.bench.queue import run_queue_bench
+
+    with user_errors():
+        try:
+            sizes = [int(n) for n in counts.split(",") if n.strip()]
+        except ValueError:
+            raise InputError(f"--jobs {counts!r}: expected numbers, e.g. 1000,100000") from None
+        say = lambda step: click.echo(f"bench: {step}", err=True)  # noqa: E731
+        figures = run_queue_bench(sizes, small=small, big=big, size=batch_size, workers=workers,
+                                  progress=say)  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    click.echo(f"window {figures['window']} messages of {figures['batch_size']} jobs")
+    click.echo(f"{'jobs':>10} {'register s':>11} {'jobs/s':>8} {'messages':>9} "
+               f"{'redis bytes':>12} {'cancel s':>9}")  # fmt: skip
+    for row in figures["sizes"]:
+        click.echo(
+            f"{row['jobs']:>10,} {row['register_s']:>11} {row['jobs_per_s']:>8,} "
+            f"{row['messages']:>9} {row['redis_bytes']:>12,} {row['cancel_s']:>9}"
+        )
+    fair = figures.get("fair_share")
+    if fair:
+        click.echo(
+            f"fair share, {fair['workers']} worker(s): {fair['small_jobs']} jobs alone "
+            f"{fair['small_alone_s']} s, behind {fair['big_jobs']:,} "
+            f"{fair['small_behind_big_s']} s "
+            f"(x{fair['behind_over_alone']}; target {fair['target_s']} s); the big batch "
+            f"{fair['big_ips_before']} items/s before, {fair['big_ips_during']} while"
+        )

@@ -31,9 +31,9 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, func, select, update
 from sqlalchemy.orm import Session
 
+from pixelmill.catalog import message_size
 from pixelmill.db.records import JobStatus
 from pixelmill.db.schema import Batch, Job, utcnow
-from pixelmill.wire import message_size
 
 JOBS = cast(Table, Job.__table__)
 BATCHES = cast(Table, Batch.__table__)
