@@ -29,7 +29,14 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
-from pixelmill.db.jobs import claim_jobs, create_batch, requeue_failed, write_outcomes
+from pixelmill.db.jobs import (
+    claim_jobs,
+    create_batch,
+    requeue_failed,
+    take_stranded,
+    write_outcomes,
+)
+from pixelmill.db.reads import batch_counts
 from pixelmill.db.records import Outcome
 from pixelmill.db.schema import Job, JobStatus
 from pixelmill.db.window import Window, open_window, top_up
@@ -135,6 +142,18 @@ def test_pause_cancel_resume_priority_and_retry_act_on_the_window(sessions):
         assert cancel_batch(s, new.batch_id) > 0
         assert open_window(s, new.batch_id, window=2, lease=60).job_ids == []
     assert _claim(sessions, sent) == ([], [])
+
+
+def test_a_cancel_in_chunks_acts_at_its_first_commit_and_one_left_halfway_is_finished(sessions):
+    new = _batch(sessions, 50, window=2)
+    with sessions.begin() as s:
+        assert cancel_batch(s, new.batch_id, limit=10) == 10
+    # The caller died there: 40 jobs still queued, but no worker starts one.
+    assert _claim(sessions, new.job_ids) == ([], [])
+    with sessions.begin() as s:  # the reconciler's pass over queued jobs ends the rest
+        assert take_stranded(s, status=JobStatus.queued, lease=60) == []
+    with sessions() as s:
+        assert batch_counts(s, new.batch_id).by_status == {"cancelled": 50}
 
 
 def _queue(*batches: Any) -> collections.deque[tuple[str, list[str]]]:

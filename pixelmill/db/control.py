@@ -56,10 +56,14 @@ def resume_batch(
     return _requeue(session, batch_id, queued_lease, window)
 
 
-def cancel_batch(session: Session, batch_id: str) -> int:
+def cancel_batch(session: Session, batch_id: str, *, limit: int | None = None) -> int:
     """Cancel the batch: its queued jobs end as cancelled; returns how many. Cancelling it
-    again changes nothing; a batch that had finished (no job queued or running) is left as it
-    was, not marked cancelled."""
+    again changes nothing (but ends any queued job left); a batch that had finished (no job
+    queued or running) is left as it was, not marked cancelled. With ``limit``, at most that
+    many jobs move in this transaction: the caller commits (from then on no worker starts
+    one of them) and calls again until it returns 0, so a million-job cancel holds no lock
+    for long. One left queued by a caller that died meanwhile is cancelled by the
+    reconciler."""
     batch = get_batch(session, batch_id)
     open_jobs = session.scalar(
         select(func.count())
@@ -73,9 +77,13 @@ def cancel_batch(session: Session, batch_id: str) -> int:
         batch.cancelled_at = now
     batch.paused_at = None
     session.flush()
+    queued = [JOBS.c.batch_id == batch_id, JOBS.c.status == JobStatus.queued]
+    if limit is not None:
+        some = select(JOBS.c.id).where(*queued).limit(limit).scalar_subquery()
+        queued = [JOBS.c.id.in_(some), JOBS.c.status == JobStatus.queued]
     result = session.connection().execute(
         update(JOBS)
-        .where(JOBS.c.batch_id == batch_id, JOBS.c.status == JobStatus.queued)
+        .where(*queued)
         .values(status=JobStatus.cancelled, error=CANCELLED, finished_at=now, lease_until=None)
     )
     return int(getattr(result, "rowcount", 0) or 0)

@@ -541,10 +541,12 @@ def take_stranded(
     now = utcnow()
     conn = session.connection()
     due = [JOBS.c.status == status, JOBS.c.lease_until < (expired_before or now)]
-    # A cancelled batch's job whose worker died is not run again: it ends cancelled.
+    # A cancelled batch's job whose worker died is not run again: it ends cancelled, as does
+    # a queued one its cancel left (its caller died between two of its transactions).
+    left = [JOBS.c.status == status] if status == JobStatus.queued else due
     conn.execute(
         update(JOBS)
-        .where(*due, JOBS.c.batch_id.in_(CANCELLED_BATCHES))
+        .where(*left, JOBS.c.batch_id.in_(CANCELLED_BATCHES))
         .values(status=JobStatus.cancelled, error=CANCELLED, finished_at=now, lease_until=None)
     )
     stranded = [*due, JOBS.c.batch_id.not_in(HELD_BACK)]

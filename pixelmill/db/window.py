@@ -32,11 +32,17 @@ from sqlalchemy import Connection, Table, func, select, update
 from sqlalchemy.orm import Session
 
 from pixelmill.catalog import message_size
-from pixelmill.db.records import JobStatus
+from pixelmill.db.records import TERMINAL, JobStatus
 from pixelmill.db.schema import Batch, Job, utcnow
 
 JOBS = cast(Table, Job.__table__)
 BATCHES = cast(Table, Batch.__table__)
+# "Not finished", beside `id IN (...)`: a job the statement found queued in this transaction
+# (the rows are locked on PostgreSQL; SQLite's writers take turns) and that nothing else
+# finished meanwhile. Written as NOT IN, as in ``db.jobs``, so that SQLite walks the primary
+# key: `status = 'queued' AND lease_until IS NULL` made it scan the (status, lease_until)
+# index over a whole backlog, 0.12 s a claim at 100,000 queued jobs.
+STILL_QUEUED = JOBS.c.status.not_in(TERMINAL)
 
 
 @dataclass(frozen=True)
@@ -77,7 +83,7 @@ def open_window(session: Session, batch_id: str, *, window: int, lease: float) -
     if rows:
         conn.execute(
             update(JOBS)
-            .where(JOBS.c.id.in_([r.id for r in rows]), JOBS.c.status == JobStatus.queued)
+            .where(JOBS.c.id.in_([r.id for r in rows]), STILL_QUEUED)
             .values(lease_until=now + timedelta(seconds=lease))
         )
     wanted = window_jobs(size, batch.share, window) - len(rows)
@@ -153,11 +159,7 @@ def _from_backlog(
     return list(
         conn.execute(
             update(JOBS)
-            .where(
-                JOBS.c.id.in_(ids),
-                JOBS.c.status == JobStatus.queued,
-                JOBS.c.lease_until.is_(None),
-            )
+            .where(JOBS.c.id.in_(ids), STILL_QUEUED, JOBS.c.lease_until.is_(None))
             .values(lease_until=now + timedelta(seconds=lease))
             .returning(JOBS.c.id, JOBS.c.seq)
         ).all()

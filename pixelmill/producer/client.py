@@ -58,6 +58,9 @@ if TYPE_CHECKING:  # searching loads torch: imported when a search runs, never a
     from pixelmill.producer.search import Relabelled, Searcher, SearchHit
 
 
+CANCEL_CHUNK = 50_000  # queued jobs a cancel ends per transaction
+
+
 @dataclass(frozen=True)
 class Submission:
     """A submitted batch. ``jobs``: its size; ``queued``: the jobs enqueued for the workers
@@ -601,9 +604,16 @@ class Client:
 
     def cancel(self, batch_id: str) -> int:
         """Cancel the batch: its queued jobs end as cancelled (running ones finish, done ones
-        keep their results); returns how many were cancelled."""
-        with self.sessions.begin() as session:
-            return cancel_batch(session, batch_id)
+        keep their results); returns how many were cancelled. Takes effect at once: the
+        first transaction marks the batch cancelled (no worker starts a job of it after its
+        commit), the queued jobs then end cancelled CANCEL_CHUNK at a time."""
+        total = 0
+        while True:
+            with self.sessions.begin() as session:
+                moved = cancel_batch(session, batch_id, limit=CANCEL_CHUNK)
+            total += moved
+            if moved < CANCEL_CHUNK:
+                return total
 
     def set_priority(self, batch_id: str, priority: str) -> int:
         """Move the batch's queued jobs to ``priority`` (high, normal, low); returns how many
