@@ -147,7 +147,7 @@ def test_pause_cancel_resume_priority_and_retry_act_on_the_window(sessions):
 def test_a_cancel_in_chunks_acts_at_its_first_commit_and_one_left_halfway_is_finished(sessions):
     new = _batch(sessions, 50, window=2)
     with sessions.begin() as s:
-        assert cancel_batch(s, new.batch_id, limit=10) == 10
+        assert cancel_batch(s, new.batch_id, seqs=range(0, 10)) == 10
     # The caller died there: 40 jobs still queued, but no worker starts one.
     assert _claim(sessions, new.job_ids) == ([], [])
     with sessions.begin() as s:  # the reconciler's pass over queued jobs ends the rest

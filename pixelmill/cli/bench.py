@@ -284,7 +284,8 @@ def bench_queue(
     """What a batch's size costs the broker, and how a small batch fares behind a big one.
 
     For each size in --jobs: the batch registered (jobs/s), the broker's messages and memory
-    (Redis used_memory) with its window sent, and its cancel, timed. Then, with the null model
+    (Redis used_memory) with its window sent, and its cancel, timed to its first commit (in
+    effect: no job of it starts after) and to its last queued job ended. Then, with the null model
     on local workers, a --small batch alone and behind a --big batch of the same priority:
     both times, their ratio, the target (2 x alone + one message per worker) and the big
     batch's rate before and while the small one runs. Runs on a private embedded broker and
@@ -310,11 +311,12 @@ def bench_queue(
         return
     click.echo(f"window {figures['window']} messages of {figures['batch_size']} jobs")
     click.echo(f"{'jobs':>10} {'register s':>11} {'jobs/s':>8} {'messages':>9} "
-               f"{'redis bytes':>12} {'cancel s':>9}")  # fmt: skip
+               f"{'redis bytes':>12} {'cancel s: in effect':>19} {'all':>6}")  # fmt: skip
     for row in figures["sizes"]:
         click.echo(
             f"{row['jobs']:>10,} {row['register_s']:>11} {row['jobs_per_s']:>8,} "
-            f"{row['messages']:>9} {row['redis_bytes']:>12,} {row['cancel_s']:>9}"
+            f"{row['messages']:>9} {row['redis_bytes']:>12,} {row['cancel_effect_s']:>19} "
+            f"{row['cancel_s']:>6}"
         )
     fair = figures.get("fair_share")
     if fair:

@@ -18,7 +18,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.catalog import IMAGE_EXTENSIONS, job_path
-from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
+from pixelmill.db.control import (
+    cancel_batch,
+    cancel_queued,
+    pause_batch,
+    resume_batch,
+    set_priority,
+)
 from pixelmill.db.dead_letters import DeadLetterRecord, count_dead_letters, recent_dead_letters
 from pixelmill.db.engine import configured_database
 from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
@@ -607,13 +613,14 @@ class Client:
         keep their results); returns how many were cancelled. Takes effect at once: the
         first transaction marks the batch cancelled (no worker starts a job of it after its
         commit), the queued jobs then end cancelled CANCEL_CHUNK at a time."""
-        total = 0
-        while True:
+        with self.sessions.begin() as session:
+            total = cancel_batch(session, batch_id, seqs=range(0, CANCEL_CHUNK))
+            batch = get_batch(session, batch_id)
+            size, cancelled = batch.total, batch.cancelled_at is not None
+        for start in range(CANCEL_CHUNK, size if cancelled else 0, CANCEL_CHUNK):
             with self.sessions.begin() as session:
-                moved = cancel_batch(session, batch_id, limit=CANCEL_CHUNK)
-            total += moved
-            if moved < CANCEL_CHUNK:
-                return total
+                total += cancel_queued(session, batch_id, range(start, start + CANCEL_CHUNK))
+        return total
 
     def set_priority(self, batch_id: str, priority: str) -> int:
         """Move the batch's queued jobs to ``priority`` (high, normal, low); returns how many
