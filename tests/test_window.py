@@ -214,10 +214,10 @@ def test_batches_of_one_priority_get_turns_in_proportion_to_their_share(sessions
 
 def _bodies(redis_server: Any, queue: str) -> list[list[str]]:
     """The job ids of each normal-priority message on ``queue`` (Celery's JSON envelope on
-    the priority's Redis list)."""
+    the priority's Redis list), first in first (kombu pushes on the left, pops on the right)."""
     raw = redis_server.client()
     out = []
-    for item in raw.lrange(f"{queue}\x06\x163", 0, -1):
+    for item in reversed(raw.lrange(f"{queue}\x06\x163", 0, -1)):
         body = json.loads(base64.b64decode(json.loads(item)["body"]))
         out.append(body[0][0])
     return out
@@ -241,6 +241,30 @@ def test_a_top_up_lost_with_its_worker_is_sent_again_by_the_reconciler(sessions,
     assert _bodies(redis_server, queue) == [lost.job_ids]
     assert reconciler.run_once() == 0  # leased again: sent once
     assert _windowed(sessions, new.batch_id) == 4  # the backlog (8..11) has no message yet
+
+
+def test_a_quiet_batchs_window_is_sent_again_while_other_work_keeps_the_queue_busy(
+    sessions, redis_server
+):
+    """The producer died between its commit and its send: the batch's window has no message.
+    Another batch keeps the queue from emptying (the reconciler's per-job path waits for an
+    empty queue): once the quiet batch's leases are over, its window is sent again, once per
+    lease; a paused batch's window is left alone."""
+    quiet = _batch(sessions, 12, window=1, queued_lease=0)  # sent nothing; leases over
+    paused = _batch(sessions, 12, window=1, queued_lease=0)
+    with sessions.begin() as s:
+        pause_batch(s, paused.batch_id)
+    queue = "q-" + uuid.uuid4().hex[:8]
+    settings = load_settings(broker_url=redis_server.url, queue=queue, queued_lease_seconds=600,
+                             window=1,
+                             database_url="sqlite:///unused.db")  # fmt: skip
+    app = create_app(settings)
+    busy = _batch(sessions, 40, window=1)  # its message is on the queue, leased
+    enqueue(app, busy.job_ids, SIZE, "normal")
+    reconciler = Reconciler(settings, sessions, app)
+    assert reconciler.run_once() == 4
+    assert _bodies(redis_server, queue) == [busy.job_ids, quiet.job_ids]
+    assert reconciler.run_once() == 0  # leased again for PIXELMILL_QUEUED_LEASE_SECONDS
 
 
 # ---- real processes ----------------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, select, update
+from sqlalchemy import Connection, Table, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from pixelmill.catalog import message_size
@@ -118,6 +118,46 @@ def top_up(
         rows = _from_backlog(conn, batch_id, short - short % size, lease=lease, now=now)
         if rows:
             out.append(Window(batch_id, [r.id for r in rows], size, batch.priority))
+    return out
+
+
+def stalled(session: Session, *, window: int, lease: float, limit: int = 100) -> list[Window]:
+    """The windows of batches gone quiet, to send again: every job in the batch's window has
+    had its lease run out, none was leased since (a claim of one of its messages would have
+    topped the window up with fresh leases). Their messages were lost (a producer killed
+    between its commit and its send, a worker between its claim and its send) or have waited
+    longer than the lease behind other work; either way the window is sent again and leased
+    anew (a duplicate claims nothing), so a quiet batch costs at most one window per lease
+    and never waits for the queue to empty. Paused and cancelled batches are left alone."""
+    now = utcnow()
+    conn = session.connection()
+    candidates = (
+        conn.execute(
+            select(JOBS.c.batch_id)
+            .where(
+                JOBS.c.status == JobStatus.queued,
+                JOBS.c.lease_until < now,
+                JOBS.c.batch_id.not_in(
+                    select(BATCHES.c.id).where(
+                        or_(BATCHES.c.paused_at.is_not(None), BATCHES.c.cancelled_at.is_not(None))
+                    )
+                ),
+            )
+            .distinct()
+            .limit(limit)
+        )
+        .scalars()
+        .all()
+    )
+    out: list[Window] = []
+    for batch_id in candidates:
+        fresh = conn.scalar(
+            select(JOBS.c.id).where(*_queued(batch_id), JOBS.c.lease_until >= now).limit(1)
+        )
+        if fresh is None:
+            sent = open_window(session, batch_id, window=window, lease=lease)
+            if sent.job_ids:
+                out.append(sent)
     return out
 
 

@@ -12,6 +12,8 @@
 - A queued job whose lease ran out while the broker's queue is empty: its message is gone (a
   producer killed between commit and enqueue, a loss that happened while no reconciler was
   watching). Enqueued again.
+- A batch whose window went quiet while the queue is busy with others (every job with a
+  message leased out, none taken since): its window is sent again (``db.window.stalled``).
 
 Taking a stranded job renews its lease in the same UPDATE, so reconcilers on several hosts
 never enqueue one job twice at once; a duplicate message is harmless anyway (a claim skips
@@ -32,6 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.db.jobs import take_stranded
 from pixelmill.db.schema import JobStatus, utcnow
+from pixelmill.db.window import stalled
 from pixelmill.settings import Settings, mask_url
 from pixelmill.wire import broker_epoch, claim_recovery, enqueue, message_size, queue_length
 
@@ -93,7 +96,22 @@ class Reconciler:
             count += self._requeue_all_queued()
         elif queue_length(self.app, self.settings.queue) == 0:
             count += self._requeue(JobStatus.queued, self.settings.queued_lease_seconds)
-        return count
+        return count + self._send_stalled()
+
+    def _send_stalled(self) -> int:
+        """Send again the windows of batches gone quiet (``pixelmill.db.window.stalled``):
+        their messages were lost while other batches keep the queue from emptying."""
+        with self.sessions.begin() as session:
+            windows = stalled(session, window=self.settings.window,
+                              lease=self.settings.queued_lease_seconds)  # fmt: skip
+        for sent in windows:
+            enqueue(self.app, sent.job_ids, sent.size, sent.priority)
+            log.warning(
+                "reconciler: batch %s had no message taken for %gs; its window of %d job(s) "
+                "sent again", sent.batch_id, self.settings.queued_lease_seconds, len(sent.job_ids),
+            )  # fmt: skip
+        self.requeued += sum(len(w.job_ids) for w in windows)
+        return sum(len(w.job_ids) for w in windows)
 
     def _broker_lost(self) -> bool:
         """Whether the broker's epoch changed since the last pass, and this reconciler is the
