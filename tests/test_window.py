@@ -21,12 +21,13 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from pixelmill.db.control import cancel_batch, pause_batch, resume_batch, set_priority
 from pixelmill.db.jobs import (
@@ -265,6 +266,29 @@ def test_a_quiet_batchs_window_is_sent_again_while_other_work_keeps_the_queue_bu
     assert reconciler.run_once() == 4
     assert _bodies(redis_server, queue) == [busy.job_ids, quiet.job_ids]
     assert reconciler.run_once() == 0  # leased again for PIXELMILL_QUEUED_LEASE_SECONDS
+
+
+def test_a_message_a_dead_worker_took_unclaimed_comes_back_while_its_batch_moves_on(
+    sessions, redis_server
+):
+    """A worker took the batch's first message off the queue and died before claiming it;
+    the batch's second message was claimed by another (which topped the window up). Once
+    the first message's lease is over, its jobs are sent again, though the queue is busy
+    and the batch's window is fresh."""
+    new = _batch(sessions, 20, window=2)
+    claimed, windows = _claim(sessions, new.job_ids[4:8])  # the second message
+    with sessions.begin() as s:  # the first one's lease is over
+        s.execute(update(Job).where(Job.id.in_(new.job_ids[:4]))
+                  .values(lease_until=datetime(2000, 1, 1, tzinfo=UTC)))  # fmt: skip
+    queue = "q-" + uuid.uuid4().hex[:8]
+    settings = load_settings(broker_url=redis_server.url, queue=queue, window=2,
+                             database_url="sqlite:///unused.db")  # fmt: skip
+    app = create_app(settings)
+    enqueue(app, windows[0].job_ids, SIZE, "normal")  # the top-up, waiting
+    reconciler = Reconciler(settings, sessions, app)
+    assert reconciler.run_once() == 4
+    assert _bodies(redis_server, queue) == [windows[0].job_ids, new.job_ids[:4]]
+    assert reconciler.run_once() == 0
 
 
 # ---- real processes ----------------------------------------------------------------------

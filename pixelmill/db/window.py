@@ -128,7 +128,9 @@ def stalled(session: Session, *, window: int, lease: float, limit: int = 100) ->
     between its commit and its send, a worker between its claim and its send) or have waited
     longer than the lease behind other work; either way the window is sent again and leased
     anew (a duplicate claims nothing), so a quiet batch costs at most one window per lease
-    and never waits for the queue to empty. Paused and cancelled batches are left alone."""
+    and never waits for the queue to empty. In a batch that is moving, the jobs of a message
+    a dead worker took and never claimed are sent again (``_passed_by``). Paused and
+    cancelled batches are left alone."""
     now = utcnow()
     conn = session.connection()
     candidates = (
@@ -154,11 +156,45 @@ def stalled(session: Session, *, window: int, lease: float, limit: int = 100) ->
         fresh = conn.scalar(
             select(JOBS.c.id).where(*_queued(batch_id), JOBS.c.lease_until >= now).limit(1)
         )
-        if fresh is None:
-            sent = open_window(session, batch_id, window=window, lease=lease)
-            if sent.job_ids:
-                out.append(sent)
+        sent = (
+            open_window(session, batch_id, window=window, lease=lease)
+            if fresh is None
+            else _passed_by(conn, batch_id, lease=lease, now=now)
+        )
+        if sent.job_ids:
+            out.append(sent)
     return out
+
+
+def _passed_by(conn: Connection, batch_id: str, *, lease: float, now: datetime) -> Window:
+    """The batch's window jobs whose lease ran out while a job after them (by seq) started:
+    a batch's messages go out in seq order and are taken first in, first out, so theirs was
+    taken (by a worker that died holding it unclaimed: SIGKILL, a lost host) or lost. Leased
+    again, to send again (a duplicate claims nothing)."""
+    started = [
+        conn.scalar(
+            select(func.max(JOBS.c.seq)).where(
+                JOBS.c.batch_id == batch_id, JOBS.c.status == status, *lease_until
+            )
+        )
+        for status, lease_until in (
+            (JobStatus.done, [JOBS.c.lease_until.is_(None)]),  # the index's last entry
+            (JobStatus.failed, [JOBS.c.lease_until.is_(None)]),
+            (JobStatus.running, []),  # a few
+        )
+    ]
+    last = max((seq for seq in started if seq is not None), default=None)
+    batch = _batch(conn, batch_id)
+    size = message_size(batch.message_size)
+    if last is None:
+        return Window(batch_id, [], size, batch.priority)
+    rows = conn.execute(
+        update(JOBS)
+        .where(*_queued(batch_id), JOBS.c.lease_until < now, JOBS.c.seq < last)
+        .values(lease_until=now + timedelta(seconds=lease))
+        .returning(JOBS.c.id, JOBS.c.seq)
+    ).all()
+    return Window(batch_id, [r.id for r in sorted(rows, key=lambda r: r.seq)], size, batch.priority)
 
 
 def _batch(conn: Connection, batch_id: str) -> Any:
