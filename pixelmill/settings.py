@@ -125,14 +125,15 @@ class Settings(BaseSettings):
         "(the worker died) the reconciler enqueues the job again.",
     )
     window: int = Field(
-        default=4,
+        default=2,
         ge=1,
         le=1000,
         description="Messages each batch keeps on the broker (times its share): the rest of "
         "its jobs wait in the database, and a worker that takes one of its messages sends the "
-        "next. Enough for the workers that take a message at the same moment (milliseconds "
-        "apart), whatever the fleet's size; more costs a small batch that much more wait "
-        "behind a big one of its priority.",
+        "next at once. Enough for the workers that take a message within the same few "
+        "milliseconds, whatever the fleet's size (raise it for many fast workers: "
+        "`pixelmill bench-queue` shows both sides); each message more is one more a small "
+        "batch waits for behind a big one of its priority.",
     )
     queued_lease_seconds: float = Field(
         default=600,

@@ -62,8 +62,8 @@ def test_bench_queue_shows_the_broker_flat_and_a_small_batch_not_stuck(tmp_path,
     assert proc.returncode == 0, proc.stderr[-3000:]
     figures = json.loads(proc.stdout)
     small, large = figures["sizes"]
-    # The window (4 messages of 8) whatever the batch's size; every queued job cancelled.
-    assert (small["messages"], large["messages"]) == (4, 4)
+    # The window (2 messages of 8) whatever the batch's size; every queued job cancelled.
+    assert (small["messages"], large["messages"]) == (2, 2)
     assert (small["cancelled"], large["cancelled"]) == (128, 20000)
     fair = figures["fair_share"]
     assert fair["small_alone_s"] > 0 and fair["small_behind_big_s"] > 0
@@ -74,7 +74,7 @@ def test_bench_queue_shows_the_broker_flat_and_a_small_batch_not_stuck(tmp_path,
                     fair["behind_over_alone"])  # fmt: skip
     table = pixelmill("bench-queue", "--jobs", "64", "--big", "0", env=env, timeout=600)
     assert table.returncode == 0, table.stderr[-3000:]
-    assert "window 4 messages of 32 jobs" in table.stdout and "64" in table.stdout
+    assert "window 2 messages of 32 jobs" in table.stdout and "64" in table.stdout
 
 
 def test_bench_search_fills_and_times_a_search(tmp_path):

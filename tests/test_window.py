@@ -297,7 +297,7 @@ def test_a_message_a_dead_worker_took_unclaimed_comes_back_while_its_batch_moves
 def _env(tmp_path: Path, redis_url: str, **extra: str) -> dict[str, str]:
     return pixelmill_env(data_dir=str(tmp_path / "data"), broker_url=redis_url,
                          database_url=f"sqlite:///{tmp_path / 'jobs.db'}", batch_size=str(SIZE),
-                         queue="q-" + uuid.uuid4().hex[:8], **extra)  # fmt: skip
+                         window="4", queue="q-" + uuid.uuid4().hex[:8], **extra)  # fmt: skip
 
 
 def _client(env: dict[str, str]) -> Client:
