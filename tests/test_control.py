@@ -514,8 +514,9 @@ def test_cancel_ends_queued_jobs_cancelled_counted_apart_everywhere(
 
 
 def test_priority_pause_and_resume_from_the_command_line(tmp_path, redis_server):
-    """No worker: what each command says, stores and puts on which Redis list."""
-    env = _env(tmp_path, redis_server.url)
+    """No worker: what each command says, stores and puts on which Redis list (a window of 4
+    messages: all 3 of the batch's)."""
+    env = _env(tmp_path, redis_server.url, window="4")
     queue = env["PIXELMILL_QUEUE"]
     lists = {"high": queue, "normal": f"{queue}\x06\x163", "low": f"{queue}\x06\x166"}
     raw = redis_server.client()

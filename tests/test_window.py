@@ -351,7 +351,8 @@ def test_the_queue_holds_the_window_while_a_2000_job_batch_runs(tmp_path, redis_
         # Each of the 2 workers holds 2 messages (its pipeline); each claim sent the next.
         _until(lambda: client.status(sub.batch_id).by_status.get("running") == 16,
                "the workers never held 4 messages")  # fmt: skip
-        assert queue_length(client.app, queue) == 4
+        # A claim's top-up goes out just after its commit: wait for the last one.
+        _until(lambda: queue_length(client.app, queue) == 4, "the window was never refilled")
         null_gate.open()
         longest = 0
         while not client.status(sub.batch_id).complete:
@@ -434,7 +435,7 @@ def test_pause_and_cancel_of_100000_queued_jobs_take_effect_with_nothing_to_drai
         null_gate.allow(40)
         spawn("worker", "--devices", "cpu", "--cpu-workers", "2", env=env)
         _until(null_gate.waiting, "the batch never started")
-        assert queue_length(client.app, queue) == 4
+        _until(lambda: queue_length(client.app, queue) == 4, "the window was never refilled")
         assert client.pause(new.batch_id)
         null_gate.open()
         # The held messages finish; the window's are taken and claim nothing.
