@@ -606,7 +606,8 @@ class Client:
     def resume(self, batch_id: str) -> int:
         """Resume a paused batch where it stopped; returns how many queued jobs it has left
         (0 if it was not paused)."""
-        return self._queued_after(batch_id, self._control(batch_id, resume_batch))
+        sent, queued = self._control(batch_id, resume_batch)
+        return queued if sent else 0
 
     def cancel(self, batch_id: str) -> int:
         """Cancel the batch: its queued jobs end as cancelled (running ones finish, done ones
@@ -625,27 +626,25 @@ class Client:
     def set_priority(self, batch_id: str, priority: str) -> int:
         """Move the batch's queued jobs to ``priority`` (high, normal, low); returns how many
         moved (0 if it had that priority, or is paused: its resume moves them)."""
-        sent = self._control(batch_id, lambda s, b, **kw: set_priority(s, b, priority, **kw))
-        return self._queued_after(batch_id, sent)
+        sent, queued = self._control(
+            batch_id, lambda s, b, **kw: set_priority(s, b, priority, **kw)
+        )
+        return queued if sent else 0
 
-    def _queued_after(self, batch_id: str, sent: list[str]) -> int:
-        """The batch's queued jobs, if a change sent any of them (its window) again."""
-        if not sent:
-            return 0
-        with self.sessions() as session:
-            return queued_count(session, batch_id)
-
-    def _control(self, batch_id: str, change: Callable[..., list[str]]) -> list[str]:
+    def _control(self, batch_id: str, change: Callable[..., list[str]]) -> tuple[list[str], int]:
         """Apply ``change`` (which returns job ids to enqueue: the batch's window) in one
-        transaction, then enqueue those ids at the batch's priority, after the commit."""
+        transaction, then enqueue those ids at the batch's priority, after the commit. Returns
+        them, and the batch's queued jobs as that transaction left them (workers start some
+        as soon as the window is sent)."""
         self.check_broker()
         with self.sessions.begin() as session:
             job_ids = change(session, batch_id, queued_lease=self.settings.queued_lease_seconds,
                              window=self.settings.window)  # fmt: skip
             batch = get_batch(session, batch_id)
             size, priority = message_size(batch.message_size), batch.priority
+            queued = queued_count(session, batch_id)
         enqueue(self.app, job_ids, size, priority)
-        return job_ids
+        return job_ids, queued
 
     # ---- read ----------------------------------------------------------------------------
 
