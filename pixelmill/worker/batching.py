@@ -306,9 +306,9 @@ def _send(ctx: WorkerContext, windows: list[Window]) -> None:
     jobs are leased in their batch's window, and the reconciler sends them again once the
     lease runs out (``pixelmill.worker.reconciler``)."""
     send = ctx.send
+    if send is None:  # no top-up here (claim() returned none): nothing to send
+        return
     for window in windows:
-        if send is None:
-            return
         try:
             send(window)
         except Exception as exc:  # noqa: BLE001 - the broker away: the reconciler's to send
