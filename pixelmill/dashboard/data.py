@@ -24,7 +24,6 @@ from pixelmill.db.fleet import list_workers
 from pixelmill.db.reads import (
     batch_failures,
     batch_jobs_page,
-    batch_times,
     find_batches,
     finished_per_minute,
     get_batch,
@@ -72,7 +71,6 @@ class Reader:
         self._thumbs_lock = threading.Lock()
         self._cache_lock = threading.Lock()
         self._search_lock = threading.Lock()
-        self._batch_times: dict[str, tuple[Any, datetime | None, datetime | None]] = {}
         self._minutes: dict[str, tuple[Any, float, list[tuple[int, int]]]] = {}
         self._secrets = [
             s
@@ -146,20 +144,17 @@ class Reader:
         with self.client.sessions() as session:
             if match is not None and match.lower() in BATCH_STATES:
                 wanted = match.lower()
-                found = find_batches(session, STATE_SCAN, times=False)
-                self._times(session, found)
+                found = find_batches(session, STATE_SCAN)
                 found = [b for b in found if b.state == wanted][:limit]
             else:
-                found = find_batches(session, limit, match, times=False)
-                self._times(session, found)
+                found = find_batches(session, limit, match)
         return {"batches": [batch_json(b) for b in found]}
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         with self.client.sessions() as session:
             batch = get_batch(session, batch_id)  # UnknownBatch: 404
             options = dict(batch.options or {})
-            counts = find_batches(session, 1, only=batch_id, times=False)[0]
-            self._times(session, [counts])
+            counts = find_batches(session, 1, only=batch_id)[0]
             failed = counts.by_status.get("failed")
             found = batch_failures(session, batch_id) if failed else None
             minutes = self._throughput(session, counts)
@@ -168,33 +163,6 @@ class Reader:
         data.update(failures_json(found))
         data["throughput"] = throughput(minutes)
         return data
-
-    def _times(self, session: Session, found: list[BatchCounts]) -> None:
-        """Fill in each batch's first start and last finish (``batch_times``), read again only
-        when needed: a batch still going needs only its first start, which never changes once
-        known; a finished one its last finish, which changes only with its counts. So a
-        dashboard polling a running batch reads none of its job rows for them."""
-        wanted = []
-        with self._cache_lock:
-            for c in found:
-                snapshot = tuple(sorted(c.by_status.items()))
-                cached = self._batch_times.get(c.batch_id)
-                if cached is not None and (
-                    cached[0] == snapshot or (not c.complete and cached[1] is not None)
-                ):
-                    c.started_at, c.last_finished_at = cached[1], cached[2]
-                else:
-                    wanted.append(c)
-        if not wanted:
-            return
-        read = batch_times(session, [c.batch_id for c in wanted])
-        with self._cache_lock:
-            for c in wanted:
-                c.started_at, c.last_finished_at = read.get(c.batch_id, (None, None))
-                snapshot = tuple(sorted(c.by_status.items()))
-                self._batch_times[c.batch_id] = (snapshot, c.started_at, c.last_finished_at)
-            while len(self._batch_times) > 4096:
-                self._batch_times.pop(next(iter(self._batch_times)))
 
     def _throughput(self, session: Session, counts: BatchCounts) -> list[tuple[int, int]]:
         """``finished_per_minute``, read again at most every THROUGHPUT_SECONDS (a chart in

@@ -38,6 +38,7 @@ from pixelmill.db.records import (
     Stranded,
 )
 from pixelmill.db.schema import TERMINAL, Artifact, Batch, Job, JobStatus, Result, utcnow
+from pixelmill.db.tallies import count_new
 from pixelmill.db.upsert import upsert
 from pixelmill.db.window import open_window
 from pixelmill.errors import InputError
@@ -161,6 +162,7 @@ def create_batch(
         ]
         session.connection().execute(insert(JOBS), rows)  # Core: no ORM bulk bookkeeping
     queued = [job_id for i, job_id in enumerate(job_ids) if i not in reused]
+    count_new(session, batch_id, queued=len(queued), reused=len(inputs) - len(queued))
     if window is None:
         return NewBatch(batch_id=batch_id, job_ids=queued, queued=len(queued))
     first = open_window(session, batch_id, window=window, lease=queued_lease)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +21,7 @@ from pixelmill.db.records import (
     JobResult,
 )
 from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result
+from pixelmill.db.tallies import Tally, tallies, tally
 from pixelmill.errors import UnknownBatch
 
 
@@ -77,24 +78,11 @@ def get_batch(session: Session, batch_id: str) -> Batch:
 
 
 def batch_counts(session: Session, batch_id: str) -> BatchCounts:
+    """The batch with its counts per state, from the tallies (``pixelmill.db.tallies``): a
+    few rows whatever its size."""
     batch = get_batch(session, batch_id)
     counts = _counts(batch)
-    reused = Job.reused_from.is_not(None)
-    for status, was_reused, n in session.execute(
-        select(Job.status, reused, func.count())
-        .where(Job.batch_id == batch_id)
-        .group_by(Job.status, reused)
-    ):
-        value = JobStatus(status).value
-        counts.by_status[value] = counts.by_status.get(value, 0) + n
-        if was_reused:
-            counts.reused += n
-    started, last = session.execute(
-        select(func.min(Job.started_at), func.max(Job.finished_at)).where(
-            Job.batch_id == batch_id, Job.reused_from.is_(None)
-        )
-    ).one()
-    counts.started_at, counts.last_finished_at = as_utc(started), as_utc(last)
+    _fill(counts, tally(session, batch_id))
     return counts
 
 
@@ -104,14 +92,15 @@ def recent_batches(session: Session, limit: int = 20) -> list[BatchCounts]:
         select(Batch).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
     ).all()
     counts = {b.id: _counts(b) for b in batches}
-    if counts:
-        for batch_id, status, n in session.execute(
-            select(Job.batch_id, Job.status, func.count())
-            .where(Job.batch_id.in_(counts))
-            .group_by(Job.batch_id, Job.status)
-        ):
-            counts[batch_id].by_status[JobStatus(status).value] = n
+    for batch_id, found in tallies(session, counts).items():
+        _fill(counts[batch_id], found)
     return list(counts.values())
+
+
+def _fill(counts: BatchCounts, found: Tally) -> None:
+    counts.by_status.update(found.by_status)
+    counts.reused = found.reused
+    counts.started_at, counts.last_finished_at = found.started_at, found.last_finished_at
 
 
 def _counts(batch: Batch) -> BatchCounts:
@@ -130,8 +119,9 @@ def as_utc(value: datetime | None) -> datetime | None:
 
 
 def last_finished_at(session: Session, batch_id: str) -> datetime | None:
-    """When the batch's last job finished (UTC), as the workers recorded it."""
-    return as_utc(session.scalar(select(func.max(Job.finished_at)).where(Job.batch_id == batch_id)))
+    """When the batch's last job finished (UTC), as the workers recorded it (its tally: jobs
+    done at submit with an earlier result left out)."""
+    return tally(session, batch_id).last_finished_at
 
 
 def iter_batch_jobs(session: Session, batch_id: str, page: int = 1000) -> Iterator[JobResult]:
@@ -294,16 +284,12 @@ def find_batches(
     match: str | None = None,
     *,
     only: str | None = None,
-    times: bool = True,
 ) -> list[BatchCounts]:
     """The ``limit`` newest batches whose id, name, task or model contains ``match`` (any
     case; ``%`` and ``_`` are plain characters), or the batch ``only``, newest first, each with
-    its counts per state and its reused jobs (what its submit reused: its plan's count), and
-    with ``times`` when its first job started and its last finished (``batch_times``).
-
-    The counts are one ``GROUP BY`` answered from the ``(batch_id, status)`` index alone, so a
-    dashboard polling them reads no job row; the times read the batches' jobs (a caller that
-    polls keeps them: ``batch_times``)."""
+    its counts per state, its reused jobs, and when its first job started and its last
+    finished: all from the tallies (``pixelmill.db.tallies``), a few rows per batch whatever
+    its size."""
     query = select(Batch).order_by(Batch.created_at.desc(), Batch.id).limit(limit)
     if only is not None:
         query = query.where(Batch.id == only)
@@ -316,36 +302,9 @@ def find_batches(
             | func.lower(Batch.model).contains(needle, autoescape=True)
         )
     counts = {b.id: _counts(b) for b in session.scalars(query).all()}
-    if not counts:
-        return []
-    for batch_id, status, n in session.execute(
-        select(Job.batch_id, Job.status, func.count())
-        .where(Job.batch_id.in_(counts))
-        .group_by(Job.batch_id, Job.status)
-    ):
-        counts[batch_id].by_status[JobStatus(status).value] = n
-    for found in counts.values():
-        # Only classify and caption reuse, and their submit records what it reused.
-        found.reused = int((found.plan or {}).get("reused", 0))
-    if times:
-        for batch_id, (started, last) in batch_times(session, list(counts)).items():
-            counts[batch_id].started_at, counts[batch_id].last_finished_at = started, last
+    for batch_id, found in tallies(session, counts).items():
+        _fill(counts[batch_id], found)
     return list(counts.values())
-
-
-def batch_times(
-    session: Session, batch_ids: Collection[str]
-) -> dict[str, tuple[datetime | None, datetime | None]]:
-    """Per batch, when a worker started its first job and finished its last (UTC; reused
-    jobs, done at submit, left out): what items/s and the ETA are computed from."""
-    if not batch_ids:
-        return {}
-    rows = session.execute(
-        select(Job.batch_id, func.min(Job.started_at), func.max(Job.finished_at))
-        .where(Job.batch_id.in_(batch_ids), Job.reused_from.is_(None))
-        .group_by(Job.batch_id)
-    )
-    return {batch_id: (as_utc(started), as_utc(last)) for batch_id, started, last in rows}
 
 
 def finished_per_minute(session: Session, batch_id: str) -> list[tuple[int, int]]:

@@ -15,6 +15,10 @@
 - A batch whose window went quiet while the queue is busy with others (every job with a
   message leased out, none taken since): its window is sent again (``db.window.stalled``).
 
+Each pass also folds the job tallies that PostgreSQL's triggers add, one row per statement,
+into one row per batch and state (``pixelmill.db.tallies.fold``), so reading a batch's counts
+stays a few rows.
+
 Taking a stranded job renews its lease in the same UPDATE, so reconcilers on several hosts
 never enqueue one job twice at once; a duplicate message is harmless anyway (a claim skips
 finished jobs). A job whose worker keeps dying is failed by the claim after
@@ -34,6 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pixelmill.db.jobs import take_stranded
 from pixelmill.db.schema import JobStatus, utcnow
+from pixelmill.db.tallies import fold
 from pixelmill.db.window import stalled
 from pixelmill.settings import Settings, mask_url
 from pixelmill.wire import broker_epoch, claim_recovery, enqueue, message_size, queue_length
@@ -96,7 +101,10 @@ class Reconciler:
             count += self._requeue_all_queued()
         elif queue_length(self.app, self.settings.queue) == 0:
             count += self._requeue(JobStatus.queued, self.settings.queued_lease_seconds)
-        return count + self._send_stalled()
+        count += self._send_stalled()
+        with self.sessions.begin() as session:
+            fold(session)
+        return count
 
     def _send_stalled(self) -> int:
         """Send again the windows of batches gone quiet (``pixelmill.db.window.stalled``):
