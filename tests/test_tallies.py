@@ -92,8 +92,13 @@ def test_tallies_follow_every_change_of_state(sessions):
         ("resume", lambda: _with(sessions, resume_batch, new.batch_id, queued_lease=60)),
         ("cancel", lambda: _with(sessions, cancel_batch, new.batch_id)),
         ("a job deleted", lambda: _sql(sessions, delete(Job).where(Job.id == ids[20]))),
-        ("an operator's own UPDATE", lambda: _sql(sessions, update(Job).where(
-            Job.id.in_(ids[21:23])).values(status="queued", finished_at=None))),  # fmt: skip
+        (
+            "an operator's own UPDATE",
+            lambda: _sql(
+                sessions,
+                update(Job).where(Job.id.in_(ids[21:23])).values(status="queued", finished_at=None),
+            ),
+        ),  # fmt: skip
     ]
     went_back = False
     for name, step in steps:
