@@ -173,6 +173,10 @@ def test_api_batches_fleet_failures_and_jobs(client, served, inputs, settings):
     assert len(page["jobs"]) == 4
     rest = http.json(f"/api/batches/{sub.batch_id}/jobs?offset=4&limit=4")["jobs"]
     assert len(rest) == 2
+    after = page["jobs"][-1]["seq"]  # by cursor: the same next page, and back
+    assert http.json(f"/api/batches/{sub.batch_id}/jobs?after={after}&limit=4")["jobs"] == rest
+    back = http.json(f"/api/batches/{sub.batch_id}/jobs?before={rest[0]['seq']}&limit=4")
+    assert back["jobs"] == page["jobs"]
     failed = http.json(f"/api/batches/{sub.batch_id}/jobs?status=failed")["jobs"]
     assert {Path(j["input"]).name for j in failed} == {"notes.jpg", "truncated.jpg"}
     hostile = [j for j in page["jobs"] + rest if j["input"].endswith(HOSTILE)]

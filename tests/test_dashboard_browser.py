@@ -193,6 +193,21 @@ def test_the_page_live_with_a_worker(tmp_path, dashboard_process, start_worker, 
         assert final.by_status.get("done", 0) + final.by_status["cancelled"] == 2500
         shot("cancelled")
 
+        # The jobs of one state, a page on and back again (by cursor: the jobs' places)
+        assert final.by_status["cancelled"] > 96
+        page.select_option("#job-status", "cancelled")
+        label, first_card = page.locator("#page"), page.locator("#sheet figure").first
+        expect(label).to_have_text("1–48", timeout=10_000)
+        expect(first_card).to_contain_text("cancelled", timeout=10_000)
+        first = first_card.get_attribute("data-job")
+        page.locator("#next").click()
+        expect(label).to_have_text("49–96", timeout=10_000)
+        expect(first_card).not_to_have_attribute("data-job", first or "", timeout=10_000)
+        expect(first_card).to_contain_text("cancelled")
+        page.locator("#prev").click()
+        expect(label).to_have_text("1–48", timeout=10_000)
+        expect(first_card).to_have_attribute("data-job", first or "", timeout=10_000)
+
         page.set_viewport_size({"width": 390, "height": 844})  # a phone
         page.goto(url)
         expect(rows).to_have_count(2, timeout=10_000)

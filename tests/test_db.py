@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, update
 
 from pixelmill.db.engine import make_engine, make_sessionmaker, newest_revision, open_database
 from pixelmill.db.jobs import claim_jobs, create_batch, write_outcomes
 from pixelmill.db.migrate import current_revision, head_revision, upgrade
 from pixelmill.db.reads import batch_counts, batch_failures, iter_batch_jobs
 from pixelmill.db.records import Outcome, failure_kind
-from pixelmill.db.schema import Job, JobStatus, Result
+from pixelmill.db.schema import Job, JobStatus, Result, utcnow
 from pixelmill.errors import UnknownBatch
 
 
@@ -279,6 +279,46 @@ def test_pages_of_a_batch_are_its_jobs_in_order_at_any_offset_with_or_without_a_
         assert page(1, 2, "running") == ["/in/3.jpg", "/in/5.jpg"]
         assert page(0, 9, "queued") == ["/in/0.jpg", "/in/2.jpg", "/in/4.jpg", "/in/6.jpg"]
         assert len(batch_jobs_page(s, other.batch_id, offset=2, limit=5)) == 1
+
+
+def test_pages_by_cursor_walk_a_state_forward_and_back_across_its_leased_and_other_jobs(
+    sessions,
+):
+    """after/before (a job's seq) page through the jobs of one state by key: queued jobs with
+    a message (a lease) and without (the backlog) come in one seq order, as do all jobs."""
+    from pixelmill.db.reads import batch_jobs_page
+
+    with sessions.begin() as s:
+        new = create_batch(s, task="classify", model="m", message_size=2, window=2,
+                           inputs=[f"/in/{i}.jpg" for i in range(30)])  # fmt: skip
+        claim_jobs(s, new.job_ids[:2], worker="w/1", device="cpu")  # 0, 1 running
+        s.execute(update(Job).where(Job.batch_id == new.batch_id, Job.seq.in_([9, 17, 25]))
+                  .values(lease_until=utcnow()))  # fmt: skip  # messages sent for a few
+    with sessions() as s:
+
+        def walk(status: str | None, limit: int) -> tuple[list[int], list[int]]:
+            forward, pages = [], []
+            page = batch_jobs_page(s, new.batch_id, limit=limit, status=status)
+            while page:
+                pages.append([j.seq for j in page])
+                forward += pages[-1]
+                page = batch_jobs_page(s, new.batch_id, limit=limit, status=status,
+                                       after=page[-1].seq)  # fmt: skip
+            back = pages[-1]
+            while True:
+                page = batch_jobs_page(s, new.batch_id, limit=limit, status=status,
+                                       before=back[0] if back else 0)  # fmt: skip
+                if not page:
+                    break
+                assert len(page) == limit  # a full page back, the one shown before
+                back = [j.seq for j in page] + back
+            return forward, back
+
+        queued = [i for i in range(30) if i >= 2]
+        assert walk("queued", 4) == (queued, queued)
+        assert walk(None, 7) == (list(range(30)), list(range(30)))
+        assert walk("running", 1) == ([0, 1], [0, 1])
+        assert batch_jobs_page(s, new.batch_id, status="queued", after=8, limit=3)[0].seq == 9
 
 
 def test_a_job_whose_worker_keeps_dying_fails_after_max_attempts(sessions):

@@ -181,13 +181,24 @@ class Reader:
         return minutes
 
     def jobs(
-        self, batch_id: str, *, offset: int = 0, limit: int = 60, status: str | None = None
+        self,
+        batch_id: str,
+        *,
+        offset: int = 0,
+        limit: int = 60,
+        status: str | None = None,
+        after: int | None = None,
+        before: int | None = None,
     ) -> dict[str, Any]:
+        """A page of the batch's jobs: at ``offset``, or (``after``/``before``: a job's
+        ``seq``) the page after or before a job, found by key whatever the offset; ``offset``
+        then only says where the page is, for its label."""
         if status is not None and status not in JOB_STATES:
             raise InputError(f"status must be one of {', '.join(JOB_STATES)}, not {status!r}")
         offset, limit = max(0, offset), max(1, min(limit, 500))
         with self.client.sessions() as session:
-            page = batch_jobs_page(session, batch_id, offset=offset, limit=limit, status=status)
+            page = batch_jobs_page(session, batch_id, offset=offset, limit=limit, status=status,
+                                   after=after, before=before)  # fmt: skip
         return {"offset": offset, "limit": limit, "jobs": [job_json(j) for j in page]}
 
     # ---- control -----------------------------------------------------------------------------
@@ -361,6 +372,7 @@ def job_json(job: JobResult) -> dict[str, Any]:
     result = job.result or {}
     return {
         "job": job.job,
+        "seq": job.seq,
         "input": job.input,
         "status": job.status,
         "error": job.error,

@@ -215,9 +215,13 @@ class Jobs(Base):
         offset = _int(self.get_query_argument("offset", "0"), 0, 0, 10**12)
         limit = _int(self.get_query_argument("limit", "60"), 60, 1, 500)
         status = self.get_query_argument("status", "") or None
+        after, before = (self.get_query_argument(k, "") for k in ("after", "before"))
+        cursors = {
+            k: _int(v, 0, -1, 10**12) for k, v in (("after", after), ("before", before)) if v
+        }
 
         def read() -> Any:
-            return self.reader.jobs(batch_id, offset=offset, limit=limit, status=status)
+            return self.reader.jobs(batch_id, offset=offset, limit=limit, status=status, **cursors)
 
         self.send_json(await self.guarded(read))
 

@@ -252,6 +252,7 @@ def _job_result(r: Row[Any]) -> JobResult:
         model_revision=r.model_revision if found else None,
         finished_at=as_utc(r.finished_at),
         batch_id=r.batch_id,
+        seq=r.seq,
     )
 
 
@@ -399,23 +400,45 @@ def batch_jobs_page(
     offset: int = 0,
     limit: int = 60,
     status: str | None = None,
+    after: int | None = None,
+    before: int | None = None,
 ) -> list[JobResult]:
     """A page of the batch's jobs in submission order (only those in ``status``, if given),
     each with its result and first artifact as ``iter_batch_jobs`` gives them.
 
-    Without ``status``, the page is found through the (batch, seq) key, not by counting rows:
-    a batch's jobs are numbered 0, 1, 2, ... in submission order (``create_batch``), so the
-    job at ``offset`` is the one whose seq it is, and a page deep in a million-job batch costs
-    what the first one does. With ``status``, the rows before ``offset`` are counted."""
+    Found through keys, never by counting rows, so a page deep in a million-job batch costs
+    what the first one does: ``after`` (a job's ``seq``) gives the ``limit`` jobs after it,
+    ``before`` the ``limit`` jobs before it (a page back). Without a cursor, the page starts at
+    ``offset``: without ``status``, a batch's jobs are numbered 0, 1, 2, ... in submission
+    order (``create_batch``), so that is the job whose seq is ``offset``; with ``status``, the
+    first ``offset`` of them are skipped (counted: use the cursors to page)."""
     get_batch(session, batch_id)
-    query = _job_results().where(Job.batch_id == batch_id)
+    if status is None and after is None and before is None:
+        after = offset - 1
+    skip = 0 if after is not None or before is not None else offset
+    newest_first = before is not None and after is None
+    parts: list[ColumnElement[bool]] = [Job.lease_until.is_(None), Job.lease_until.is_not(None)]
     if status is None:
-        query = query.where(Job.seq >= offset)
-        offset = 0
-    else:
-        query = query.where(Job.status == JobStatus(status))
-    rows = session.execute(query.order_by(Job.seq).offset(offset).limit(limit)).all()
-    return [_job_result(r) for r in rows]
+        parts = [Job.seq >= 0]  # one part: the (batch, seq) key in order
+    rows: list[Row[Any]] = []
+    for part in parts:
+        # With a state: the (batch, state, lease, seq) index in seq order among the jobs with
+        # no lease (finished ones, a queued batch's backlog), and the few with one (running,
+        # or queued with a message) apart: each part is one ordered range of the index.
+        query = _job_results().where(Job.batch_id == batch_id, part)
+        if status is not None:
+            query = query.where(Job.status == JobStatus(status))
+        if after is not None:
+            query = query.where(Job.seq > after)
+        if before is not None:
+            query = query.where(Job.seq < before)
+        order = Job.seq.desc() if newest_first else Job.seq
+        rows += session.execute(query.order_by(order).limit(skip + limit)).all()
+    rows.sort(key=lambda r: r.seq, reverse=newest_first)
+    page = rows[skip : skip + limit]
+    if newest_first:
+        page.reverse()
+    return [_job_result(r) for r in page]
 
 
 def job_source(session: Session, job_id: str) -> tuple[str, dict[str, Any], str | None] | None:

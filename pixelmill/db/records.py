@@ -148,6 +148,7 @@ class JobResult:
     model_revision: str | None = None
     finished_at: datetime | None = None  # UTC
     batch_id: str | None = None
+    seq: int | None = None  # its place in the batch: 0, 1, 2, ... in submission order
 
     @property
     def job_id(self) -> str:

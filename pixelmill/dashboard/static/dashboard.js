@@ -10,7 +10,7 @@
   const xsrf = document.querySelector('meta[name="xsrf"]').getAttribute("content");
   const $ = (id) => document.getElementById(id);
 
-  const view = { batch: null, offset: 0, status: "", filter: "", busy: false, again: false };
+  const view = { batch: null, offset: 0, cursor: "", seqs: null, status: "", filter: "", busy: false, again: false };
 
   // ---- DOM helpers (text only) ------------------------------------------------------------
 
@@ -300,6 +300,7 @@
     const same = sheet.children.length === nodes.length && nodes.every((n, i) => sheet.children[i] === n);
     if (!same) fill(sheet, nodes);  // the same cards: each was updated in place, if at all
     if (cards.size > 2000) cards.clear();
+    view.seqs = data.jobs.length ? [data.jobs[0].seq, data.jobs[data.jobs.length - 1].seq] : null;
     const first = data.offset + 1, last = data.offset + data.jobs.length;
     $("page").textContent = data.jobs.length ? first + "–" + last : "no jobs";
     $("prev").disabled = data.offset === 0;
@@ -369,7 +370,7 @@
         getText("/api/fleet"),
         getText("/api/batches?limit=50&q=" + q),
         id ? getText("/api/batches/" + id) : null,
-        id ? getText("/api/batches/" + id + "/jobs?offset=" + view.offset + "&limit=" + PAGE + (view.status ? "&status=" + view.status : "")) : null,
+        id ? getText("/api/batches/" + id + "/jobs?offset=" + view.offset + view.cursor + "&limit=" + PAGE + (view.status ? "&status=" + view.status : "")) : null,
       ]);
       drawIfNew("fleet", fleet, drawFleet);
       drawIfNew("batches", batches, drawBatches);
@@ -397,6 +398,7 @@
       delete drawn.batches;  // the selected row
       view.batch = batch;
       view.offset = 0;
+      view.cursor = "";
       cards.clear();
       fill($("sheet"), []);
       $("action-result").textContent = "";
@@ -454,9 +456,20 @@
       clearTimeout(typing);
       typing = setTimeout(() => { view.filter = e.target.value; refresh(); }, 250);
     });
-    $("job-status").addEventListener("change", (e) => { view.status = e.target.value; view.offset = 0; refresh(); });
-    $("prev").addEventListener("click", () => { view.offset = Math.max(0, view.offset - PAGE); refresh(); });
-    $("next").addEventListener("click", () => { view.offset += PAGE; refresh(); });
+    $("job-status").addEventListener("change", (e) => { view.status = e.target.value; view.offset = 0; view.cursor = ""; refresh(); });
+    // Pages by the jobs' places in the batch (after the last shown, before the first), never
+    // by counting the rows before: a page deep in a million jobs costs what the first does.
+    $("prev").addEventListener("click", () => {
+      view.offset = Math.max(0, view.offset - PAGE);
+      view.cursor = view.offset && view.seqs ? "&before=" + view.seqs[0] : "";
+      refresh();
+    });
+    $("next").addEventListener("click", () => {
+      if (!view.seqs) return;
+      view.offset += PAGE;
+      view.cursor = "&after=" + view.seqs[1];
+      refresh();
+    });
     window.addEventListener("hashchange", route);
     route();
     // No polling while the tab is hidden; at once when it shows again.
