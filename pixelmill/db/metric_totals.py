@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from pixelmill.db.schema import Batch, Job, JobStatus, JobTally, MetricTotal
 
@@ -50,6 +49,9 @@ def add_totals(conn: Connection, totals: Iterable[Total]) -> None:
     if not rows:
         return
     dialect = conn.dialect.name
+    # The dialects' INSERTs here, not at import: reading commands (status) never need them.
+    from sqlalchemy.dialects import postgresql, sqlite
+
     stmt: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TOTALS)
     stmt = stmt.on_conflict_do_update(
         index_elements=["name", "task", "model", "device", "key"],

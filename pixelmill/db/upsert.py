@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, Table
-from sqlalchemy.dialects import postgresql, sqlite
 
 
 def upsert(
@@ -26,6 +25,9 @@ def upsert(
     dialect = conn.dialect.name
     if dialect not in ("postgresql", "sqlite"):  # pragma: no cover - settings refuse others
         raise NotImplementedError(dialect)
+    # The dialects' INSERTs here, not at import: reading commands (status) never need them.
+    from sqlalchemy.dialects import postgresql, sqlite
+
     stmt: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
     if update:
         kept = {*key, *keep}

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from pixelmill import tasks
 from pixelmill.catalog import IMAGE_EXTENSIONS, PATH_BYTES
 from pixelmill.db.sources import ObjectUnavailable
 from pixelmill.errors import InputError
@@ -129,6 +128,8 @@ def plan_jobs(
     each prompt ``count`` times (text-to-image), or each init image x prompt x ``count``
     (image-to-image). Generated images get consecutive seeds from ``seed`` (random if unset),
     recorded per job, so any one image can be made again."""
+    from pixelmill import tasks  # the task types: for a submit, not for `status`
+
     if not tasks.get(task).takes_prompts:
         if prompts or count != 1 or seed is not None:
             raise InputError(f"--prompt, --count and --seed are for generate, not {task}")
