@@ -29,7 +29,13 @@ class ServiceUnavailable(PixelmillError):
 
 class StoreError(ServiceUnavailable):
     """The object store failed a read or a write (unreachable, timed out, refused, missing
-    object). The worker retries it as transient; a command exits 3 on it, as for any service."""
+    object). The worker retries it in place while ``transient`` (the store away or failing for
+    a moment: a connection refused, a timeout, a 5xx), and not when it cannot help (a missing
+    object, access denied); a command exits 3 on it, as for any service."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class UnknownBatch(PixelmillError):

@@ -242,6 +242,31 @@ def test_object_store_failing_for_a_while(tmp_path, redis_server, s3_server, tin
     assert _one_result_per_done_job(tmp_path, sub.batch_id) == (8, 0)
 
 
+def test_uploaded_inputs_wait_for_a_store_that_is_away_for_a_while(
+    tmp_path, redis_server, s3_server, start_worker
+):
+    """The store holding the inputs (--upload) stops under a worker that claimed their jobs,
+    and comes back (answering errors while it starts): the fetches are tried again in place,
+    and every job is done, none failed for the store's moment away (found by the soak)."""
+    bucket = s3_server.create_bucket("pm-faults-inputs")
+    env = _env(tmp_path, redis_server.url, store_url=f"s3://{bucket}/store", batch_size="4",
+               s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region,
+               s3_access_key_id=s3_server.access_key,
+               s3_secret_access_key=s3_server.secret_key, s3_timeout="1")  # fmt: skip
+    paths = _inputs(tmp_path / "in", 12)
+    with _client(env) as client:
+        sub = client.submit("classify", paths, model="null", upload=True)
+        s3_server.stop()
+        try:
+            start_worker(env)
+            _until(lambda: client.status(sub.batch_id).by_status.get("running"),
+                   "no job was claimed")  # fmt: skip
+        finally:
+            s3_server.start()
+        counts = client.wait(sub.batch_id, timeout=180)
+    assert counts.by_status == {"done": 12}, (counts.by_status, client.failures(sub.batch_id))
+
+
 def test_producer_killed_midway_through_10000_inputs(tmp_path, redis_server, start_worker):
     """The producer dies after committing its jobs and sending one of its window's 4
     messages: the workers' top-ups carry the batch on, the reconciler sends the 3 lost ones

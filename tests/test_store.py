@@ -100,6 +100,34 @@ def test_s3_wrong_credentials_and_an_unresponsive_server_are_store_errors(s3_sto
     s3_store.put("batches/b/j-0.png", b"x", content_type="image/png")  # and back again
 
 
+def test_a_read_is_transient_when_the_store_is_away_and_not_when_the_object_is(
+    s3_store, s3_server, tmp_path
+):
+    """What a worker tries again (``StoreError.transient``): the endpoint down or timing out,
+    yes; a missing object, or a key it may not read, no. The same for the local store."""
+    s3_store.put("batches/b/j-0.png", b"x", content_type="image/png")
+    with pytest.raises(StoreError) as missing:
+        s3_store.get("batches/b/nothing-0.png")
+    assert not missing.value.transient
+    wrong = S3Store(s3_store.bucket, endpoint_url=s3_server.endpoint_url,
+                    region=s3_server.region, access_key=s3_server.access_key,
+                    secret_key="not-the-secret")  # fmt: skip
+    with pytest.raises(StoreError) as refused:
+        wrong.get("batches/b/j-0.png")
+    assert not refused.value.transient
+    s3_server.stop()
+    try:
+        with pytest.raises(StoreError) as away:
+            s3_store.get("batches/b/j-0.png")
+        assert away.value.transient
+    finally:
+        s3_server.start()
+    local = LocalStore(tmp_path / "store")
+    with pytest.raises(StoreError) as gone:
+        local.get("batches/b/nothing-0.png")
+    assert not gone.value.transient
+
+
 def test_store_urls_from_settings(tmp_path, s3_server):
     from pixelmill.settings import load_settings
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from pixelmill.db.store import error_code, s3_client, s3_settings
-from pixelmill.errors import BadInput, InputError, ServiceUnavailable
+from pixelmill.db.store import error_code, s3_client, s3_settings, s3_transient
+from pixelmill.errors import BadInput, InputError, ServiceUnavailable, StoreError
 
 if TYPE_CHECKING:
     from pixelmill.settings import Settings
@@ -125,7 +125,8 @@ class S3Inputs:
 
     def fetch(self, uri: str, *, max_bytes: int | None = None) -> FetchedObject:
         """The object's bytes; BadInput naming ``uri`` if it cannot be had (gone, access
-        denied, larger than ``max_bytes``, the endpoint not answering)."""
+        denied, larger than ``max_bytes``); StoreError (transient) if the endpoint is away or
+        failing for a moment (a caller tries again: ``pixelmill.worker.batching``)."""
         bucket, key = split_uri(uri)
         try:
             response = self.client.get_object(Bucket=bucket, Key=key)
@@ -137,6 +138,8 @@ class S3Inputs:
         except BadInput:
             raise
         except Exception as exc:  # noqa: BLE001
+            if s3_transient(exc):
+                raise StoreError(f"{uri}: cannot fetch the object ({_why(exc)})") from None
             raise BadInput(f"{uri}: cannot fetch the object ({_why(exc)})") from None
         etag = str(response.get("ETag", "")).strip('"')
         return FetchedObject(uri=uri, data=bytes(data), etag=etag)

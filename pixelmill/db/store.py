@@ -87,8 +87,9 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except OSError as exc:
-            raise StoreError(f"cannot read {key} from {self.root}: {exc}") from exc
+        except OSError as exc:  # a missing object stays missing; an I/O error may pass
+            raise StoreError(f"cannot read {key} from {self.root}: {exc}",
+                             transient=not isinstance(exc, FileNotFoundError)) from exc  # fmt: skip
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -193,7 +194,8 @@ class S3Store:
         except PixelmillError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise StoreError(f"cannot read {self.uri(key)}: {exc}") from exc
+            raise StoreError(f"cannot read {self.uri(key)}: {exc}",
+                             transient=s3_transient(exc)) from exc  # fmt: skip
 
     def exists(self, key: str) -> bool:
         try:
@@ -228,6 +230,30 @@ def open_store(url: str, settings: Settings | None = None) -> ObjectStore:
     raise ConfigError(
         f"PIXELMILL_STORE_URL: unsupported store {url!r} (a folder, file://… or s3://bucket/…)"
     )
+
+
+# S3 error codes that say the endpoint is failing for a moment, not that the request is wrong.
+TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                   "Throttling", "ThrottlingException", "RequestLimitExceeded"}  # fmt: skip
+
+
+# botocore's (and urllib3's) errors of a connection that failed, timed out or broke mid-answer.
+TRANSIENT_NAMES = ("Endpoint", "Connect", "Timeout", "Connection", "IncompleteRead", "Streaming",
+                   "ProtocolError")  # fmt: skip
+
+
+def s3_transient(exc: BaseException) -> bool:
+    """Whether a botocore error is worth trying again: the endpoint unreachable, timing out or
+    closing the connection mid-answer, or answering 5xx / a slow-down code (a server
+    restarting answers InternalError for a few seconds). Not: a missing object or bucket,
+    access denied, bad credentials."""
+    code = error_code(exc)
+    if code:
+        response = getattr(exc, "response", {}) or {}
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code in TRANSIENT_CODES or (code.isdigit() and int(code) >= 500) or status >= 500
+    name = type(exc).__name__
+    return any(part in name for part in TRANSIENT_NAMES)
 
 
 def error_code(exc: BaseException) -> str:

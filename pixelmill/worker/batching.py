@@ -49,7 +49,13 @@ from pixelmill.db.sources import S3Inputs, is_remote
 from pixelmill.db.store import ObjectStore, artifact_key
 from pixelmill.db.window import Window, top_up
 from pixelmill.deadlines import DeadlineExceeded, DecodePool
-from pixelmill.errors import BadInput, ModelUnavailable, PixelmillError, ServiceUnavailable
+from pixelmill.errors import (
+    BadInput,
+    ModelUnavailable,
+    PixelmillError,
+    ServiceUnavailable,
+    StoreError,
+)
 from pixelmill.models.artifacts import encode_png, provenance
 from pixelmill.models.base import IMAGE, Runner
 from pixelmill.models.cache import ModelCache
@@ -665,7 +671,7 @@ def _prepare(
     bad input becomes an _Unusable naming it. Runs on the decode pool, so fetches overlap each
     other and the forward pass of the batch before."""
     try:
-        return runner.prepare(_source(ctx, job, seen, fetch), job.params, options)
+        return runner.prepare(_source(ctx, job, seen, fetch, tracked), job.params, options)
     except (BadInput, ModelUnavailable) as exc:
         return _Unusable(str(exc))
     except Exception as exc:  # noqa: BLE001 - any decoder bug fails this one job only
@@ -676,30 +682,50 @@ def _prepare(
 
 
 def _source(
-    ctx: WorkerContext, job: ClaimedJob, seen: dict[str, ContentSeen], fetch: Future[Any] | None
+    ctx: WorkerContext,
+    job: ClaimedJob,
+    seen: dict[str, ContentSeen],
+    fetch: Future[Any] | None,
+    tracked: Tracked | None = None,
 ) -> str | Fetched:
     """What the runner reads: the input's bytes (a file read now, an object fetched by
     ``fetch`` with the message or now, an uploaded copy), each hashed on the way, so that the
     result is filed under the bytes really processed, whatever the file became since the
     submit hashed it. A file larger than ``max_fetch_bytes`` is decoded from its path instead,
     and filed under no content (never reused); so is a file whose job has no content hash (the
-    submit did not hash it: generate's init images, jobs made by other means)."""
+    submit did not hash it: generate's init images, jobs made by other means).
+
+    A fetch the object store fails for a moment (unreachable, timing out, a 5xx while it
+    restarts) is tried again in place, for up to PIXELMILL_TRANSIENT_RETRY_SECONDS (within the
+    read's own deadline), keeping the job's lease; only then, or for an object that is gone,
+    does the job fail, naming why."""
+    retry = Retrier(ctx.transient_retry, tracked)
     stored = job.params.get(STORED_INPUT)
     if isinstance(stored, str):
-        if ctx.store is None:
+        store = ctx.store
+        if store is None:
             raise BadInput(f"{job.input}: uploaded, but this worker has no object store")
         try:
-            data = ctx.store.get(stored)
+            data = retry.call(store.get, stored)
         except PixelmillError as exc:
             raise BadInput(f"{job.input}: cannot fetch its uploaded copy ({exc})") from None
         seen[job.job_id] = ContentSeen(job.input, len(data), None, _sha256(data))
         return Fetched(job.input, data)
     path = job_path(job.input, job.params)
     if is_remote(path):
-        if fetch is not None:
-            obj = fetch.result()
-        else:
-            obj = ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
+
+        def again() -> Any:
+            return ctx.remote.fetch(path, max_bytes=ctx.max_fetch_bytes)
+
+        try:
+            obj = fetch.result() if fetch is not None else again()
+        except StoreError as exc:  # the endpoint away for a moment: tried again in place
+            if not exc.transient:
+                raise BadInput(str(exc)) from None
+            try:
+                obj = retry.call(again)
+            except GaveUp as gave_up:
+                raise BadInput(f"{path}: cannot fetch the object ({gave_up})") from None
         seen[job.job_id] = ContentSeen(path, len(obj.data), obj.etag, _sha256(obj.data))
         return Fetched(path, obj.data)
     if job.content_sha256 is None:

@@ -25,7 +25,9 @@ MAX_BACKOFF = 60.0
 def is_transient(exc: BaseException) -> bool:
     """The database or the object store away (unreachable, restarting, locked, timing out):
     worth trying again. Anything else (a refused value, a bug) is not."""
-    if isinstance(exc, StoreError | OperationalError | InterfaceError | PoolTimeout):
+    if isinstance(exc, StoreError):
+        return exc.transient
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeout):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
