@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
@@ -230,3 +231,35 @@ def test_0011_counts_the_work_already_there(database_url):
     with engine.begin() as conn:  # no trigger left writing to a table that is gone
         conn.execute(text("UPDATE jobs SET status = 'queued' WHERE id = 'j3'"))
     engine.dispose()
+
+
+def test_a_big_submit_on_postgresql_leaves_the_planner_its_statistics(
+    postgres_server, redis_server, tmp_path, monkeypatch
+):
+    """Right after a batch of ANALYZE_AT jobs or more, the submit analyzes the jobs table, so a
+    first page of its results reads a page, not the batch (autovacuum gets to it minutes
+    later). Smaller submits leave it to autovacuum."""
+    from pixelmill.producer import Client, client
+    from pixelmill.settings import load_settings
+
+    database = postgres_server.create_database("t_analyze")
+    settings = load_settings(data_dir=tmp_path / "data", database_url=database,
+                             broker_url=redis_server.url)  # fmt: skip
+    (tmp_path / "in").mkdir()
+    paths = []
+    for i in range(12):
+        paths.append(str(tmp_path / "in" / f"{i}.jpg"))
+        Path(paths[-1]).write_bytes(b"not an image, and not read: never processed here")
+
+    def analyzed() -> Any:
+        with c.engine.connect() as conn:
+            return conn.execute(text("SELECT last_analyze FROM pg_stat_user_tables "
+                                     "WHERE relname = 'jobs'")).scalar()  # fmt: skip
+
+    with Client(settings) as c:
+        monkeypatch.setattr(client, "ANALYZE_AT", 20)
+        c.submit("classify", paths[:6], model="null")
+        assert analyzed() is None
+        monkeypatch.setattr(client, "ANALYZE_AT", 6)
+        c.submit("classify", paths[6:], model="null")
+        assert analyzed() is not None

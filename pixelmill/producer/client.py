@@ -27,7 +27,12 @@ from pixelmill.db.control import (
 )
 from pixelmill.db.dead_letters import DeadLetterRecord, count_dead_letters, recent_dead_letters
 from pixelmill.db.engine import configured_database
-from pixelmill.db.jobs import create_batch, requeue_failed, retire_fingerprint
+from pixelmill.db.jobs import (
+    create_batch,
+    refresh_statistics,
+    requeue_failed,
+    retire_fingerprint,
+)
 from pixelmill.db.reads import (
     batch_by_fingerprint,
     batch_counts,
@@ -65,6 +70,10 @@ if TYPE_CHECKING:  # searching loads torch: imported when a search runs, never a
 
 
 CANCEL_CHUNK = 50_000  # queued jobs a cancel ends per transaction
+# A batch this big changes the jobs table enough that PostgreSQL's planner, until autovacuum
+# analyzes it (minutes later, or not before the next quiet moment), would read the whole batch
+# to show its first page of results: the submit refreshes the statistics itself.
+ANALYZE_AT = 50_000
 
 
 @dataclass(frozen=True)
@@ -438,6 +447,9 @@ class Client:
             return earlier
         if contents is not None:
             remember(self.sessions, contents)
+        if len(prep.plan.inputs) >= ANALYZE_AT:
+            with self.sessions.begin() as session:
+                refresh_statistics(session)
         return new
 
     def plan(
