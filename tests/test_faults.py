@@ -209,7 +209,15 @@ def test_postgres_down_for_a_while_mid_run(tmp_path, redis_server, postgres_serv
             time.sleep(5)  # the workers' claims, writes and heartbeats fail meanwhile
         finally:
             postgres_server.start()
-        counts = client.wait(sub.batch_id, timeout=240)
+        try:
+            counts = client.wait(sub.batch_id, timeout=240)
+        except TimeoutError:  # say where each unfinished job stands, and when
+            with client.engine.connect() as conn:
+                left = conn.exec_driver_sql(
+                    "SELECT seq, status, lease_until, worker, attempts, now() FROM jobs "
+                    "WHERE status NOT IN ('done', 'failed', 'cancelled') ORDER BY seq"
+                ).all()  # fmt: skip
+            raise AssertionError(f"unfinished after 240 s: {left}") from None
         rows = list(client.results(sub.batch_id))
     assert counts.by_status == {"done": 64}, counts.by_status
     assert len({r.job for r in rows}) == 64 and all(r.result for r in rows)

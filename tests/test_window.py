@@ -40,7 +40,7 @@ from pixelmill.db.jobs import (
 from pixelmill.db.reads import batch_counts
 from pixelmill.db.records import Outcome
 from pixelmill.db.schema import Job, JobStatus
-from pixelmill.db.window import Window, open_window, top_up
+from pixelmill.db.window import Window, open_window, stalled, top_up
 from pixelmill.producer import Client
 from pixelmill.settings import load_settings
 from pixelmill.wire import create_app, enqueue, queue_length
@@ -266,6 +266,25 @@ def test_a_quiet_batchs_window_is_sent_again_while_other_work_keeps_the_queue_bu
     assert reconciler.run_once() == 4
     assert _bodies(redis_server, queue) == [busy.job_ids, quiet.job_ids]
     assert reconciler.run_once() == 0  # leased again for PIXELMILL_QUEUED_LEASE_SECONDS
+
+
+def test_a_batch_left_with_a_backlog_and_no_window_gets_its_window_again(sessions):
+    """Every job with a message ended without a claim topping the window up (the reconciler
+    took them back from a worker that then finished them itself; a claim had counted them as
+    held): the backlog has no message. The reconciler's pass opens the window again, once; a
+    paused batch in the same state is left alone."""
+    new = _batch(sessions, 20)  # window: the first 8 jobs (2 messages of 4), 12 in backlog
+    paused = _batch(sessions, 20)
+    with sessions.begin() as s:
+        pause_batch(s, paused.batch_id)
+        s.execute(update(Job).where(Job.id.in_(new.job_ids + paused.job_ids))
+                  .values(status=JobStatus.done, lease_until=None))  # fmt: skip
+    with sessions.begin() as s:
+        found = stalled(s, window=2, lease=600)
+    assert [w.batch_id for w in found] == [new.batch_id]
+    assert _seqs(sessions, found[0].job_ids) == list(range(8, 16))
+    with sessions.begin() as s:
+        assert stalled(s, window=2, lease=600) == []  # it has a window again
 
 
 def test_a_message_a_dead_worker_took_unclaimed_comes_back_while_its_batch_moves_on(

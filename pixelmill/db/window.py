@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from pixelmill.catalog import message_size
 from pixelmill.db.records import TERMINAL, JobStatus
-from pixelmill.db.schema import Batch, Job, utcnow
+from pixelmill.db.schema import Batch, Job, JobTally, utcnow
 
 JOBS = cast(Table, Job.__table__)
 BATCHES = cast(Table, Batch.__table__)
@@ -129,8 +129,9 @@ def stalled(session: Session, *, window: int, lease: float, limit: int = 100) ->
     longer than the lease behind other work; either way the window is sent again and leased
     anew (a duplicate claims nothing), so a quiet batch costs at most one window per lease
     and never waits for the queue to empty. In a batch that is moving, the jobs of a message
-    a dead worker took and never claimed are sent again (``_passed_by``). Paused and
-    cancelled batches are left alone."""
+    a dead worker took and never claimed are sent again (``_passed_by``). A batch whose
+    window emptied without a claim topping it up, its backlog left with no message, gets its
+    window opened again (``_drained``). Paused and cancelled batches are left alone."""
     now = utcnow()
     conn = session.connection()
     candidates = (
@@ -152,6 +153,13 @@ def stalled(session: Session, *, window: int, lease: float, limit: int = 100) ->
         .all()
     )
     out: list[Window] = []
+    for batch_id in _drained(conn, set(candidates), limit):
+        # A backlog and no window: every job that had a message ended without a claim of its
+        # message topping the window up (a job the reconciler took back from a worker that
+        # then finished it itself counted as held when a claim last looked). Opened again.
+        sent = open_window(session, batch_id, window=window, lease=lease)
+        if sent.job_ids:
+            out.append(sent)
     for batch_id in candidates:
         fresh = conn.scalar(
             select(JOBS.c.id).where(*_queued(batch_id), JOBS.c.lease_until >= now).limit(1)
@@ -163,6 +171,37 @@ def stalled(session: Session, *, window: int, lease: float, limit: int = 100) ->
         )
         if sent.job_ids:
             out.append(sent)
+    return out
+
+
+def _drained(conn: Connection, skip: set[str], limit: int) -> list[str]:
+    """Batches (not paused or cancelled, not in ``skip``) with queued jobs, none of which has a
+    message: found through the tallies (``pixelmill.db.tallies``) and one probe of the window
+    index each, so a pass costs by the batches with queued jobs, not by their jobs."""
+    with_queued = conn.execute(
+        select(JobTally.batch_id)
+        .where(JobTally.status == JobStatus.queued.value)
+        .group_by(JobTally.batch_id)
+        .having(func.sum(JobTally.n) > 0)
+    ).scalars()
+    out = []
+    for batch_id in with_queued:
+        if batch_id in skip:
+            continue
+        leased = conn.scalar(
+            select(JOBS.c.id).where(*_queued(batch_id), JOBS.c.lease_until.is_not(None)).limit(1)
+        )
+        if leased is not None:
+            continue
+        held_back = conn.execute(
+            select(BATCHES.c.paused_at.is_not(None) | BATCHES.c.cancelled_at.is_not(None)).where(
+                BATCHES.c.id == batch_id
+            )
+        ).scalar_one_or_none()
+        if held_back is not None and not held_back:
+            out.append(batch_id)
+            if len(out) >= limit:
+                break
     return out
 
 

@@ -13,7 +13,8 @@
   producer killed between commit and enqueue, a loss that happened while no reconciler was
   watching). Enqueued again.
 - A batch whose window went quiet while the queue is busy with others (every job with a
-  message leased out, none taken since): its window is sent again (``db.window.stalled``).
+  message leased out, none taken since): its window is sent again (``db.window.stalled``);
+  so is the window of a batch left with a backlog and no message at all.
 
 Each pass also folds the job tallies that PostgreSQL's triggers add, one row per statement,
 into one row per batch and state (``pixelmill.db.tallies.fold``), so reading a batch's counts
