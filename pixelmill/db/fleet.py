@@ -10,8 +10,7 @@ from typing import cast
 from sqlalchemy import Table, delete, select
 from sqlalchemy.orm import Session
 
-from pixelmill.db.reads import as_utc
-from pixelmill.db.records import WorkerReport
+from pixelmill.db.records import WorkerReport, as_utc
 from pixelmill.db.schema import Worker, utcnow
 from pixelmill.db.upsert import upsert
 

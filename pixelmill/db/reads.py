@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import fields
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, ColumnElement, Integer, Row, and_, case, cast, func, select, text
@@ -19,6 +19,7 @@ from pixelmill.db.records import (
     FailureGroup,
     Failures,
     JobResult,
+    as_utc,
 )
 from pixelmill.db.schema import Artifact, Batch, Job, JobStatus, Result
 from pixelmill.db.tallies import Tally, tallies, tally
@@ -109,13 +110,6 @@ def _counts(batch: Batch) -> BatchCounts:
                        plan=batch.plan, priority=batch.priority or "normal",
                        paused=batch.paused_at is not None,
                        cancelled=batch.cancelled_at is not None)  # fmt: skip
-
-
-def as_utc(value: datetime | None) -> datetime | None:
-    """SQLite keeps no zone; what pixelmill writes there is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def last_finished_at(session: Session, batch_id: str) -> datetime | None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 
@@ -303,3 +303,10 @@ def failure_kind(error: str, job_input: str) -> tuple[str, str]:
     if at > 0 and reason.endswith(")"):
         return reason[:at], reason[at + 1 :]
     return reason, ""
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """SQLite keeps no zone; what pixelmill writes there is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import case, delete, func, insert, select
 from sqlalchemy.orm import Session
 
+from pixelmill.db.records import as_utc
 from pixelmill.db.schema import Job, JobStatus, JobTally
 
 REUSED = "reused"  # the tally of a batch's jobs done at submit with an earlier result
@@ -56,8 +57,8 @@ def tallies(session: Session, batch_ids: Collection[str]) -> dict[str, Tally]:
             continue
         if n:
             tally.by_status[status] = int(n)
-        tally.started_at = _earliest(tally.started_at, _utc(first))
-        tally.last_finished_at = _latest(tally.last_finished_at, _utc(last))
+        tally.started_at = _earliest(tally.started_at, as_utc(first))
+        tally.last_finished_at = _latest(tally.last_finished_at, as_utc(last))
     return out
 
 
@@ -96,7 +97,7 @@ def recount(session: Session, batch_id: str) -> Tally:
             func.max(case((Job.reused_from.is_(None), Job.finished_at))),
         ).where(Job.batch_id == batch_id)
     ).one()
-    out.started_at, out.last_finished_at = _utc(started), _utc(last)
+    out.started_at, out.last_finished_at = as_utc(started), as_utc(last)
     return out
 
 
@@ -150,13 +151,6 @@ def fold(session: Session, *, at_least: int = FOLD_AT) -> int:
         )
         removed += len(ids) - len(sums)
     return removed
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    """SQLite keeps no zone; what pixelmill writes there is UTC."""
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:

@@ -180,7 +180,12 @@ def _drained(conn: Connection, skip: set[str], limit: int) -> list[str]:
     index each, so a pass costs by the batches with queued jobs, not by their jobs."""
     with_queued = conn.execute(
         select(JobTally.batch_id)
-        .where(JobTally.status == JobStatus.queued.value)
+        .join(BATCHES, BATCHES.c.id == JobTally.batch_id)
+        .where(
+            JobTally.status == JobStatus.queued.value,
+            BATCHES.c.paused_at.is_(None),
+            BATCHES.c.cancelled_at.is_(None),
+        )
         .group_by(JobTally.batch_id)
         .having(func.sum(JobTally.n) > 0)
     ).scalars()
@@ -191,14 +196,7 @@ def _drained(conn: Connection, skip: set[str], limit: int) -> list[str]:
         leased = conn.scalar(
             select(JOBS.c.id).where(*_queued(batch_id), JOBS.c.lease_until.is_not(None)).limit(1)
         )
-        if leased is not None:
-            continue
-        held_back = conn.execute(
-            select(BATCHES.c.paused_at.is_not(None) | BATCHES.c.cancelled_at.is_not(None)).where(
-                BATCHES.c.id == batch_id
-            )
-        ).scalar_one_or_none()
-        if held_back is not None and not held_back:
+        if leased is None:
             out.append(batch_id)
             if len(out) >= limit:
                 break
